@@ -1,0 +1,1 @@
+"""The ``cryoace`` command line: one module per sub-command, each with ``add_args`` and ``main``."""

@@ -1,0 +1,1 @@
+"""File formats: MRC/MRCS, RELION star, cryoSPARC .cs, cryoDRGN pickles, and the particle table."""
