@@ -1,0 +1,1 @@
+"""Reconstruction from known poses: direct Fourier inversion with CTF (Wiener) weighting."""
