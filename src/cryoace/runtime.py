@@ -1,0 +1,17 @@
+"""Run-time choices shared by commands: the compute device."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CryoaceInputError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU; ``cpu`` / ``cuda[:N]`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CryoaceInputError(f"--device {name} was asked for but no CUDA device is available")
+    return device

@@ -1,0 +1,44 @@
+"""The cryoace command: --version, one sub-command per job with a described --help and an example."""
+
+import subprocess
+import sys
+
+import pytest
+
+import cryoace
+from cryoace.cli.main import COMMANDS, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"cryoace {cryoace.__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_with_example(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert f"cryoace {command}" in out and "Example:" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "backproject" in capsys.readouterr().out
+
+
+def test_console_script_and_module_agree():
+    out = subprocess.run([sys.executable, "-m", "cryoace", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "backproject" in out.stdout and "fsc" in out.stdout
+
+
+def test_missing_input_file_is_one_line_exit_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cryoace", "backproject", str(tmp_path / "nope.star"),
+                          "-o", str(tmp_path / "map.mrc")], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.star" in lines[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "map.mrc").exists()

@@ -1,0 +1,84 @@
+"""Shared test fixtures: where the real interop files live (``shared/data``, see its SOURCES.md).
+
+Lookup order: the environment variable ``CRYOACE_SHARED_DATA``, else ``<repo>/../shared/data``
+(the repository is /work/main and the shared data /work/shared/data on the team's machines).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _find_shared_data() -> Path:
+    env = os.environ.get("CRYOACE_SHARED_DATA")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+SHARED_DATA: Path = _find_shared_data()
+PARTICLES: Path = SHARED_DATA / "particles"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory; tests that need it are skipped when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set CRYOACE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def particles_dir(shared_data: Path) -> Path:
+    """``shared/data/particles``."""
+    return shared_data / "particles"
+
+
+def _line_projection(image, direction, size):
+    """Line integral of ``image`` onto the in-plane unit ``direction`` (x, y), 1-px bins about L//2."""
+    import numpy as np
+
+    c = np.arange(size) - size // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    s = direction[0] * x + direction[1] * y
+    hist, _ = np.histogram(s.ravel(), bins=np.arange(-size, size + 1) * 1.0, weights=image.ravel())
+    return hist
+
+
+def common_line_correlation(rotmats, images, pairs=None, seed=0):
+    """Mean correlation of the common-line projections of image pairs under poses ``rotmats``.
+
+    With R mapping volume to image coordinates (DESIGN.md §1), images i and j both contain the line
+    integral of the volume onto n = R_i[2] × R_j[2]; in image k it is the projection onto
+    direction (R_k n)_xy. Right poses give correlations near 1; transposed ones do not.
+    """
+    import numpy as np
+
+    rotmats = np.asarray(rotmats, dtype=np.float64)
+    images = np.asarray(images, dtype=np.float64)
+    n, size = len(rotmats), images.shape[-1]
+    if pairs is None:
+        all_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        rng = np.random.default_rng(seed)
+        pick = rng.permutation(len(all_pairs))[:100]
+        pairs = [all_pairs[k] for k in pick]
+    scores = []
+    for i, j in pairs:
+        axis = np.cross(rotmats[i][2], rotmats[j][2])
+        norm = np.linalg.norm(axis)
+        if norm < 1e-3:
+            continue
+        axis /= norm
+        a = _line_projection(images[i], (rotmats[i] @ axis)[:2], size)
+        b = _line_projection(images[j], (rotmats[j] @ axis)[:2], size)
+        scores.append(np.corrcoef(a, b)[0, 1])
+    return float(np.mean(scores))
+
+
+@pytest.fixture(scope="session")
+def common_lines():
+    """The :func:`common_line_correlation` helper (rotmats, images) -> mean correlation."""
+    return common_line_correlation
