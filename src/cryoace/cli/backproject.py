@@ -7,8 +7,11 @@ downsampled) pixel size in its header. With --half-maps the particles are split 
 (rlnRandomSubset when present, else a seeded random split); both half maps, their FSC plot and the
 gold-standard (0.143) resolution are written too.
 
+cryoDRGN users give the .mrcs stack with --poses (and --ctf) pickles instead of a star file.
+
 Example:
   cryoace backproject particles.star -o map.mrc --half-maps --downsample 128
+  cryoace backproject particles.mrcs --poses pose.pkl --ctf ctf.pkl -o map.mrc
 """
 
 from __future__ import annotations
@@ -23,10 +26,15 @@ from ..errors import CryoaceInputError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("particles", type=Path, help="particles with poses: RELION .star or cryoSPARC .cs")
+    parser.add_argument("particles", type=Path,
+                        help="particles with poses: RELION .star, cryoSPARC .cs, or an .mrcs stack with --poses")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output map (.mrc)")
     parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where "
                         "the particle file says")
+    parser.add_argument("--poses", type=Path, metavar="PKL", help="cryoDRGN poses pickle (with an .mrcs stack)")
+    parser.add_argument("--ctf", type=Path, metavar="PKL", help="cryoDRGN CTF pickle (with an .mrcs stack)")
+    parser.add_argument("--pixel-size", type=float, metavar="Å",
+                        help="pixel size of the stored images, overriding the file's (Å/px)")
     parser.add_argument("--downsample", type=int, metavar="L", help="Fourier-crop images to an L×L box first")
     parser.add_argument("--half-maps", action="store_true", help="also write two half maps and their FSC")
     parser.add_argument("--first", type=int, metavar="N", help="use only the first N particles")
@@ -46,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..evaluate.fsc import fsc
     from ..io.mrc import write_mrc
+    from ..io.cryodrgn import table_from_stack
     from ..io.particles import ParticleDataset, read_particles
     from ..reconstruct.backproject import FourierAccumulator, accumulate, split_half_sets
     from ..runtime import resolve_device
@@ -60,7 +69,15 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError("output is a directory; give a file name such as map.mrc", args.output)
     device = resolve_device(args.device)
 
-    table = read_particles(args.particles, datadir=args.datadir)
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise CryoaceInputError(f"--pixel-size must be a positive number of Å, got {args.pixel_size}")
+    if args.particles.suffix.lower() in (".mrcs", ".mrc"):
+        table = table_from_stack(args.particles, poses=args.poses, ctf=args.ctf, pixel_size=args.pixel_size)
+    elif args.poses is not None or args.ctf is not None:
+        raise CryoaceInputError("--poses/--ctf go with an .mrcs stack; a .star/.cs file carries its own "
+                                "poses and CTF", args.particles)
+    else:
+        table = read_particles(args.particles, datadir=args.datadir, pixel_size=args.pixel_size)
     if table.pose is None:
         raise CryoaceInputError("the file has no poses (need rlnAngleRot/Tilt/Psi or alignments3D/pose); "
                                 "backprojection needs known orientations", args.particles)
