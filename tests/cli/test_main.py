@@ -42,3 +42,9 @@ def test_missing_input_file_is_one_line_exit_2(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.star" in lines[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "map.mrc").exists()
+
+
+def test_public_api_importable_from_package():
+    for name in cryoace.__all__:
+        assert getattr(cryoace, name) is not None
+    assert cryoace.fsc.__module__ == "cryoace.evaluate.fsc"
