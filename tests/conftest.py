@@ -25,9 +25,9 @@ PARTICLES: Path = SHARED_DATA / "particles"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared data directory; tests that need it are skipped when it is absent."""
+    """The shared data directory. Its absence is an error, not a skip: the interop tests are the point."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA} (set CRYOACE_SHARED_DATA)")
+        pytest.fail(f"shared data not found at {SHARED_DATA} (set CRYOACE_SHARED_DATA)")
     return SHARED_DATA
 
 

@@ -16,7 +16,7 @@ import cryoace.cli.main as cli_main
 from cryoace.io.mrc import read_volume, write_mrc
 from cryoace.physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402
 ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from cryoace.evaluate import FSCResult, fsc, plot_fsc
 from cryoace.io.mrc import read_volume
 from cryoace.physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from conftest import SHARED_DATA  # noqa: E402
 ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 
 

@@ -1,7 +1,6 @@
 """Fourier slice theorem, the real-space projector, and agreement with RELION's relion_project."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from cryoace.physics.slicing import central_slice_coords, extract_slices
 from cryoace.types import CTFParams, Pose
 
 F64 = torch.float64
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 def euler_deg(*angles):

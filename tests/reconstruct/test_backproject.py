@@ -5,7 +5,6 @@ shifts and CTFs (SOURCES.md). With the right conventions the noise-free sets rec
 out to ≥ 0.9 × Nyquist; a transposed rotation, a flipped shift sign or a flipped CTF sign must fail.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from cryoace.physics.rotations import random_rotmat
 from cryoace.reconstruct.backproject import FourierAccumulator, split_half_sets
 from cryoace.types import CTFParams, Pose
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 SPIKE = SHARED / "volumes/spike_6vyb_L64_3.0A.mrc"
 NYQUIST_90 = 2.0 / 0.9  # px: FSC must stay ≥ 0.5 at least out to 0.9 × Nyquist
 
