@@ -106,3 +106,17 @@ def test_bad_files(tmp_path):
     with pytest.raises(CryoaceInputError, match="NaN") as err:
         read_volume(p)
     assert str(p) in str(err.value)
+
+
+def test_atomic_write_has_ordinary_permissions(tmp_path):
+    """The temporary file is private while written; the result gets the usual umask permissions."""
+    import os
+
+    from cryoace.io.mrc import write_mrc
+
+    out = tmp_path / "perm.mrc"
+    write_mrc(out, np.zeros((4, 4, 4), np.float32), 1.0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["perm.mrc"]

@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     size = dataset.image_size
     progress = not args.quiet
     print(f"{len(rows)} particles, box {size} px at {pixel_size:.4g} Å/px, CTF {'on' if use_ctf else 'off'}, "
-          f"device {device}", file=sys.stderr)
+          f"device {device}")
 
     def reconstruct(rows_part: np.ndarray, desc: str) -> FourierAccumulator:
         acc = FourierAccumulator(size, pad_factor=2, device=device)

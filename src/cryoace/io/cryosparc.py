@@ -137,7 +137,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     bad = ~(np.isfinite(ps) & (ps > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CryoaceInputError(f"pixel size is zero or negative ({ps[i]!r} Å at particle row {i}); "
+        raise CryoaceInputError(f"pixel size is zero or negative ({ps[i]:g} Å at particle row {i}); "
                                 "give the pixel size explicitly", path)
 
     image_paths = image_indices = image_size = None

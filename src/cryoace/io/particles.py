@@ -133,7 +133,7 @@ class ParticleTable:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise CryoaceInputError(f"pixel size must be a positive number, particle row {i} has "
-                                    f"{self.pixel_size[i]!r} ({int(bad.sum())} bad rows)", self.source)
+                                    f"{self.pixel_size[i]:g} ({int(bad.sum())} bad rows)", self.source)
         if self.image_indices is not None and len(self.image_indices) and self.image_indices.min() < 0:
             i = int(np.argmin(self.image_indices))
             raise CryoaceInputError(f"negative image index at particle row {i}", self.source)
@@ -369,7 +369,7 @@ class ParticleDataset(torch.utils.data.Dataset):
             i = int(np.flatnonzero(bad)[0])
             raise CryoaceInputError(
                 f"particle row {i} of {table.source} asks for image {table.image_indices[i] + 1} (1-based) "
-                f"but the stack holds {row_n[i]} images ({int(bad.sum())} rows out of range)",
+                f"but the stack holds {row_n[i]} images ({int(bad.sum())} of {len(bad)} rows out of range)",
                 self._stack_paths[self._stack_codes[i]])
         if len(set(boxes.tolist())) > 1:
             k = int(np.flatnonzero(boxes != boxes[0])[0])

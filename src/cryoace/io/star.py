@@ -119,8 +119,10 @@ def _numeric(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CryoaceInputError(f"column {column} has a non-numeric or non-finite value "
-                                f"{df[column].iloc[i]!r} at particle row {i}", path)
+        raw = df[column].iloc[i]
+        shown = repr(raw) if isinstance(raw, str) else str(raw)  # not numpy 2's "np.float64(nan)"
+        raise CryoaceInputError(f"column {column} has a non-numeric, non-finite or missing value "
+                                f"{shown} at particle row {i}", path)
     return values
 
 
@@ -254,7 +256,7 @@ def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     bad = ~(np.isfinite(ps) & (ps > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CryoaceInputError(f"pixel size is zero, negative or undefined ({ps[i]!r} Å at particle "
+        raise CryoaceInputError(f"pixel size is zero, negative or undefined ({ps[i]:g} Å at particle "
                                 f"row {i}); give the pixel size explicitly", path)
     image_size = None
     if "rlnImageSize" in merged.columns:

@@ -138,7 +138,8 @@ def accumulate(dataset: "ParticleDataset", rows: np.ndarray, accumulator: Fourie
     from tqdm.auto import tqdm
 
     batches = dataset.batches(batch_size, indices=rows)
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+    # disable=None: a bar only when stderr is a terminal (logs and pipes stay clean)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=None if progress else True, leave=False):
         shift_px = batch.pose.shift_angst / batch.pixel_size[:, None]
         accumulator.insert(batch.images, batch.pose.rotmat, shift_px, batch.pixel_size,
                            batch.ctf if use_ctf else None)

@@ -1,0 +1,366 @@
+"""Bad input through the real command line: one line on stderr naming the file and the problem, exit
+status 2, no traceback, and nothing (not even a temporary file) left in the output directory.
+
+Every case is a row of ``CASES``: (name, builder, expected text). A builder gets a :class:`Work` (an
+empty input directory, an empty output directory, the shared data) and returns the command line and
+the file the message must name. The inputs are copies of real files from ``shared/data``, broken in
+one way each. ``test_bad_input`` runs every case in-process through ``cryoace.cli.main.main``;
+``test_bad_input_subprocess`` runs a few through ``python -m cryoace`` in fresh interpreters (started
+together, to stay fast), where a traceback or a stray warning would show in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryoace.cli.main import main
+from cryoace.io.cryodrgn import write_cryodrgn_ctf, write_cryodrgn_poses
+from cryoace.io.mrc import write_mrc
+from cryoace.io.star import read_star
+
+SIM = Path("particles") / "sim_aspire_spike_L64_ctf_clean"  # 100 particles, 64², 3 Å, poses + CTF
+STACK_NAME = "particles_0_99.mrcs"
+MAP = Path("volumes") / "adk_open_4ake_L64_1.5A.mrc"        # 64³, 1.5 Å
+
+
+@dataclasses.dataclass
+class Work:
+    data: Path     # shared/data (read-only)
+    inp: Path      # where a case builds its inputs
+    out: Path      # the output directory; must stay empty
+
+    # -- backproject inputs ---------------------------------------------------------------------
+    def stack(self) -> Path:
+        """A private copy of the simulated stack (so it may be broken)."""
+        dst = self.inp / STACK_NAME
+        shutil.copyfile(self.data / SIM / STACK_NAME, dst)
+        return dst
+
+    def star(self, edit: Callable[[dict], None] | None = None, name: str = "particles.star",
+             n: int | None = None) -> Path:
+        """The simulated star file (first ``n`` rows), edited by ``edit(blocks)``, beside a stack copy."""
+        if not (self.inp / STACK_NAME).exists():
+            self.stack()
+        blocks = starfile.read(self.data / SIM / "particles.star", always_dict=True)
+        if n is not None:
+            blocks["particles"] = blocks["particles"].iloc[:n].copy()
+        if edit is not None:
+            edit(blocks)
+        path = self.inp / name
+        starfile.write(blocks, path)
+        return path
+
+    def bad_stack(self, data: np.ndarray, name: str) -> Path:
+        """Write ``data`` as the stack ``name`` and particles.star (len(data) rows) pointing at it."""
+        with mrcfile.new(self.inp / name) as mrc:
+            mrc.set_data(data.astype(np.float32))
+            mrc.set_image_stack()
+            mrc.voxel_size = 3.0
+
+        def point_at(blocks):
+            p = blocks["particles"]
+            p["rlnImageName"] = [f"{i + 1:06d}@{name}" for i in range(len(p))]
+        self.star(point_at, n=len(data))
+        return self.inp / name
+
+    def backproject(self, particles: Path, *extra) -> list[str]:
+        return ["backproject", str(particles), "-o", str(self.out / "map.mrc"), "--device", "cpu",
+                *map(str, extra)]
+
+    # -- fsc inputs -----------------------------------------------------------------------------
+    def volume(self, name: str = "a.mrc", data: np.ndarray | None = None) -> Path:
+        path = self.inp / name
+        if data is None:
+            shutil.copyfile(self.data / MAP, path)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # mrcfile: "contains NaN values"
+                write_mrc(path, data, 1.5)
+        return path
+
+    def fsc(self, map1: Path, map2: Path, *extra) -> list[str]:
+        return ["fsc", str(map1), str(map2), "--json", str(self.out / "fsc.json"),
+                "--plot", str(self.out / "fsc.png"), *map(str, extra)]
+
+
+def _map_data(w: Work) -> np.ndarray:
+    with mrcfile.open(w.data / MAP) as mrc:
+        return np.array(mrc.data, dtype=np.float32)
+
+
+def _drop(*columns):
+    def edit(blocks):
+        for key, block in blocks.items():
+            blocks[key] = block.drop(columns=[c for c in columns if c in block.columns])
+    return edit
+
+
+def _set_first(column, value, block="particles"):
+    def edit(blocks):
+        blocks[block][column] = blocks[block][column].astype(object)
+        blocks[block].loc[blocks[block].index[0], column] = value
+    return edit
+
+
+# -- builders: Work -> (argv, the file the message must name) -----------------------------------
+
+def missing_particles(w):
+    return w.backproject(w.inp / "nope.star"), w.inp / "nope.star"
+
+
+def missing_stack(w):
+    star = w.star(_set_first("rlnImageName", "000001@elsewhere.mrcs"))
+    return w.backproject(star), w.inp / "elsewhere.mrcs"
+
+
+def index_out_of_range(w):
+    star = w.star(_set_first("rlnImageName", f"000500@{STACK_NAME}"))
+    return w.backproject(star), w.inp / STACK_NAME
+
+
+def truncated_stack(w):
+    star = w.star()
+    stack = w.inp / STACK_NAME
+    with open(stack, "r+b") as fh:
+        fh.truncate(stack.stat().st_size // 2)
+    return w.backproject(star), stack
+
+
+def no_image_column(w):
+    star = w.star(_drop("rlnImageName"))
+    return w.backproject(star), star
+
+
+def no_angle_columns(w):
+    star = w.star(_drop("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"))
+    return w.backproject(star), star
+
+
+def non_square_box(w):
+    stack = w.bad_stack(np.zeros((4, 64, 62)), "nonsquare.mrcs")
+    return w.backproject(w.inp / "particles.star"), stack
+
+
+def odd_box(w):
+    stack = w.bad_stack(np.zeros((4, 63, 63)), "odd.mrcs")
+    return w.backproject(w.inp / "particles.star"), stack
+
+
+def _poisoned_stack(value):
+    def build(w):
+        star = w.star()
+        stack = w.inp / STACK_NAME
+        with mrcfile.open(stack, mode="r+") as mrc:
+            mrc.data[2, 10, 20] = value
+        return w.backproject(star), stack
+    return build
+
+
+def non_numeric_angle(w):
+    star = w.star(_set_first("rlnAngleRot", "abc"))
+    return w.backproject(star), star
+
+
+def ragged_row(w):
+    star = w.star()
+    lines = star.read_text().rstrip("\n").split("\n")
+    lines[-1] = " ".join(lines[-1].split()[:-3])  # the last particle loses its last 3 values
+    star.write_text("\n".join(lines) + "\n")
+    return w.backproject(star), star
+
+
+def zero_pixel_size(w):
+    star = w.star(_set_first("rlnImagePixelSize", 0.0, block="optics"))
+    return w.backproject(star), star
+
+
+def no_pixel_size(w):
+    star = w.star(_drop("rlnImagePixelSize"))
+    return w.backproject(star), star
+
+
+def garbage_star(w):
+    star = w.inp / "garbage.star"
+    star.write_text("this is not a star file\n\x00\x01 loop_ @@@ 1 2 3\n_rln\n")
+    return w.backproject(star), star
+
+
+def empty_star(w):
+    star = w.inp / "empty.star"
+    star.touch()
+    return w.backproject(star), star
+
+
+def image_size_mismatch(w):
+    star = w.star(_set_first("rlnImageSize", 128, block="optics"))
+    return w.backproject(star), w.inp / STACK_NAME
+
+
+def _cryodrgn_pickles(w, n_poses=100, n_ctf=100):
+    """cryoDRGN inputs for the simulated stack: poses and CTF pickles with n_poses / n_ctf rows."""
+    table = read_star(w.data / SIM / "particles.star")
+    stack = w.stack()
+    poses, ctf = w.inp / "pose.pkl", w.inp / "ctf.pkl"
+    write_cryodrgn_poses(poses, table.pose[torch.arange(n_poses)], 64, 3.0)
+    write_cryodrgn_ctf(ctf, table.ctf[torch.arange(n_ctf)], 64, 3.0)
+    return stack, poses, ctf
+
+
+def cryodrgn_argv(w, stack, poses, ctf, *extra):
+    return w.backproject(stack, "--poses", poses, "--ctf", ctf, *extra)
+
+
+def cryodrgn_poses_count(w):
+    stack, poses, ctf = _cryodrgn_pickles(w, n_poses=99)
+    return cryodrgn_argv(w, stack, poses, ctf), poses
+
+
+def cryodrgn_ctf_count(w):
+    stack, poses, ctf = _cryodrgn_pickles(w, n_ctf=99)
+    return cryodrgn_argv(w, stack, poses, ctf), ctf
+
+
+def cryodrgn_no_poses(w):
+    stack, _, ctf = _cryodrgn_pickles(w)
+    return w.backproject(stack, "--ctf", ctf), stack
+
+
+def fsc_missing_map(w):
+    return w.fsc(w.volume(), w.inp / "missing.mrc"), w.inp / "missing.mrc"
+
+
+def fsc_nan_map(w):
+    data = _map_data(w)
+    data[5, 6, 7] = np.nan
+    return w.fsc(w.volume(), w.volume("nan.mrc", data)), w.inp / "nan.mrc"
+
+
+def fsc_box_mismatch(w):
+    return w.fsc(w.volume(), w.volume("small.mrc", _map_data(w)[16:48, 16:48, 16:48])), w.inp / "small.mrc"
+
+
+def fsc_non_cubic(w):
+    return w.fsc(w.volume(), w.volume("slab.mrc", _map_data(w)[:32])), w.inp / "slab.mrc"
+
+
+def fsc_mask_shape(w):
+    mask = w.volume("mask.mrc", np.ones((32, 32, 32), np.float32))
+    return w.fsc(w.volume(), w.volume("b.mrc"), "--mask", mask), mask
+
+
+#: (case name, builder, text the message must contain)
+CASES = [
+    ("missing_particles", missing_particles, "file not found"),
+    ("missing_stack", missing_stack, "not found"),
+    ("index_out_of_range", index_out_of_range, "asks for image 500"),
+    ("truncated_stack", truncated_stack, "truncated"),
+    ("no_image_column", no_image_column, "rlnImageName"),
+    ("no_angle_columns", no_angle_columns, "no poses"),
+    ("non_square_box", non_square_box, "not square"),
+    ("odd_box", odd_box, "odd"),
+    ("nan_pixel", _poisoned_stack(np.nan), "NaN or Inf"),
+    ("inf_pixel", _poisoned_stack(np.inf), "NaN or Inf"),
+    ("non_numeric_angle", non_numeric_angle, "column rlnAngleRot has a non-numeric"),
+    ("ragged_row", ragged_row, "missing value nan at particle row 99"),
+    ("zero_pixel_size", zero_pixel_size, "pixel size is zero, negative or undefined (0 Å"),
+    ("no_pixel_size", no_pixel_size, "no pixel size"),
+    ("garbage_star", garbage_star, "STAR file"),
+    ("empty_star", empty_star, "STAR file"),
+    ("image_size_mismatch", image_size_mismatch, "image size 128"),
+    ("cryodrgn_poses_count", cryodrgn_poses_count, "99 rows but the stack holds 100"),
+    ("cryodrgn_ctf_count", cryodrgn_ctf_count, "99 rows but the stack"),
+    ("cryodrgn_no_poses", cryodrgn_no_poses, "no poses"),
+    ("fsc_missing_map", fsc_missing_map, "file not found"),
+    ("fsc_nan_map", fsc_nan_map, "NaN or Inf"),
+    ("fsc_box_mismatch", fsc_box_mismatch, "box size 32 differs from 64"),
+    ("fsc_non_cubic", fsc_non_cubic, "cubic"),
+    ("fsc_mask_shape", fsc_mask_shape, "mask box size 32"),
+]
+BY_NAME = {name: (build, expected) for name, build, expected in CASES}
+
+#: Cases also run through ``python -m cryoace`` (each a fresh interpreter that imports torch).
+SUBPROCESS_CASES = ["truncated_stack", "fsc_nan_map"]
+
+def _make_work(data: Path, root: Path) -> Work:
+    w = Work(data=data, inp=root / "in", out=root / "out")
+    w.inp.mkdir()
+    w.out.mkdir()
+    return w
+
+
+def _check(name: str, w: Work, culprit: Path, argv: list[str], rc: int, err: str,
+           inputs_before: set[Path]) -> None:
+    expected = BY_NAME[name][1]
+    assert "Traceback" not in err, err
+    assert rc == 2, f"exit status {rc}; stderr:\n{err}"
+    assert sorted(w.out.iterdir()) == [], f"left in the output directory: {sorted(w.out.iterdir())}"
+    assert set(w.inp.iterdir()) == inputs_before, "files appeared beside the inputs"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    line = lines[0]
+    assert line.startswith(f"cryoace {argv[0]}: error: "), err
+    assert str(culprit) in line, f"message does not name {culprit}: {line}"
+    assert expected in line, f"message lacks {expected!r}: {line}"
+
+
+@pytest.mark.parametrize("name", list(BY_NAME))
+def test_bad_input(name, shared_data, tmp_path, capsys):
+    work = _make_work(shared_data, tmp_path)
+    argv, culprit = BY_NAME[name][0](work)
+    before = set(work.inp.iterdir())
+    capsys.readouterr()
+    rc = main(argv)
+    _, err = capsys.readouterr()
+    _check(name, work, culprit, argv, rc, err, before)
+
+
+#: Controls: the builders' inputs before breaking them, which must work (so that each case above
+#: breaks exactly one thing), and the output the case checks would have caught.
+CONTROLS = {
+    "star": lambda w: (w.backproject(w.star(), "--first", 8, "--quiet"), "map.mrc"),
+    "cryodrgn": lambda w: (cryodrgn_argv(w, *_cryodrgn_pickles(w), "--first", 8, "--quiet"), "map.mrc"),
+    "fsc": lambda w: (w.fsc(w.volume(), w.volume("b.mrc")), "fsc.json"),
+}
+
+
+@pytest.mark.parametrize("name", CONTROLS)
+def test_unbroken_inputs_work(name, shared_data, tmp_path, capsys):
+    work = _make_work(shared_data, tmp_path)
+    argv, output = CONTROLS[name](work)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [p.name for p in work.out.iterdir() if not p.name.endswith(".png")] == [output]
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(shared_data, tmp_path_factory) -> dict:
+    """Every SUBPROCESS_CASES case run through ``python -m cryoace``, all started at once."""
+    started = {}
+    for name in SUBPROCESS_CASES:
+        work = _make_work(shared_data, tmp_path_factory.mktemp(name))
+        argv, culprit = BY_NAME[name][0](work)
+        proc = subprocess.Popen([sys.executable, "-m", "cryoace", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        started[name] = (work, argv, culprit, set(work.inp.iterdir()), proc)
+    runs = {}
+    for name, (work, argv, culprit, before, proc) in started.items():
+        _, err = proc.communicate(timeout=120)
+        runs[name] = (work, argv, culprit, before, proc.returncode, err)
+    return runs
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_bad_input_subprocess(name, subprocess_runs):
+    work, argv, culprit, before, rc, err = subprocess_runs[name]
+    _check(name, work, culprit, argv, rc, err, before)
