@@ -17,6 +17,8 @@ from ..errors import CryoaceInputError
 COMMANDS = {
     "backproject": "backproject",
     "fsc": "fsc",
+    "molmap": "molmap",
+    "simulate": "simulate",
 }
 
 
