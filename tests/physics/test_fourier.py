@@ -53,3 +53,19 @@ def test_fourier_crop_keeps_values_and_low_frequencies():
     # the low-frequency coefficients are kept, scaled by the pixel-count ratio
     big_spec, small_spec = ft.fft2_centered(x), ft.fft2_centered(small)
     assert torch.allclose(small_spec[4:12, 4:12] * 4, big_spec[12:20, 12:20])
+
+
+def test_half_spectrum_layout_round_trip_and_weights():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, 16, dtype=F64, generator=g)
+    full, half = ft.fft2_centered(x), ft.rfft2_centered(x)
+    assert half.shape == (3, 16, 9)
+    # columns kx = 0 … 0.5 of the half layout are the full layout's columns L//2 … L−1, then −0.5
+    assert torch.allclose(half[..., :8], full[..., 8:])
+    assert torch.allclose(half[..., 8], full[..., 0])
+    grid, grid_half = ft.freq_grid_2d(16, dtype=F64), ft.freq_grid_2d_half(16, dtype=F64)
+    assert torch.equal(grid_half[:, :8], grid[:, 8:]) and torch.all(grid_half[:, 8, 0] == 0.5)
+    assert torch.allclose(ft.irfft2_centered(half, 16), x)
+    # weighted half-grid sums equal full-grid sums (Parseval on the half grid)
+    w = ft.half_grid_weights(16, dtype=F64)
+    assert torch.allclose((half.abs() ** 2 * w).sum((-2, -1)), (full.abs() ** 2).sum((-2, -1)))

@@ -152,3 +152,18 @@ def test_cuda_matches_cpu(adk):
     cpu = render_images(VoxelFourierVolume.from_real(vol, 2), pose, 1.5, 64, ctf)
     gpu = render_images(VoxelFourierVolume.from_real(vol.cuda(), 2), pose.to("cuda"), 1.5, 64, ctf.to("cuda"))
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-3 * cpu.abs().max().item())
+
+
+def test_half_grid_rendering_equals_full_grid(adk):
+    r = random_rotmat(3, torch.Generator().manual_seed(7), F64)
+    pose = Pose(r, torch.tensor([[1.5, -3.0], [0.0, 0.0], [4.5, 2.0]], dtype=F64))
+    ctf = CTFParams.create([12000., 15000., 20000.], [11000., 15000., 19000.], 0.4)
+    vol = VoxelFourierVolume.from_real(adk, 2)
+    full = render_spectra(vol, pose, 1.5, 64, ctf)
+    half = render_spectra(vol, pose, 1.5, 64, ctf, half=True)
+    assert torch.allclose(half[..., :32], full[..., 32:])
+    from cryoace.physics.fourier import ifft2_centered
+    # the full grid's −Nyquist row/column has no +Nyquist twin, so its inverse is not exactly real;
+    # the half-grid image is its Hermitian part: equal up to that Nyquist term
+    reference = ifft2_centered(full).real
+    assert torch.allclose(render_images(vol, pose, 1.5, 64, ctf), reference, atol=1e-3 * reference.abs().max())

@@ -17,7 +17,7 @@ import torch
 
 from ..types import CTFParams, Pose
 from .ctf import compute_ctf
-from .fourier import fft3_centered, freq_grid_2d, ifft2_centered
+from .fourier import fft3_centered, freq_grid_2d, freq_grid_2d_half, irfft2_centered
 from .shift import phase_ramp
 from .slicing import central_slice_coords, extract_slices
 
@@ -52,16 +52,22 @@ class VoxelFourierVolume:
 
 
 def render_spectra(volume: FourierVolume, pose: Pose, pixel_size: torch.Tensor | float, size: int,
-                   ctf: CTFParams | None = None, freq_cyc_px: torch.Tensor | None = None) -> torch.Tensor:
+                   ctf: CTFParams | None = None, freq_cyc_px: torch.Tensor | None = None,
+                   half: bool = False) -> torch.Tensor:
     """Centred image spectra (*P, size, size) of particles with ``pose`` (leading shape P).
 
     pixel_size : Å/px (number or tensor broadcastable to P) converts the shift (Å) and the CTF.
     ctf        : CTF parameters with leading shape P, or None for no CTF (ideal, CTF = 1).
-    freq_cyc_px: an optional precomputed ``freq_grid_2d(size)`` (saves its allocation per call).
+    freq_cyc_px: an optional precomputed frequency grid (saves its allocation per call); any grid
+                 of (kx, ky) works, e.g. only the points inside the Nyquist disc.
+    half       : render only the half spectrum (*P, size, size//2 + 1) in the ``rfft2_centered``
+                 layout — the rest is its Hermitian mirror (a real image), so this halves the
+                 decoder's work. Ignored when ``freq_cyc_px`` is given.
     """
     rotmat = pose.rotmat
     if freq_cyc_px is None:
-        freq_cyc_px = freq_grid_2d(size, device=rotmat.device, dtype=rotmat.dtype)
+        grid = freq_grid_2d_half if half else freq_grid_2d
+        freq_cyc_px = grid(size, device=rotmat.device, dtype=rotmat.dtype)
     spectra = volume(central_slice_coords(rotmat, freq_cyc_px))
     pixel_size = torch.as_tensor(pixel_size, dtype=rotmat.dtype, device=rotmat.device)
     shift_px = pose.shift_angst / pixel_size[..., None] if pixel_size.ndim else pose.shift_angst / pixel_size
@@ -73,5 +79,5 @@ def render_spectra(volume: FourierVolume, pose: Pose, pixel_size: torch.Tensor |
 
 def render_images(volume: FourierVolume, pose: Pose, pixel_size: torch.Tensor | float, size: int,
                   ctf: CTFParams | None = None) -> torch.Tensor:
-    """Real-space images (*P, size, size) from :func:`render_spectra`."""
-    return ifft2_centered(render_spectra(volume, pose, pixel_size, size, ctf)).real
+    """Real-space images (*P, size, size) from :func:`render_spectra` (evaluated on the half grid)."""
+    return irfft2_centered(render_spectra(volume, pose, pixel_size, size, ctf, half=True), size)

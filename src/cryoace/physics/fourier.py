@@ -47,6 +47,36 @@ def ifft3_centered(spectra: torch.Tensor) -> torch.Tensor:
     return ifftn_centered(spectra, 3)
 
 
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """Half spectrum (..., L, L//2 + 1) of real images: columns kx = 0 … 0.5 (``rfftfreq``), rows ky
+    centred (index L//2 is ky = 0). The other half follows from Hermitian symmetry."""
+    half = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+    return torch.fft.fftshift(half, dim=-2)
+
+
+def irfft2_centered(half_spectra: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered`: real images (..., size, size) with the centre at size//2."""
+    images = torch.fft.irfft2(torch.fft.ifftshift(half_spectra, dim=-2), s=(size, size))
+    return torch.fft.fftshift(images, dim=(-2, -1))
+
+
+def freq_grid_2d_half(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Frequency grid (size, size//2 + 1, 2) of the :func:`rfft2_centered` layout, in cycles/px."""
+    ky = freq_1d(size, device, dtype)
+    kx = torch.fft.rfftfreq(size, device=device, dtype=dtype)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    return torch.stack([gx, gy], dim=-1)
+
+
+def half_grid_weights(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Column weights (size//2 + 1,) that make a sum over the half grid equal the sum over the full
+    grid for Hermitian spectra: 1 for kx = 0 and kx = 0.5 (their own mirror columns), 2 otherwise."""
+    weights = torch.full((size // 2 + 1,), 2.0, device=device, dtype=dtype)
+    weights[0] = 1.0
+    weights[-1] = 1.0
+    return weights
+
+
 def freq_1d(size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Centred frequencies in cycles/px: ``fftshift(fftfreq(size))``; index size//2 is 0, range [-0.5, 0.5)."""
     return torch.fft.fftshift(torch.fft.fftfreq(size, device=device, dtype=dtype))
