@@ -16,6 +16,7 @@ from ..errors import CryoaceInputError
 # sub-command name -> module under cryoace.cli (imported lazily so `cryoace --help` is fast)
 COMMANDS = {
     "backproject": "backproject",
+    "evaluate": "evaluate",
     "fsc": "fsc",
     "molmap": "molmap",
     "simulate": "simulate",

@@ -1,0 +1,162 @@
+"""The pose encoder of cryoAI: image → (rotation matrix, shift in Å).
+
+Architecture (cryoAI §3.3; widths are configuration):
+
+1. optional per-image standardisation (zero mean, unit variance over the box);
+2. a *fixed* bank of ``n_filters`` Gaussian low-pass filters (``filter_size``² taps, σ log-spaced
+   0.1 … 10 px by default; σ = 0.1 px is the identity to ~1e-22), applied as a same-padded
+   convolution with zero padding: (B, L, L) → (B, n_filters, L, L). The kernels are a registered
+   buffer, not parameters: they never receive gradients and are not in ``parameters()``;
+3. a VGG16-like CNN: for each block ``i``, ``convs_per_block[i]`` × (conv 3×3 → BatchNorm → ReLU)
+   with ``channels[i]`` output channels, then a 2×2 max-pool while the feature map is at least 2 px
+   wide (so any even L ≥ 32 works; the sizes are computed at construction); then adaptive average
+   pooling to ``min(pooled_size, final size)``² and flattening to the latent vector;
+4. two MLP heads on the latent (``head_layers`` hidden layers of ``mlp_hidden`` with ReLU):
+   rotation → 6 numbers → :func:`cryoace.physics.rotations.rotmat_from_6d` → R (B, 3, 3), which maps
+   volume to image coordinates (DESIGN.md §1); translation → 2 numbers → ``max_shift_angst·tanh`` →
+   shift (B, 2) in Å with RELION's ``rlnOriginX/YAngst`` meaning (the observed image is the centred
+   projection translated by −shift). The translation head's last layer starts 100× smaller than
+   PyTorch's default (bias 0), so initial shifts are ≈ 0 while every layer receives gradients.
+
+Presets: the cryoAI widths are the defaults (channels 64/128/256/256/256, 2/2/3/3/3 convs,
+MLP 256); a CPU-sized encoder is e.g. ``channels=(8, 16, 32), convs_per_block=(1, 1, 1),
+mlp_hidden=64``. For ``torch.channels_last``, pass ``channels_last=True`` (the filtered stack is
+converted before the CNN) and/or call ``encoder.to(memory_format=torch.channels_last)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..physics.rotations import rotmat_from_6d
+from ..types import Pose
+
+__all__ = ["gaussian_filter_bank", "PoseEncoder", "DEFAULT_SIGMAS_PX"]
+
+DEFAULT_SIGMAS_PX = (0.1, 10.0)
+
+
+def gaussian_filter_bank(sigmas_px: Sequence[float], size: int = 11,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised (sum 1) Gaussian kernels (n, 1, size, size) centred on tap ``size//2`` (odd ``size``)."""
+    if size % 2 != 1:
+        raise ValueError(f"filter size must be odd, got {size}")
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2
+    sig = torch.as_tensor(list(sigmas_px), dtype=torch.float64)
+    if (sig <= 0).any():
+        raise ValueError(f"sigmas must be positive, got {list(sigmas_px)}")
+    g1 = torch.exp(-0.5 * (offsets[None, :] / sig[:, None]) ** 2)  # (n, size)
+    g1 = g1 / g1.sum(-1, keepdim=True)
+    kernels = g1[:, :, None] * g1[:, None, :]  # separable Gaussian, sums to 1
+    return kernels[:, None].to(dtype)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) outputs → float32 for Gram–Schmidt and tanh; others unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+    blocks: list[nn.Module] = []
+    width = in_features
+    for _ in range(layers):
+        blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    blocks.append(nn.Linear(width, out_features))
+    return nn.Sequential(*blocks)
+
+
+class PoseEncoder(nn.Module):
+    """Image (B, L, L) → :class:`~cryoace.types.Pose` (rotmat (B, 3, 3), shift_angst (B, 2)).
+
+    image_size      : L (even, ≥ 32 recommended; anything ≥ 2 runs).
+    pixel_size      : Å/px of the images the encoder sees (only sets the default shift bound).
+    channels, convs_per_block : CNN widths and depth per block (same length).
+    mlp_hidden, head_layers   : width and number of hidden layers of each head.
+    max_shift_angst : bound of |shift| per axis in Å; default ``0.15 · L · pixel_size``; 0 disables
+                      shifts (always 0).
+    n_filters, filter_size, sigmas : the Gaussian bank; ``sigmas`` (px) defaults to ``n_filters``
+                      values log-spaced over 0.1 … 10 px.
+    pooled_size     : spatial side of the adaptive average pooling before flattening.
+    normalize_input : standardise each image before filtering (robust to the data's scale).
+    """
+
+    def __init__(self, image_size: int, pixel_size: float,
+                 channels: Sequence[int] = (64, 128, 256, 256, 256),
+                 convs_per_block: Sequence[int] = (2, 2, 3, 3, 3),
+                 mlp_hidden: int = 256, max_shift_angst: float | None = None,
+                 n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
+                 head_layers: int = 2, pooled_size: int = 2, normalize_input: bool = True,
+                 channels_last: bool = False):
+        super().__init__()
+        if len(channels) != len(convs_per_block):
+            raise ValueError("channels and convs_per_block must have the same length")
+        if image_size < 2:
+            raise ValueError(f"image_size must be >= 2, got {image_size}")
+        self.image_size = int(image_size)
+        self.pixel_size = float(pixel_size)
+        self.normalize_input = normalize_input
+        self.channels_last = channels_last
+        if max_shift_angst is None:
+            max_shift_angst = 0.15 * self.image_size * self.pixel_size
+        if max_shift_angst < 0:
+            raise ValueError(f"max_shift_angst must be >= 0, got {max_shift_angst}")
+        self.max_shift_angst = float(max_shift_angst)
+
+        if sigmas is None:
+            lo, hi = DEFAULT_SIGMAS_PX
+            sigmas = [lo] if n_filters == 1 else [
+                math.exp(math.log(lo) + i * (math.log(hi) - math.log(lo)) / (n_filters - 1))
+                for i in range(n_filters)]
+        self.sigmas_px = tuple(float(s) for s in sigmas)
+        self.register_buffer("filters", gaussian_filter_bank(self.sigmas_px, filter_size))
+
+        blocks: list[nn.Module] = []
+        in_ch, spatial = len(self.sigmas_px), self.image_size
+        for out_ch, n_conv in zip(channels, convs_per_block):
+            for _ in range(n_conv):
+                blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                           nn.ReLU(inplace=True)]
+                in_ch = out_ch
+            if spatial >= 2:
+                blocks.append(nn.MaxPool2d(2))
+                spatial //= 2
+        pooled = max(1, min(pooled_size, spatial))
+        blocks.append(nn.AdaptiveAvgPool2d(pooled))
+        self.cnn = nn.Sequential(*blocks)
+        self.feature_size = spatial  # side of the CNN's map before the adaptive pooling
+        self.latent_dim = in_ch * pooled * pooled
+
+        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers)
+        self.shift_head = _mlp(self.latent_dim, mlp_hidden, 2, head_layers)
+        with torch.no_grad():  # start near shift 0 (but not exactly: every layer gets gradients)
+            self.shift_head[-1].weight.mul_(1e-2)
+            self.shift_head[-1].bias.zero_()
+
+    def filter_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, L, L) or (B, 1, L, L) → standardised (if enabled) and filtered stack (B, n_filters, L, L)."""
+        x = images if images.ndim == 4 else images[:, None]
+        x = x.to(self.filters.dtype)
+        if self.normalize_input:
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            std = x.std(dim=(-2, -1), keepdim=True)
+            x = (x - mean) / (std + 1e-6)
+        pad = self.filters.shape[-1] // 2
+        return nn.functional.conv2d(x, self.filters, padding=pad)
+
+    def latent(self, images: torch.Tensor) -> torch.Tensor:
+        """The flattened CNN features (B, latent_dim)."""
+        x = self.filter_images(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return torch.flatten(self.cnn(x), 1)
+
+    def forward(self, images: torch.Tensor) -> Pose:
+        z = self.latent(images)
+        rotmat = rotmat_from_6d(_at_least_float32(self.rotation_head(z)))
+        shift_angst = self.max_shift_angst * torch.tanh(_at_least_float32(self.shift_head(z)))
+        return Pose(rotmat=rotmat, shift_angst=shift_angst)
