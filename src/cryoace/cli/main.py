@@ -16,9 +16,12 @@ from ..errors import CryoaceInputError
 # sub-command name -> module under cryoace.cli (imported lazily so `cryoace --help` is fast)
 COMMANDS = {
     "backproject": "backproject",
+    "demo": "demo",
     "evaluate": "evaluate",
     "fsc": "fsc",
     "molmap": "molmap",
+    "predict-poses": "predict_poses",
+    "reconstruct": "reconstruct",
     "simulate": "simulate",
 }
 

@@ -1,0 +1,62 @@
+"""Predict every particle's pose with the trained encoder of a reconstruction run.
+
+Rebuilds the run's encoder and decoder from RUN_DIR (config.yaml, checkpoints/last.pt), prepares the
+images as in training (Fourier-cropped to the run's box, normalized with the run's mean and std; the
+pixel size must match), runs the encoder over every particle in batches without gradients, and — for
+a run trained with the symmetric loss — keeps, per image, the pose of the better of the direct and
+the 180°-rotated path (as 'cryoace reconstruct' does for its poses.star). Writes a RELION 3.1 star
+file with rlnAngleRot/Tilt/Psi (degrees) and rlnOriginX/YAngst (Å), keeping every input column, that
+'cryoace backproject', RELION and cryoSPARC read.
+
+Example:
+  cryoace predict-poses run1 particles.star -o poses.star
+  cryoace backproject poses.star -o map_from_poses.mrc
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import CryoaceInputError
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a 'cryoace reconstruct' run directory")
+    parser.add_argument("particles", type=Path, help="particles: RELION .star, cryoSPARC .cs or an .mrcs stack")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output star file")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint other than RUN_DIR/checkpoints/last.pt")
+    parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
+    parser.add_argument("--invert-contrast", action="store_true", default=None,
+                        help="for stacks with dark particles (default: as the run was trained)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..io.particles import read_particles
+    from ..runtime import resolve_device
+    from ..train.predict import load_run, open_particles, predict_poses, write_poses_star
+
+    if args.batch_size <= 0:
+        raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.output.is_dir():
+        raise CryoaceInputError("output is a directory; give a file name such as poses.star", args.output)
+    if args.output.suffix.lower() != ".star":
+        raise CryoaceInputError("the output must be a .star file", args.output)
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, device, args.checkpoint)
+    table = read_particles(args.particles, datadir=args.datadir)
+    invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
+    dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
+    symmetric = run.config.loss == "symmetric"
+    pose = predict_poses(run.encoder, run.decoder, dataset, symmetric=symmetric,
+                         use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
+                         progress=not args.quiet,
+                         radius_cyc_px=run.config.band_shells(run.step, run.data.image_size) / run.data.image_size)
+    write_poses_star(args.output, table, pose)
+    print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
+          f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
+    return 0

@@ -1,0 +1,346 @@
+"""The typed training configuration, its named presets, and its YAML form with provenance.
+
+A :class:`TrainConfig` holds every setting of a ``cryoace reconstruct`` run (nested dataclasses, units
+in the names). It is built from a preset (:func:`preset_config`) and command-line overrides, saved
+as ``RUN_DIR/config.yaml`` together with a ``provenance`` block (cryoace version, command line, time,
+host, torch version, the per-purpose seeds), and read back by ``--resume`` and ``predict-poses``.
+
+Presets:
+
+* ``tiny``  — CPU seconds: a 3-block encoder (8/16/32 channels), a FourierNet of 32 hidden units,
+  batch 16, 40 steps. For tests and smoke runs; does not reconstruct anything useful.
+* ``cpu``   — a small encoder and FourierNet sized for a 2-core CPU at L = 64 (about 0.2 s a step
+  on the demo), a higher learning rate than the paper's, 20 minutes.
+* ``paper`` — cryoAI's settings: VGG16-like encoder (64/128/256/256/256 channels, 2/2/3/3/3 convs,
+  MLP 256), FourierNet with 256 hidden units, batch 64, Adam with AMSGrad at lr 1e-4, gradient
+  clipping at 1.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import re
+import shlex
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from ..errors import CryoaceInputError
+from .losses import LOSSES
+
+__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "TrainConfig", "PRESETS",
+           "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
+           "provenance"]
+
+DECODER_NAMES = ("fouriernet", "siren", "relu-pe")
+
+
+@dataclasses.dataclass
+class EncoderConfig:
+    """:class:`cryoace.models.PoseEncoder` widths (see its docstring)."""
+
+    channels: tuple[int, ...] = (64, 128, 256, 256, 256)
+    convs_per_block: tuple[int, ...] = (2, 2, 3, 3, 3)
+    mlp_hidden: int = 256
+    head_layers: int = 2
+    max_shift_angst: float | None = None  # None: 0.15 · L · pixel size
+    n_filters: int = 5
+    filter_size: int = 11
+    pooled_size: int = 2
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """The neural Fourier volume (:func:`cryoace.models.build_decoder`).
+
+    layers / omega_0 : None = the decoder class's default (FourierNet: 3 layers per SIREN).
+    output_scale     : constant factor on the decoder's output; None = L (the RMS magnitude of the
+                       unnormalized spectrum of a unit-variance image), set when the run starts.
+    """
+
+    name: str = "fouriernet"
+    hidden: int = 256
+    layers: int | None = None
+    omega_0: float | None = None
+    output_scale: float | None = None
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Adam over every trainable parameter (encoder incl. both heads, decoder)."""
+
+    lr: float = 1e-4
+    amsgrad: bool = True
+    grad_clip: float = 1.0  # max global L2 norm of the gradient; 0 = no clipping
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """How particles are read (the particle file itself is given on the command line)."""
+
+    downsample: int | None = None  # Fourier-crop images to this box; None = as stored
+    invert_contrast: bool = False
+    num_workers: int = 0
+    datadir: str | None = None
+    use_ctf: bool = True  # False ignores the file's CTF columns
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a reconstruction run.
+
+    Band: with ``band_start_cyc_px`` the loss (and the decoder's work) is restricted to frequencies
+    |k| ≤ r(step), r growing linearly from ``band_start_cyc_px`` to 0.5 cycles/px over
+    ``band_ramp_steps`` steps, in whole Fourier shells (coarse to fine: the poses are found on the
+    low frequencies, where each step is several times cheaper).
+
+    Budget: training stops at the first of ``steps`` (optimizer steps), ``epochs`` (passes over the
+    particles; fractional allowed) and ``max_time_s`` (training wall time, summed over resumed
+    sessions); None means no limit on that count (at least one must be set).
+    """
+
+    preset: str = "custom"
+    seed: int = 0
+    batch_size: int = 64
+    loss: str = "symmetric"
+    steps: int | None = None
+    epochs: float | None = None
+    max_time_s: float | None = None
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    band_start_cyc_px: float | None = None  # coarse-to-fine: loss band radius at step 0 (None = Nyquist)
+    band_ramp_steps: int = 0     # steps over which the band grows linearly to Nyquist (0.5 cycles/px)
+    log_every: int = 20          # steps between loss logs (and NaN checks; the only host syncs)
+    checkpoint_every: int = 500  # steps; rounded up to a multiple of log_every
+    volume_every: int = 1000     # steps between volume_STEP.mrc exports (0 = only the final volume)
+    keep_checkpoints: int = 3    # step_XXXXXX.pt files kept (the newest); last.pt always
+    volume_chunk: int = 2 ** 16  # decoder points per call when exporting the volume
+    predict_batch_size: int = 256
+    device: str = "auto"
+    tensorboard: bool = True
+    max_rollbacks: int = 5       # NaN/Inf recoveries before giving up
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`CryoaceInputError` (one line) for an impossible setting."""
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                raise CryoaceInputError(f"{name} must be a positive number, got {value!r}")
+
+        positive("--batch-size", self.batch_size)
+        positive("--steps", self.steps, allow_none=True)
+        positive("--epochs", self.epochs, allow_none=True)
+        positive("--max-time", self.max_time_s, allow_none=True)
+        if self.steps is None and self.epochs is None and self.max_time_s is None:
+            raise CryoaceInputError("no training budget: give --steps, --epochs or --max-time")
+        positive("--lr", self.optim.lr)
+        if self.optim.grad_clip < 0:
+            raise CryoaceInputError(f"grad_clip must be >= 0, got {self.optim.grad_clip}")
+        if self.loss not in LOSSES:
+            raise CryoaceInputError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.decoder.name not in DECODER_NAMES:
+            raise CryoaceInputError(f"--decoder must be one of {', '.join(DECODER_NAMES)}, "
+                                    f"got {self.decoder.name!r}")
+        positive("decoder hidden", self.decoder.hidden)
+        if len(self.encoder.channels) != len(self.encoder.convs_per_block) or not self.encoder.channels:
+            raise CryoaceInputError("encoder channels and convs_per_block must be non-empty and of equal length")
+        if self.data.downsample is not None and (self.data.downsample <= 0 or self.data.downsample % 2):
+            raise CryoaceInputError(f"--downsample must be a positive even box size, got {self.data.downsample}")
+        if self.data.num_workers < 0:
+            raise CryoaceInputError(f"--num-workers must be >= 0, got {self.data.num_workers}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise CryoaceInputError(f"--seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "volume_chunk", "predict_batch_size"):
+            positive(name, getattr(self, name))
+        if self.band_start_cyc_px is not None and not 0 < self.band_start_cyc_px <= 0.5:
+            raise CryoaceInputError(f"band_start_cyc_px must be in (0, 0.5], got {self.band_start_cyc_px}")
+        if self.band_ramp_steps < 0:
+            raise CryoaceInputError(f"band_ramp_steps must be >= 0, got {self.band_ramp_steps}")
+        if self.volume_every < 0:
+            raise CryoaceInputError(f"volume_every must be >= 0, got {self.volume_every}")
+
+    def band_shells(self, step: int, image_size: int) -> int:
+        """Radius of the loss band at ``step`` in whole Fourier shells of an L = ``image_size`` box."""
+        import math
+
+        nyquist = image_size // 2
+        if self.band_start_cyc_px is None:
+            return nyquist
+        ramp = self.band_ramp_steps
+        frac = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+        radius = self.band_start_cyc_px + (0.5 - self.band_start_cyc_px) * frac
+        return max(1, min(nyquist, math.ceil(radius * image_size - 1e-9)))
+
+    # -- dict / YAML form ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), ready for YAML/JSON and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike | None = None) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`CryoaceInputError`."""
+        return _build(cls, data, source, "")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _build(cls, data: Any, source, prefix: str):
+    if not isinstance(data, dict):
+        raise CryoaceInputError(f"configuration section {prefix or 'root'!r} is not a mapping", source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise CryoaceInputError(f"unknown configuration key {prefix + unknown[0]!r}", source)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+def _tiny() -> TrainConfig:
+    return TrainConfig(
+        preset="tiny", batch_size=16, steps=40, log_every=5, checkpoint_every=20, volume_every=20,
+        encoder=EncoderConfig(channels=(8, 16, 32), convs_per_block=(1, 1, 1), mlp_hidden=32),
+        decoder=DecoderConfig(name="fouriernet", hidden=32, layers=2),
+        optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0), tensorboard=False)
+
+
+def _cpu() -> TrainConfig:
+    return TrainConfig(
+        preset="cpu", batch_size=32, max_time_s=20 * 60, log_every=25, checkpoint_every=500,
+        volume_every=1000,
+        encoder=EncoderConfig(channels=(16, 32, 64, 64), convs_per_block=(1, 1, 1, 1), mlp_hidden=128),
+        decoder=DecoderConfig(name="fouriernet", hidden=64, layers=3),
+        optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0))
+
+
+def _paper() -> TrainConfig:
+    return TrainConfig(
+        preset="paper", batch_size=64, epochs=20, log_every=50, checkpoint_every=1000, volume_every=2000,
+        encoder=EncoderConfig(channels=(64, 128, 256, 256, 256), convs_per_block=(2, 2, 3, 3, 3),
+                              mlp_hidden=256),
+        decoder=DecoderConfig(name="fouriernet", hidden=256, layers=3),
+        optim=OptimConfig(lr=1e-4, amsgrad=True, grad_clip=1.0))
+
+
+PRESETS = {"tiny": _tiny, "cpu": _cpu, "paper": _paper}
+
+
+def preset_config(name: str) -> TrainConfig:
+    """A fresh :class:`TrainConfig` of the preset ``name`` (``tiny``, ``cpu`` or ``paper``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise CryoaceInputError(f"unknown preset {name!r} (known presets: {', '.join(PRESETS)})") from None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms]?)")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"30m"``, ``"1.5h"``, ``"90s"``, ``"1h30m"`` → seconds; a bare number means minutes."""
+    if isinstance(text, (int, float)):
+        seconds = float(text) * 60
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        pos, seconds, matched = 0, 0.0, False
+        while pos < len(s):
+            m = _DURATION.match(s, pos)
+            if not m:
+                raise CryoaceInputError(f"cannot read the duration {text!r} (use e.g. 30m, 1.5h, 90s)")
+            value, unit = float(m.group(1)), m.group(2) or "m"
+            seconds += value * {"h": 3600, "m": 60, "s": 1}[unit]
+            pos, matched = m.end(), True
+        if not matched:
+            raise CryoaceInputError(f"cannot read the duration {text!r} (use e.g. 30m, 1.5h, 90s)")
+    if not seconds > 0:
+        raise CryoaceInputError(f"the duration must be positive, got {text!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, provenance, YAML
+# ---------------------------------------------------------------------------------------------
+
+def spawn_seeds(seed: int) -> dict[str, int]:
+    """One seed per purpose (model initialisation, data order, normalisation sample) from the run seed."""
+    import numpy as np
+
+    children = np.random.SeedSequence(int(seed)).spawn(3)
+    names = ("model_init", "data_order", "normalization")
+    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children)}
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """Who/what/when of a run: cryoace and torch versions, command line, UTC time, host, Python."""
+    import torch
+
+    from .. import __version__
+
+    argv = sys.argv if argv is None else argv
+    return {
+        "cryoace_version": __version__,
+        "torch_version": str(torch.__version__),
+        "python": platform.python_version(),
+        "command": " ".join(shlex.quote(str(a)) for a in argv),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cwd": os.getcwd(),
+    }
+
+
+def save_config(path: str | os.PathLike, config: TrainConfig, extra: dict[str, Any] | None = None) -> None:
+    """Write ``config`` (plus ``extra`` top-level sections, e.g. provenance, data, seeds) as YAML, atomically."""
+    import yaml
+
+    from ..io.atomic import atomic_path
+
+    doc = {"config": config.to_dict()}
+    doc.update(extra or {})
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as fh:
+            yaml.safe_dump(doc, fh, sort_keys=False, allow_unicode=True)
+
+
+def load_config(path: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a ``config.yaml``: the :class:`TrainConfig` and the other sections as a dict."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CryoaceInputError("file not found", path)
+    try:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise CryoaceInputError(f"not a readable YAML file ({str(exc).splitlines()[0]})", path) from None
+    if not isinstance(doc, dict) or "config" not in doc:
+        raise CryoaceInputError("not a cryoace run configuration (no 'config' section)", path)
+    config = TrainConfig.from_dict(doc.pop("config"), path)
+    return config, doc

@@ -1,0 +1,130 @@
+"""Poses from a trained run: the encoder over every particle (batched, no_grad, constant memory).
+
+:func:`predict_poses` is the one pose-prediction function (``cryoace reconstruct`` ends with it,
+``cryoace predict-poses`` calls it). With the symmetric loss the encoder sees each image and its
+180° rotation, both are rendered with the decoder, and the pose of the path with the smaller error
+— mapped to the original frame, (D·R₂, −t₂) for the rotated path — is the prediction, exactly as
+in training (:func:`cryoace.train.losses.compute_loss`). The encoder runs in eval mode (BatchNorm
+running statistics). :func:`write_poses_star` writes them into a copy of the particle table
+(every input column kept) as a RELION 3.1 star file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CryoaceInputError
+from ..types import Pose
+from .config import TrainConfig, load_config
+from .losses import HalfDiscGrid, compute_loss
+from .trainer import DataInfo, build_models, load_checkpoint_file
+
+__all__ = ["TrainedRun", "load_run", "predict_poses", "write_poses_star", "open_particles"]
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A run's configuration, data description and trained models (eval mode, on ``device``)."""
+
+    run_dir: Path
+    config: TrainConfig
+    data: DataInfo
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    step: int
+
+
+def load_run(run_dir: str | os.PathLike, device: torch.device | str = "cpu",
+             checkpoint: str | os.PathLike | None = None) -> TrainedRun:
+    """Rebuild the models of ``run_dir`` from ``config.yaml`` and ``checkpoints/last.pt`` (or ``checkpoint``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CryoaceInputError("run directory not found", run_dir)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / "checkpoints" / "last.pt"
+    if not ckpt_path.is_file():
+        raise CryoaceInputError("no checkpoint in the run directory (expected checkpoints/last.pt); "
+                                "is it a 'cryoace reconstruct' output?", ckpt_path)
+    state = load_checkpoint_file(ckpt_path)
+    config_path = run_dir / "config.yaml"
+    config = load_config(config_path)[0] if config_path.is_file() else TrainConfig.from_dict(state["config"])
+    data = DataInfo(**state["data"])
+    encoder, decoder = build_models(config, data.image_size, data.pixel_size)
+    encoder.load_state_dict(state["encoder"])
+    decoder.load_state_dict(state["decoder"])
+    device = torch.device(device)
+    return TrainedRun(run_dir, config, data, encoder.to(device).eval(), decoder.to(device).eval(),
+                      int(state["step"]))
+
+
+def open_particles(path: str | os.PathLike, data: DataInfo, datadir=None, invert_contrast: bool = False,
+                   table=None):
+    """A ParticleDataset of ``path`` prepared like the run's training images: Fourier-cropped to the
+    run's box, normalized with the run's mean and std. The pixel size must match the run's."""
+    from ..io.particles import ParticleDataset, read_particles
+
+    table = read_particles(path, datadir=datadir) if table is None else table
+    dataset = ParticleDataset(table, downsample=data.image_size, invert_contrast=invert_contrast,
+                              normalize=False)
+    ps = dataset.pixel_size
+    if not np.isclose(ps, data.pixel_size, rtol=1e-3):
+        raise CryoaceInputError(f"at the run's box of {data.image_size} px these images have "
+                                f"{ps:.4g} Å/px, but the run was trained at {data.pixel_size:.4g} Å/px", path)
+    dataset.normalize = True
+    dataset.norm_mean, dataset.norm_std = data.norm_mean, data.norm_std
+    return dataset
+
+
+@torch.no_grad()
+def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = True, use_ctf: bool = True,
+                  batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False,
+                  radius_cyc_px: float = 0.5) -> Pose:
+    """Poses (float64, on the CPU) of every particle of ``dataset``, in table order.
+
+    symmetric : pick the better of the direct and the 180°-rotated path (the run's ``--loss symmetric``);
+                False uses the direct path only.
+    use_ctf   : apply the CTF when rendering (only matters for the symmetric choice).
+    radius_cyc_px : the band where the two paths are compared (the run's final loss band).
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    was = encoder.training, getattr(decoder, "training", False)
+    encoder.eval()
+    if isinstance(decoder, torch.nn.Module):
+        decoder.eval()
+    grid = HalfDiscGrid(dataset.image_size, device=device, radius_cyc_px=radius_cyc_px)
+    use_ctf = use_ctf and dataset.has_ctf
+    n = len(dataset)
+    rotmat = torch.empty(n, 3, 3, dtype=torch.float64)
+    shift = torch.empty(n, 2, dtype=torch.float64)
+    try:
+        for batch in tqdm(dataset.batches(batch_size), desc="predicting poses", unit="batch",
+                          disable=None if progress else True, leave=False):
+            images = batch.images.to(device)
+            ctf = batch.ctf.to(device=device) if use_ctf else None
+            if symmetric:
+                out = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf, True)
+                pose = out.pose
+            else:
+                pose = encoder(images)
+            rows = batch.index
+            rotmat[rows] = pose.rotmat.double().cpu()
+            shift[rows] = pose.shift_angst.double().cpu()
+    finally:
+        encoder.train(was[0])
+        if isinstance(decoder, torch.nn.Module):
+            decoder.train(was[1])
+    return Pose(rotmat=rotmat, shift_angst=shift)
+
+
+def write_poses_star(path: str | os.PathLike, table, pose: Pose) -> None:
+    """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept)."""
+    from ..io.star import write_star
+
+    write_star(path, dataclasses.replace(table, pose=Pose(rotmat=pose.rotmat.double(),
+                                                          shift_angst=pose.shift_angst.double())))

@@ -1,0 +1,127 @@
+"""A whole reconstruction run: particles + configuration → RUN_DIR with every output.
+
+:func:`run_reconstruction` is what ``cryoace reconstruct`` and ``cryoace demo`` call: it checks the
+run directory, opens the particles as the configuration says, writes ``config.yaml`` (settings,
+seeds, data description, provenance; a resumed run appends its command line to ``resumed``),
+trains (:class:`~cryoace.train.trainer.Trainer`), writes ``volume.mrc`` and the PNGs, and predicts
+every particle's pose into ``poses.star`` (:func:`~cryoace.train.predict.predict_poses`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import CryoaceInputError
+from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
+
+__all__ = ["RunResult", "run_reconstruction", "check_run_dir"]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run wrote and how long it took (training time summed over resumed sessions)."""
+
+    run_dir: Path
+    volume: Path
+    poses: Path
+    config: Path
+    steps: int
+    epochs: float
+    train_time_s: float
+    wall_time_s: float
+    final_loss: float | None
+    voxel_size: float
+    image_size: int
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs an empty (or new) directory; ``--resume`` needs one with a checkpoint."""
+    has_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise CryoaceInputError("nothing to resume: no checkpoints/last.pt in the run directory", run_dir)
+    elif has_run:
+        raise CryoaceInputError("the directory already holds a run; add --resume to continue it or "
+                                "choose another -o", run_dir)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise CryoaceInputError("the output exists and is not a directory", run_dir)
+
+
+def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
+                       resume: bool = False, argv: list[str] | None = None, arguments: dict | None = None,
+                       progress: bool = True,
+                       log: Callable[[str], None] | None = None, table=None) -> RunResult:
+    """Train on ``particles`` into ``run_dir`` and write every output (module docstring).
+
+    With ``resume`` the run continues from ``run_dir/checkpoints/last.pt``; ``config`` must then be
+    the run's own (budget, device and workers may differ). ``table`` (a ParticleTable) skips reading
+    ``particles`` again. ``argv`` (default ``sys.argv``) and ``arguments`` (the parsed options) are
+    recorded in the provenance.
+    """
+    import torch  # noqa: F401  (imported here so `cryoace --help` stays fast)
+
+    from ..io.particles import ParticleDataset, read_particles
+    from ..runtime import resolve_device
+    from .predict import predict_poses, write_poses_star
+    from .trainer import DataInfo, Trainer, load_checkpoint_file
+
+    wall0 = time.monotonic()
+    log = log or (lambda m: None)
+    run_dir = Path(run_dir)
+    config.validate()
+    check_run_dir(run_dir, resume)
+    device = resolve_device(config.device)
+    seeds = spawn_seeds(config.seed)
+
+    if table is None:
+        table = read_particles(particles, datadir=config.data.datadir)
+    dataset = ParticleDataset(table, downsample=config.data.downsample,
+                              invert_contrast=config.data.invert_contrast, normalize=True,
+                              seed=seeds["normalization"])
+    data_info = None
+    if resume:
+        state = load_checkpoint_file(run_dir / "checkpoints" / "last.pt")
+        data_info = DataInfo(**state["data"])
+        if data_info.n_particles != len(dataset) or data_info.image_size != dataset.image_size:
+            raise CryoaceInputError(f"these particles ({len(dataset)} images of {dataset.image_size} px) "
+                                    f"are not the run's ({data_info.n_particles} of {data_info.image_size} px)",
+                                    particles)
+        dataset.norm_mean, dataset.norm_std = data_info.norm_mean, data_info.norm_std
+        del state
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, dataset, run_dir, device=device, data_info=data_info, progress=progress, log=log)
+    prov = provenance(argv)
+    if arguments is not None:
+        prov["arguments"] = arguments
+    extra = {"seeds": seeds, "data": trainer.data_info.to_dict(), "provenance": prov}
+    if resume and (run_dir / "config.yaml").is_file():
+        _, old = load_config(run_dir / "config.yaml")
+        extra["provenance"] = old.get("provenance", prov)
+        extra["resumed"] = list(old.get("resumed") or []) + [prov]
+    save_config(run_dir / "config.yaml", config, extra)
+    if resume:
+        trainer.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        log(f"resuming at step {trainer.step} (epoch {trainer.epoch}, {trainer.elapsed_s:.0f} s trained)")
+
+    n_params = sum(p.numel() for p in trainer.params)
+    log(f"{len(dataset)} particles, box {trainer.image_size} px at {trainer.pixel_size:.4g} Å/px, "
+        f"CTF {'on' if trainer.use_ctf else 'off'}, {config.loss} loss, {config.decoder.name} decoder, "
+        f"{n_params:,} parameters, batch {trainer.batch_size}, device {device}")
+    trainer.fit()
+    paths = trainer.finalize()
+    log(f"predicting the poses of {len(dataset)} particles")
+    pose = predict_poses(trainer.encoder, trainer.decoder, dataset, symmetric=trainer.symmetric,
+                         use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
+                         progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
+    poses_path = run_dir / "poses.star"
+    write_poses_star(poses_path, table, pose)
+    final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
+    return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
+                     steps=trainer.step, epochs=trainer.step / trainer.steps_per_epoch,
+                     train_time_s=trainer.elapsed_s, wall_time_s=time.monotonic() - wall0,
+                     final_loss=final, voxel_size=trainer.pixel_size, image_size=trainer.image_size)

@@ -1,0 +1,444 @@
+"""The training loop: encoder → pose, decoder + physics.forward → spectra, loss, Adam; checkpoints.
+
+One step: a batch of normalized images (the dataset's order is a pure function of the data-order
+seed and the epoch), :func:`cryoace.train.losses.compute_loss` (symmetric or L2), backward,
+gradient clipping (global norm), ``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder
+with both heads, the decoder — checked at construction), ``zero_grad(set_to_none=True)``.
+
+**Host syncs.** The loss, gradient norm and a non-finite counter are accumulated on the device and
+read once every ``log_every`` steps; that read is also where a NaN/Inf loss or gradient is noticed.
+Then the run rolls back to the last checkpoint (always written after a clean check; one is written at
+step 0), halves the learning rate, logs a ``rollback`` record and goes on; after ``max_rollbacks``
+it stops with :class:`TrainingDiverged`.
+
+**Checkpoints** (``RUN_DIR/checkpoints/step_XXXXXX.pt`` and ``last.pt``, written atomically with
+``torch.save`` and read back with ``weights_only=True``) hold the encoder, decoder and optimizer
+states, the step, epoch and batch-in-epoch, the training time so far, the learning-rate factor, the
+RNG states (torch, CUDA, numpy, python) and the configuration. Resuming restores all of it, so on
+the CPU ``K steps + resume + (N−K) steps`` gives bit-identical parameters to ``N steps``.
+
+Outputs in RUN_DIR: ``metrics.jsonl`` (one JSON record per log: loss, grad norm, lr, images/s, ...),
+TensorBoard scalars in ``tensorboard/`` when tensorboard is installed (skipped silently otherwise),
+``volume_STEP.mrc`` every ``volume_every`` steps, and (by :meth:`Trainer.finalize`) ``volume.mrc``,
+``volume.png`` (central slices and projections) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import CryoaceInputError
+from ..io.atomic import atomic_path
+from ..runtime import resolve_device
+from .config import TrainConfig, spawn_seeds
+from .losses import HalfDiscGrid, compute_loss
+
+__all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "cryoace-checkpoint-1"
+
+
+class TrainingDiverged(CryoaceInputError):
+    """The loss stayed NaN/Inf after every allowed rollback (reported as one line by the CLI)."""
+
+
+@dataclasses.dataclass
+class DataInfo:
+    """What the models were trained on (saved with the run; ``predict-poses`` needs it).
+
+    image_size : L of the images the encoder saw (after downsampling).
+    pixel_size : their Å/px (the map's voxel size).
+    norm_mean, norm_std : the normalization ``(image - mean) / std`` applied to every image.
+    n_particles, use_ctf, particles : the training set's size, whether its CTF was applied, its path.
+    """
+
+    image_size: int
+    pixel_size: float
+    norm_mean: float
+    norm_std: float
+    n_particles: int
+    use_ctf: bool
+    particles: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_models(config: TrainConfig, image_size: int, pixel_size: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The encoder and decoder of ``config`` for images of ``image_size`` px at ``pixel_size`` Å/px
+    (initialised from the current torch RNG state)."""
+    from ..models import PoseEncoder, build_decoder
+
+    enc = config.encoder
+    encoder = PoseEncoder(image_size, pixel_size, channels=tuple(enc.channels),
+                          convs_per_block=tuple(enc.convs_per_block), mlp_hidden=enc.mlp_hidden,
+                          head_layers=enc.head_layers, max_shift_angst=enc.max_shift_angst,
+                          n_filters=enc.n_filters, filter_size=enc.filter_size, pooled_size=enc.pooled_size)
+    dec = config.decoder
+    kwargs = dict(hidden=dec.hidden, layers=dec.layers,
+                  output_scale=float(image_size) if dec.output_scale is None else dec.output_scale)
+    if dec.name in ("fouriernet", "siren"):
+        kwargs["omega_0"] = dec.omega_0
+    elif dec.name == "relu-pe":
+        kwargs["max_radius_px"] = image_size / 2
+    decoder = build_decoder(dec.name, **kwargs)
+    return encoder, decoder
+
+
+def _torch_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains the encoder and decoder of ``config`` on ``dataset`` (a normalized ParticleDataset),
+    writing into ``run_dir``. ``fit()`` runs until the budget; ``load_checkpoint()`` resumes."""
+
+    def __init__(self, config: TrainConfig, dataset, run_dir, device: torch.device | str | None = None,
+                 data_info: DataInfo | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        config.validate()
+        self.config = config
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(config.device) if device is None else torch.device(device)
+        self.progress = progress
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.seeds = spawn_seeds(config.seed)
+        self.n_particles = len(dataset)
+        self.image_size = int(dataset.image_size)
+        self.pixel_size = float(dataset.pixel_size)
+        self.use_ctf = bool(config.data.use_ctf and dataset.has_ctf)
+        self.data_info = data_info or DataInfo(
+            image_size=self.image_size, pixel_size=self.pixel_size, norm_mean=float(dataset.norm_mean),
+            norm_std=float(dataset.norm_std), n_particles=self.n_particles, use_ctf=self.use_ctf,
+            particles=str(dataset.table.source))
+        self.batch_size = min(int(config.batch_size), self.n_particles)
+        self.steps_per_epoch = self.n_particles // self.batch_size
+        self.symmetric = config.loss == "symmetric"
+
+        torch.manual_seed(self.seeds["model_init"])
+        encoder, decoder = build_models(config, self.image_size, self.pixel_size)
+        self.encoder = encoder.to(self.device)
+        self.decoder = decoder.to(self.device)
+        self.params = [p for m in (self.encoder, self.decoder) for p in m.parameters() if p.requires_grad]
+        opt = config.optim
+        self.optimizer = torch.optim.Adam(self.params, lr=opt.lr, amsgrad=opt.amsgrad,
+                                          weight_decay=opt.weight_decay)
+        self._check_optimizer_covers_models()
+        self._grids: dict[int, HalfDiscGrid] = {}
+
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.elapsed_s = 0.0
+        self.lr_factor = 1.0
+        self.rollbacks = 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._writer = None
+        self.history: list[dict] = []
+
+    # -- structure checks ---------------------------------------------------------------------
+    def _check_optimizer_covers_models(self) -> None:
+        in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for name, module in (("encoder", self.encoder), ("decoder", self.decoder)):
+            for pname, p in module.named_parameters():
+                if p.requires_grad and id(p) not in in_opt:  # pragma: no cover - a programming error
+                    raise RuntimeError(f"trainable parameter {name}.{pname} is not in the optimizer")
+
+    # -- budget -------------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int | None:
+        """The step budget from ``steps`` and ``epochs`` (the smaller), or None for time only."""
+        limits = []
+        if self.config.steps is not None:
+            limits.append(int(self.config.steps))
+        if self.config.epochs is not None:
+            limits.append(max(1, math.ceil(self.config.epochs * self.steps_per_epoch)))
+        return min(limits) if limits else None
+
+    def budget_reached(self) -> bool:
+        max_steps = self.max_steps
+        if max_steps is not None and self.step >= max_steps:
+            return True
+        return self.config.max_time_s is not None and self.elapsed_s >= self.config.max_time_s
+
+    # -- data ---------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The particle order of ``epoch``: a permutation drawn from (data-order seed, epoch) alone."""
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            seed = np.random.SeedSequence([self.seeds["data_order"], int(epoch)]).generate_state(1)[0]
+            perm = torch.randperm(self.n_particles, generator=_torch_generator(int(seed))).numpy()
+            self._order_cache = (epoch, perm)
+        return self._order_cache[1]
+
+    def batch_rows(self, epoch: int, index: int) -> np.ndarray:
+        order = self.epoch_order(epoch)
+        return order[index * self.batch_size:(index + 1) * self.batch_size]
+
+    def _batches(self):
+        """Batches from the current (epoch, batch_in_epoch) on, forever (prefetched with workers)."""
+        epoch, start = self.epoch, self.batch_in_epoch
+        workers = self.config.data.num_workers
+        while True:
+            rows = [self.batch_rows(epoch, b) for b in range(start, self.steps_per_epoch)]
+            if workers > 0:
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_size=None, sampler=rows, num_workers=workers,
+                    pin_memory=self.device.type == "cuda", generator=_torch_generator(0))
+                yield from loader
+            else:
+                for r in rows:
+                    yield self.dataset[r]
+            epoch, start = epoch + 1, 0
+
+    # -- the loss band -----------------------------------------------------------------------
+    def band_shells(self, step: int | None = None) -> int:
+        """Radius of the loss band at ``step`` in Fourier shells (L/2 = Nyquist; see TrainConfig)."""
+        return self.config.band_shells(self.step if step is None else step, self.image_size)
+
+    def grid(self, step: int | None = None) -> HalfDiscGrid:
+        """The loss grid at ``step`` (cached per band radius)."""
+        shells = self.band_shells(step)
+        if shells not in self._grids:
+            self._grids[shells] = HalfDiscGrid(self.image_size, device=self.device,
+                                               radius_cyc_px=shells / self.image_size)
+        return self._grids[shells]
+
+    # -- one step -----------------------------------------------------------------------------
+    def loss_on(self, batch, grid: HalfDiscGrid | None = None):
+        """The model's forward pass and loss on a ParticleBatch (moved to the device)."""
+        images = batch.images.to(self.device, non_blocking=True)
+        pixel_size = batch.pixel_size.to(self.device)
+        ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
+        return compute_loss(self.encoder, self.decoder, images, pixel_size, grid or self.grid(), ctf,
+                            symmetric=self.symmetric)
+
+    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, grad norm, fraction of rotated-path winners) on the device."""
+        self.encoder.train()
+        self.decoder.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.loss_on(batch)
+        out.loss.backward()
+        clip = self.config.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        return out.loss.detach(), grad_norm.detach(), out.rotated_won.float().mean()
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> None:
+        """Train until the budget is reached (see :class:`TrainConfig`)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        log_every = cfg.log_every
+        ckpt_every = _round_up(cfg.checkpoint_every, log_every)
+        vol_every = _round_up(cfg.volume_every, log_every) if cfg.volume_every else 0
+        if not (self.run_dir / "checkpoints" / "last.pt").is_file():
+            self.save_checkpoint()  # the rollback target before the first clean log
+        self._open_writer()
+        bar = tqdm(total=self.max_steps, initial=self.step, unit="step", desc="training",
+                   disable=None if self.progress else True, dynamic_ncols=True)
+        try:
+            while not self.budget_reached():
+                if self._run_until_rollback_or_budget(bar, log_every, ckpt_every, vol_every):
+                    continue
+                break
+        finally:
+            bar.close()
+            if self._writer is not None:
+                self._writer.flush()
+
+    def _run_until_rollback_or_budget(self, bar, log_every: int, ckpt_every: int, vol_every: int) -> bool:
+        """Steps until the budget (returns False) or a NaN rollback (returns True, to restart)."""
+        zero = torch.zeros((), device=self.device)
+        acc_loss, acc_gnorm, acc_rot, acc_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        since_log, log_start = 0, time.monotonic()
+        t0, elapsed0 = time.monotonic(), self.elapsed_s
+        for batch in self._batches():
+            loss, gnorm, rot = self.train_step(batch)
+            acc_loss += loss
+            acc_gnorm += gnorm
+            acc_rot += rot
+            acc_bad += (~torch.isfinite(loss)) | (~torch.isfinite(gnorm))
+            self.step += 1
+            self.batch_in_epoch += 1
+            if self.batch_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            since_log += 1
+            self.elapsed_s = elapsed0 + (time.monotonic() - t0)
+            bar.update(1)
+            done = self.budget_reached()
+            if self.step % log_every and not done:
+                continue
+            values = torch.stack([acc_loss, acc_gnorm, acc_rot, acc_bad]).cpu().tolist()  # the sync
+            now = time.monotonic()
+            loss_mean, gnorm_mean, rot_mean = (v / since_log for v in values[:3])
+            if values[3] > 0 or not math.isfinite(loss_mean):
+                self._rollback(values[3])
+                return True
+            record = {"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                      "loss": loss_mean, "grad_norm": gnorm_mean, "lr": self.optimizer.param_groups[0]["lr"],
+                      "rotated_fraction": rot_mean, "band_cyc_px": self.band_shells() / self.image_size,
+                      "images_per_s": since_log * self.batch_size / max(now - log_start, 1e-9),
+                      "elapsed_s": self.elapsed_s}
+            self._record(record)
+            bar.set_postfix(loss=f"{loss_mean:.4g}", refresh=False)
+            acc_loss, acc_gnorm, acc_rot, acc_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+            since_log, log_start = 0, now
+            if done or self.step % ckpt_every == 0:
+                self.save_checkpoint()
+            if vol_every and self.step % vol_every == 0:
+                self.export_volume(self.run_dir / f"volume_{self.step:06d}.mrc")
+            if done:
+                return False
+        return False  # pragma: no cover - the batch stream is endless
+
+    def _rollback(self, bad_steps: float) -> None:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        bad_step = self.step
+        self.rollbacks += 1
+        if self.rollbacks > self.config.max_rollbacks:
+            raise TrainingDiverged(f"the loss became NaN/Inf at step {bad_step} and stayed so after "
+                                   f"{self.config.max_rollbacks} rollbacks with lower learning rates; "
+                                   "try a smaller --lr")
+        factor = self.lr_factor * 0.5
+        rollbacks = self.rollbacks
+        self.load_checkpoint(path)
+        self.lr_factor = factor
+        self.rollbacks = rollbacks
+        lr = self.config.optim.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.log(f"non-finite loss or gradient in {int(bad_steps)} step(s) before step {bad_step}; rolled back "
+                 f"to step {self.step} ({path.name}) with learning rate {lr:.3g}")
+        self._record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
+                      "bad_steps": int(bad_steps)})
+
+    # -- logging ------------------------------------------------------------------------------
+    def _open_writer(self) -> None:
+        if not self.config.tensorboard or self._writer is not None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed (or broken): skip silently
+            return
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _record(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._writer is not None and record["kind"] == "train":
+            for key in ("loss", "grad_norm", "lr", "rotated_fraction", "images_per_s"):
+                self._writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "elapsed_s": self.elapsed_s, "lr_factor": self.lr_factor, "rollbacks": self.rollbacks,
+            "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+            "config": self.config.to_dict(), "data": self.data_info.to_dict(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_XXXXXX.pt`` and ``checkpoints/last.pt`` atomically; prune old steps."""
+        directory = self.run_dir / "checkpoints"
+        state = self.state_dict()
+        path = directory / f"step_{self.step:06d}.pt"
+        for target in (path, directory / "last.pt"):
+            with atomic_path(target) as tmp:
+                torch.save(state, tmp)
+        keep = self.config.keep_checkpoints
+        old = sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for stale in old[:-keep] if len(old) > keep else []:
+            stale.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        """Restore everything a checkpoint holds (models, optimizer, counters, RNG states)."""
+        state = load_checkpoint_file(path)
+        self.encoder.load_state_dict(state["encoder"])
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.elapsed_s = float(state["elapsed_s"])
+        self.lr_factor = float(state["lr_factor"])
+        self.rollbacks = int(state["rollbacks"])
+        _set_rng_state(state["rng"])
+
+    # -- outputs ------------------------------------------------------------------------------
+    def export_volume(self, path) -> torch.Tensor:
+        from .export import export_volume
+
+        return export_volume(self.decoder, self.image_size, path, self.pixel_size, self.config.volume_chunk)
+
+    def finalize(self) -> dict[str, Path]:
+        """Write ``volume.mrc``, ``volume.png`` and ``loss.png``; return their paths."""
+        from .export import plot_loss, plot_volume
+
+        paths = {"volume": self.run_dir / "volume.mrc", "volume_png": self.run_dir / "volume.png",
+                 "loss_png": self.run_dir / "loss.png"}
+        volume = self.export_volume(paths["volume"])
+        plot_volume(volume, paths["volume_png"], self.pixel_size,
+                    title=f"cryoace map after {self.step} steps ({self.image_size}³, {self.pixel_size:.4g} Å/voxel)")
+        plot_loss(self.run_dir / "metrics.jsonl", paths["loss_png"])
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return paths
+
+
+def load_checkpoint_file(path) -> dict:
+    """Read a checkpoint (CPU tensors, ``weights_only=True``); :class:`CryoaceInputError` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CryoaceInputError("checkpoint not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / foreign file
+        raise CryoaceInputError(f"not a readable checkpoint ({type(exc).__name__})", path) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CryoaceInputError("not a cryoace checkpoint", path)
+    return state
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-int(value) // multiple) * multiple)

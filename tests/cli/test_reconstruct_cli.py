@@ -1,0 +1,153 @@
+"""``cryoace reconstruct`` and ``cryoace predict-poses`` end to end on a small simulated set (tiny
+preset, CPU): the loss falls, every output exists and reads back, predict-poses reproduces the run's
+poses.star, --resume equals an uninterrupted run bit for bit, and bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+import starfile
+import torch
+
+from cryoace.cli.main import main as cli
+from cryoace.io.mrc import open_mrc
+from cryoace.io.particles import read_particles
+from cryoace.train.config import load_config
+from cryoace.train.trainer import load_checkpoint_file
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (~5x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _simulate(out, n, noise_free=True):
+    from cryoace.simulate.molmap import molmap, read_model
+    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
+    from cryoace.simulate.presets import ADK_MODEL
+
+    volume = molmap(read_model(ADK_MODEL), 32, 3.0, 6.0).data
+    cfg = SimulationConfig(n=n, snr_db=None if noise_free else -10.0, shift_std_angst=2.0,
+                           defocus_median=4000.0, defocus_spread=0.15, astigmatism=200.0, seed=1)
+    return simulate_dataset(volume, 3.0, out, cfg, progress=False).star
+
+
+@pytest.fixture(scope="module")
+def particles(tmp_path_factory):
+    """200 noise-free adenylate-kinase particles at L=32, 3 Å/px, with CTF and shifts."""
+    return _simulate(tmp_path_factory.mktemp("sim") / "data", 200)
+
+
+def _train_losses(run):
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def test_tiny_run_writes_every_output(particles, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "40",
+                "--quiet", "--device", "cpu", "--volume-every", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 40 steps" in out and "volume.mrc" in out
+    losses = _train_losses(run)
+    assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2])  # the loss falls
+    config, extra = load_config(run / "config.yaml")
+    assert config.preset == "tiny" and config.steps == 40 and config.device == "cpu"
+    assert extra["provenance"]["cryoace_version"] and extra["seeds"]["data_order"] >= 0
+    assert extra["data"]["image_size"] == 32 and extra["data"]["pixel_size"] == 3.0
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 40 and "optimizer" in ckpt and "rng" in ckpt
+    assert (run / "checkpoints" / "step_000040.pt").is_file()
+    for name in ("volume.mrc", "volume_000020.mrc", "volume_000040.mrc"):
+        mrc = open_mrc(run / name, mmap=False)
+        assert mrc.data.shape == (32, 32, 32) and mrc.voxel_size == pytest.approx(3.0)
+        assert np.isfinite(mrc.data).all() and mrc.data.std() > 0
+    for name in ("volume.png", "loss.png"):
+        assert matplotlib.image.imread(run / name).ndim == 3
+    table = read_particles(run / "poses.star")
+    source = read_particles(particles)
+    assert len(table) == len(source) == 200 and table.pose is not None
+    assert torch.allclose(torch.linalg.det(table.pose.rotmat), torch.ones(200, dtype=torch.float64), atol=1e-6)
+    raw = starfile.read(run / "poses.star", always_dict=True)["particles"]
+    assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+            "rlnRandomSubset", "rlnDefocusU"} <= set(raw.columns)
+    assert np.allclose(table.ctf.defocus_u.numpy(), source.ctf.defocus_u.numpy())
+    # the predicted poses are not the simulated ones (they were overwritten, not passed through)
+    assert not torch.allclose(table.pose.rotmat, source.pose.rotmat, atol=1e-3)
+
+    # predict-poses: the same function over the same model gives the same poses
+    pred = tmp_path / "pred.star"
+    assert cli(["predict-poses", str(run), str(particles), "-o", str(pred), "--device", "cpu", "--quiet",
+                "--batch-size", "64"]) == 0
+    again = read_particles(pred)
+    assert torch.allclose(again.pose.rotmat, table.pose.rotmat, atol=1e-5)
+    assert torch.allclose(again.pose.shift_angst, table.pose.shift_angst, atol=1e-4)
+
+
+def test_resume_via_cli_equals_uninterrupted(particles, tmp_path):
+    common = ["--preset", "tiny", "--quiet", "--device", "cpu", "--batch-size", "8", "--log-every", "3",
+              "--volume-every", "0"]
+    assert cli(["reconstruct", str(particles), "-o", str(tmp_path / "full"), "--steps", "14", *common]) == 0
+    assert cli(["reconstruct", str(particles), "-o", str(tmp_path / "part"), "--steps", "8", *common]) == 0
+    assert cli(["reconstruct", str(particles), "-o", str(tmp_path / "part"), "--resume", "--steps", "14",
+                "--quiet", "--device", "cpu"]) == 0
+    a = load_checkpoint_file(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint_file(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 14
+    for part in ("encoder", "decoder"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    _, extra = load_config(tmp_path / "part" / "config.yaml")
+    assert len(extra["resumed"]) == 1 and extra["provenance"]["arguments"]["steps"] == 8
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cryoace "), err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_bad_input_is_one_line_exit_2(particles, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["reconstruct", str(particles), "-o", str(out), "--quiet", "--device", "cpu"]
+    _one_line_error(capsys, [*base, "--preset", "huge"], "unknown preset 'huge'")
+    _one_line_error(capsys, [*base, "--preset", "tiny", "--max-time", "soon"], "duration")
+    _one_line_error(capsys, [*base, "--preset", "tiny", "--batch-size", "0"], "--batch-size")
+    _one_line_error(capsys, [*base, "--preset", "tiny", "--resume"], "nothing to resume")
+    # a star file that references no images
+    blocks = starfile.read(particles, always_dict=True)
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnImageName"])
+    no_images = tmp_path / "no_images.star"
+    starfile.write(blocks, no_images)
+    _one_line_error(capsys, ["reconstruct", str(no_images), "-o", str(out), "--preset", "tiny", "--quiet"],
+                    "no_images.star", "references no particle images")
+    _one_line_error(capsys, ["reconstruct", str(tmp_path / "nope.star"), "-o", str(out), "--preset", "tiny"],
+                    "nope.star", "not found")
+    assert not out.exists()  # nothing left behind
+    _one_line_error(capsys, ["predict-poses", str(tmp_path), str(particles), "-o", str(tmp_path / "p.star")],
+                    "no checkpoint")
+    # an existing run: a new run refuses it, a resume must keep its settings
+    (out / "checkpoints").mkdir(parents=True)
+    _one_line_error(capsys, [*base, "--preset", "tiny"], "already holds a run")
+
+
+def test_demo_smoke(tmp_path, capsys):
+    """The demo's whole path (simulate → reconstruct → align and FSC vs truth), for seconds."""
+    out = tmp_path / "demo"
+    assert cli(["demo", "-o", str(out), "--preset", "tiny", "--max-time", "2s", "-n", "40", "--quiet",
+                "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "FSC vs truth" in text and "open in ChimeraX" in text and "volume_aligned.mrc" in text
+    evaluation = json.loads((out / "run" / "evaluation.json").read_text())
+    assert evaluation["fsc_vs_truth"] is not None and evaluation["n_particles"] == 40
+    assert (out / "run" / "volume_aligned.mrc").is_file() and (out / "dataset" / "volume.mrc").is_file()

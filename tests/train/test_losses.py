@@ -1,0 +1,134 @@
+"""The symmetric loss: the 180° rotation is exact about L//2, the pose of the rotated path maps back
+to the original frame as (diag(−1,−1,1)·R, −t) (checked with renders of a real map), the loss keeps the
+better path per image, and the error is the mean squared pixel error of band-limited images."""
+
+from __future__ import annotations
+
+import torch
+
+from cryoace.io.mrc import read_volume
+from cryoace.physics.fourier import circular_mask, fft2_centered, fft3_centered, ifft2_centered, rfft2_centered
+from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.rotations import random_rotmat
+from cryoace.train.losses import HalfDiscGrid, compute_loss, rotate_180, unrotate_pose
+from cryoace.types import CTFParams, Pose
+
+from conftest import SHARED_DATA  # noqa: E402
+
+F64 = torch.float64
+
+
+def _adk_volume(size: int = 32) -> torch.Tensor:
+    """adenylate kinase at 1.5 Å/px, cropped to the central size³ and band-limited inside 0.4 cycles/px
+    (so trilinear slices of its padded transform are Hermitian to rounding)."""
+    v = torch.tensor(read_volume(SHARED_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
+    lo = 32 - size // 2
+    v = v[lo:lo + size, lo:lo + size, lo:lo + size]
+    spectrum = fft3_centered(v) * circular_mask(size, 0.4 * size, 3)
+    from cryoace.physics.fourier import ifft3_centered
+    return ifft3_centered(spectrum).real
+
+
+def test_rotate_180_is_exact_about_the_box_centre():
+    size = 16
+    img = torch.zeros(size, size)
+    img[size // 2, size // 2] = 1.0
+    assert torch.equal(rotate_180(img), img)  # a centred delta stays at L//2
+    img = torch.zeros(size, size)
+    img[size // 2 + 3, size // 2 - 5] = 1.0  # offset (y, x) = (+3, −5) -> (−3, +5)
+    out = rotate_180(img)
+    assert out[size // 2 - 3, size // 2 + 5] == 1.0 and out.sum() == 1.0
+    x = torch.randn(3, size, size, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rotate_180(rotate_180(x)), x)
+    i, j = 2, 11
+    assert rotate_180(x)[0, i, j] == x[0, (size - i) % size, (size - j) % size]
+    # the rotated image's centred spectrum is the conjugate, on the full and on the half grid
+    assert torch.allclose(fft2_centered(rotate_180(x)), fft2_centered(x).conj(), atol=1e-12)
+    assert torch.allclose(rfft2_centered(rotate_180(x)), rfft2_centered(x).conj(), atol=1e-12)
+    # a plain flip turns about (L−1)/2 instead: not the same
+    assert not torch.allclose(torch.flip(x, (-2, -1)), rotate_180(x))
+
+
+def test_rotated_image_has_pose_d_r_and_minus_t_by_rendering():
+    size, pixel_size = 32, 1.5
+    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    g = torch.Generator().manual_seed(3)
+    r = random_rotmat(4, g, F64)
+    t = torch.randn(4, 2, generator=g, dtype=F64) * 3.0  # Å
+    ctf = CTFParams.create(defocus_u=torch.tensor([3000.0, 5000, 8000, 4000], dtype=F64),
+                           defocus_v=torch.tensor([2800.0, 5000, 7600, 4100], dtype=F64),
+                           defocus_angle=torch.tensor([0.3, 0.0, 1.2, 2.0], dtype=F64))
+    images = render_images(volume, Pose(r, t), pixel_size, size, ctf)
+    rotated = rotate_180(images)
+    assert (rotated - images).norm() > 0.5 * images.norm()  # an asymmetric molecule: a real test
+    # rendering the rotated image's pose (D·R, −t) gives the rotated image ...
+    d = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=F64))
+    rendered = render_images(volume, Pose(d @ r, -t), pixel_size, size, ctf)
+    assert torch.allclose(rendered, rotated, atol=1e-9 * images.abs().max())
+    # ... and unrotate_pose maps the rotated image's pose back to the original one
+    back = unrotate_pose(Pose(d @ r, -t))
+    assert torch.allclose(back.rotmat, r) and torch.allclose(back.shift_angst, t)
+    assert torch.allclose(torch.linalg.det(d @ r), torch.ones(4, dtype=F64))
+
+
+class _FixedPoses(torch.nn.Module):
+    """An 'encoder' returning given poses, in order, for whatever batch it sees."""
+
+    def __init__(self, pose: Pose):
+        super().__init__()
+        self.pose = pose
+
+    def forward(self, images):
+        assert images.shape[0] == self.pose.rotmat.shape[0]
+        return self.pose
+
+
+def test_symmetric_loss_keeps_the_better_path_and_its_pose():
+    size, pixel_size, n = 32, 1.5, 6
+    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    g = torch.Generator().manual_seed(4)
+    r_true = random_rotmat(n, g, F64)
+    t_true = torch.randn(n, 2, generator=g, dtype=F64) * 2.0
+    images = render_images(volume, Pose(r_true, t_true), pixel_size, size)
+    d = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=F64))
+    wrong = random_rotmat(n, g, F64)
+    # the direct path is right for images 0-2 and wrong for 3-5; the rotated path the other way round
+    direct_ok = torch.tensor([True, True, True, False, False, False])
+    r1 = torch.where(direct_ok[:, None, None], r_true, wrong)
+    r2 = torch.where(direct_ok[:, None, None], wrong, d @ r_true)
+    t1 = torch.where(direct_ok[:, None], t_true, torch.zeros_like(t_true))
+    t2 = torch.where(direct_ok[:, None], torch.zeros_like(t_true), -t_true)
+    encoder = _FixedPoses(Pose(torch.cat([r1, r2]), torch.cat([t1, t2])))
+    grid = HalfDiscGrid(size, dtype=F64)
+    ps = torch.full((n,), pixel_size, dtype=F64)
+    out = compute_loss(encoder, volume, images, ps, grid, symmetric=True)
+    assert torch.equal(out.rotated_won, ~direct_ok)
+    assert out.error.max() < 1e-6 * images.pow(2).mean()
+    assert torch.allclose(out.pose.rotmat, r_true, atol=1e-12)
+    assert torch.allclose(out.pose.shift_angst, t_true, atol=1e-12)
+    # the kept error is the per-image minimum of the two paths' errors
+    e1 = grid.error(_render(volume, Pose(r1, t1), grid), grid.target(images))
+    e2 = grid.error(_render(volume, Pose(r2, t2), grid), grid.target(rotate_180(images)))
+    assert torch.allclose(out.error, torch.minimum(e1, e2))
+    assert torch.allclose(out.loss, torch.minimum(e1, e2).mean())
+    # plain L2 uses the direct path only
+    l2 = compute_loss(_FixedPoses(Pose(r1, t1)), volume, images, ps, grid, symmetric=False)
+    assert torch.allclose(l2.error, e1) and not l2.rotated_won.any()
+    assert l2.loss > out.loss
+
+
+def _render(volume, pose, grid):
+    from cryoace.physics.forward import render_spectra
+    return render_spectra(volume, pose, 1.5, grid.size, freq_cyc_px=grid.freq.to(F64))
+
+
+def test_error_is_mean_squared_pixel_error_of_disc_limited_images():
+    size = 24
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, size, size, dtype=F64, generator=g)
+    x = ifft2_centered(fft2_centered(x) * circular_mask(size, size / 2 - 1)).real  # inside the disc
+    grid = HalfDiscGrid(size, dtype=F64)
+    err = grid.error(torch.zeros(3, len(grid.index), dtype=torch.complex128), grid.target(x))
+    assert torch.allclose(err, x.pow(2).mean(dim=(-2, -1)), rtol=1e-10)
+    # the grid holds exactly the half-spectrum points inside the Nyquist disc
+    assert torch.all(grid.freq.pow(2).sum(-1) <= 0.25 + 1e-12) and torch.all(grid.freq[:, 0] >= 0)

@@ -1,0 +1,144 @@
+"""The training loop: every trainable parameter is optimized (the shift head included), config YAML
+round trip and presets, resume equals an uninterrupted run bit for bit on the CPU, and a NaN loss
+rolls back to the last good checkpoint with half the learning rate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cryoace.errors import CryoaceInputError
+from cryoace.io.particles import ParticleDataset, read_particles
+from cryoace.train import trainer as trainer_module
+from cryoace.train.config import (PRESETS, TrainConfig, load_config, parse_duration, preset_config,
+                                  save_config)
+from cryoace.train.trainer import Trainer, load_checkpoint_file
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (~5x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def simulate_small(out, n=64, size=32, noise_free=True, seed=0):
+    """A small adenylate-kinase dataset (L=32 at 3 Å/px, CTF, shifts) through simulate's Python API."""
+    from cryoace.simulate.molmap import molmap, read_model
+    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
+    from cryoace.simulate.presets import ADK_MODEL
+
+    volume = molmap(read_model(ADK_MODEL), size, 3.0, 6.0).data
+    cfg = SimulationConfig(n=n, snr_db=None if noise_free else -10.0, shift_std_angst=2.0,
+                           defocus_median=4000.0, defocus_spread=0.15, astigmatism=200.0, seed=seed)
+    return simulate_dataset(volume, 3.0, out, cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data")
+    return ParticleDataset(read_particles(sim.star))
+
+
+def tiny(**changes) -> TrainConfig:
+    cfg = preset_config("tiny")
+    cfg.batch_size = 8
+    cfg.volume_every = 0
+    cfg.device = "cpu"
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_every_trainable_parameter_is_optimized_and_gets_a_gradient(dataset, tmp_path):
+    tr = Trainer(tiny(), dataset, tmp_path, progress=False)
+    in_opt = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    named = dict(tr.encoder.named_parameters(prefix="encoder")) | dict(tr.decoder.named_parameters(prefix="decoder"))
+    assert {id(p) for p in named.values()} == in_opt
+    assert any(k.startswith("encoder.shift_head") for k in named)  # the reference forgot this head
+    assert any(k.startswith("encoder.rotation_head") for k in named)
+    assert not any("filters" in k for k in named)  # the Gaussian bank is fixed
+    before = {k: p.detach().clone() for k, p in named.items()}
+    for _ in range(3):
+        tr.train_step(dataset[list(range(8))])
+        assert all(p.grad is not None for p in named.values())
+    unchanged = [k for k, p in named.items() if torch.equal(p.detach(), before[k])]
+    assert not unchanged, f"parameters never updated: {unchanged}"
+    assert tr.optimizer.defaults["amsgrad"] is True
+
+
+def test_config_yaml_round_trip_and_presets(tmp_path):
+    for name in PRESETS:
+        cfg = preset_config(name)
+        cfg.validate()
+        save_config(tmp_path / f"{name}.yaml", cfg, {"provenance": {"command": "x"}})
+        loaded, extra = load_config(tmp_path / f"{name}.yaml")
+        assert loaded == cfg and extra["provenance"]["command"] == "x"
+    paper = preset_config("paper")
+    assert (paper.batch_size, paper.optim.lr, paper.optim.amsgrad, paper.optim.grad_clip) == (64, 1e-4, True, 1.0)
+    assert paper.encoder.channels == (64, 128, 256, 256, 256) and paper.decoder.hidden == 256
+    with pytest.raises(CryoaceInputError, match="unknown preset"):
+        preset_config("huge")
+    assert parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("20") == 1200
+    with pytest.raises(CryoaceInputError):
+        parse_duration("soon")
+
+
+def _params(tr):
+    return {**{f"e.{k}": v for k, v in tr.encoder.state_dict().items()},
+            **{f"d.{k}": v for k, v in tr.decoder.state_dict().items()}}
+
+
+def test_resume_equals_uninterrupted_run_bit_for_bit(dataset, tmp_path):
+    full = Trainer(tiny(steps=11, log_every=2, checkpoint_every=4), dataset, tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(tiny(steps=5, log_every=2, checkpoint_every=4), dataset, tmp_path / "part", progress=False)
+    part.fit()
+    assert part.step == 5
+    resumed = Trainer(tiny(steps=11, log_every=2, checkpoint_every=4), dataset, tmp_path / "part", progress=False)
+    resumed.load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert resumed.step == 5 and (resumed.epoch, resumed.batch_in_epoch) == (0, 5)
+    resumed.fit()
+    assert resumed.step == full.step == 11 and resumed.epoch == 1  # 64 particles / 8 = 8 steps an epoch
+    a, b = _params(full), _params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(sa[i][key], sb[i][key])
+
+
+def test_nan_loss_rolls_back_to_the_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = trainer_module.compute_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 7: after the step-4 checkpoint, before the step-8 one
+            out = dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer_module, "compute_loss", poisoned)
+    cfg = tiny(steps=12, log_every=2, checkpoint_every=4)
+    tr = Trainer(cfg, dataset, tmp_path, progress=False, log=lambda m: None)
+    tr.fit()
+    assert tr.step == 12
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [r for r in records if r["kind"] == "rollback"]
+    assert len(rollbacks) == 1
+    assert rollbacks[0]["step"] == 8 and rollbacks[0]["to_step"] == 4
+    assert rollbacks[0]["lr"] == pytest.approx(cfg.optim.lr / 2)
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr / 2)
+    assert all(torch.isfinite(v).all() for v in _params(tr).values() if v.is_floating_point())
+    last = load_checkpoint_file(tmp_path / "checkpoints" / "last.pt")
+    assert last["step"] == 12 and last["lr_factor"] == 0.5
+    assert all(torch.isfinite(v).all() for v in last["decoder"].values())
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [2, 4, 6, 6, 8, 10, 12]  # 6 logged, 8 poisoned, back to 4, 6 again...
