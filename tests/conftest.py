@@ -82,3 +82,15 @@ def common_line_correlation(rotmats, images, pairs=None, seed=0):
 def common_lines():
     """The :func:`common_line_correlation` helper (rotmats, images) -> mean correlation."""
     return common_line_correlation
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks on a shared 2-core machine: one torch thread avoids OpenMP oversubscription
+    (several times faster when other jobs share the CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

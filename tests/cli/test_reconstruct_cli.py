@@ -19,13 +19,7 @@ from cryoace.train.config import load_config
 from cryoace.train.trainer import load_checkpoint_file
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (~5x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _simulate(out, n, noise_free=True):

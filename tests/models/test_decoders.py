@@ -13,13 +13,7 @@ from cryoace.types import Pose
 NAMES = ["fouriernet", "siren", "relu-pe"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small networks run fastest on one thread, and far faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(name, dtype=torch.float32, seed=0, **cfg):

@@ -9,13 +9,7 @@ from cryoace.types import Pose
 TINY = dict(channels=(8, 16, 32), convs_per_block=(1, 1, 1), mlp_hidden=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and far faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n, size, seed=0):

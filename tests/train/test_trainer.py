@@ -18,13 +18,7 @@ from cryoace.train.config import (PRESETS, TrainConfig, load_config, parse_durat
 from cryoace.train.trainer import Trainer, load_checkpoint_file
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP oversubscription (~5x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def simulate_small(out, n=64, size=32, noise_free=True, seed=0):

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CryoaceInputError
 from ..io.particles import ParticleTable
-from ..physics.fourier import fft3_centered, ifft3_centered
+from ..physics.fourier import fourier_crop
 from ..physics.rotations import rotmat_to_axis_angle
 from .align import RotationAlignment, align_rotations, estimate_volume_offset, shift_volume, transform_volume
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, fsc
@@ -180,17 +180,9 @@ def evaluate_poses(pred: ParticleTable, truth: ParticleTable, hands: str = "both
 
 
 def fourier_crop_volume(volume: torch.Tensor, new_size: int) -> torch.Tensor:
-    """Downsample a real (L, L, L) map to (new_size,)³ by cropping its centred spectrum (the 3D
-    counterpart of :func:`cryoace.physics.fourier.fourier_crop`; values keep their scale)."""
-    size = volume.shape[-1]
-    if new_size == size:
-        return volume
-    if new_size > size or new_size % 2:
-        raise ValueError(f"Fourier crop needs an even new size <= {size}, got {new_size}")
-    lo = size // 2 - new_size // 2
-    sl = slice(lo, lo + new_size)
-    spec = fft3_centered(volume.to(torch.float64))[sl, sl, sl]
-    return (ifft3_centered(spec).real * (new_size / size) ** 3).to(volume.dtype)
+    """Downsample a real (L, L, L) map to (new_size,)³ by cropping its centred spectrum (in float64;
+    values keep their scale)."""
+    return fourier_crop(volume.to(torch.float64), new_size, ndim=3).to(volume.dtype)
 
 
 @dataclasses.dataclass

@@ -117,17 +117,18 @@ def circular_mask(size: int, radius: float | None = None, ndim: int = 2, device=
     return radial_distance(size, ndim, device, torch.float64) <= radius
 
 
-def fourier_crop(images: torch.Tensor, new_size: int) -> torch.Tensor:
-    """Downsample real images (..., L, L) to (..., new_size, new_size) by cropping their spectrum.
+def fourier_crop(x: torch.Tensor, new_size: int, ndim: int = 2) -> torch.Tensor:
+    """Downsample real images (..., L, L) — or volumes with ``ndim=3`` — to ``new_size`` per axis by
+    cropping their centred spectrum.
 
-    Pixel values keep their scale (a constant image stays the same constant); the pixel size grows by
+    Values keep their scale (a constant stays the same constant); the pixel size grows by
     L / new_size. ``new_size`` must be even and at most L.
     """
-    size = images.shape[-1]
+    size = x.shape[-1]
     if new_size == size:
-        return images
+        return x
     if new_size > size or new_size % 2:
         raise ValueError(f"Fourier crop needs an even new size <= {size}, got {new_size}")
     start = size // 2 - new_size // 2
-    spectra = fft2_centered(images)[..., start:start + new_size, start:start + new_size]
-    return ifft2_centered(spectra).real * (new_size / size) ** 2
+    crop = (Ellipsis,) + (slice(start, start + new_size),) * ndim
+    return ifftn_centered(fftn_centered(x, ndim)[crop], ndim).real * (new_size / size) ** ndim
