@@ -136,3 +136,16 @@ def test_nan_loss_rolls_back_to_the_last_good_checkpoint(dataset, tmp_path, monk
     assert all(torch.isfinite(v).all() for v in last["decoder"].values())
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == [2, 4, 6, 6, 8, 10, 12]  # 6 logged, 8 poisoned, back to 4, 6 again...
+
+
+def test_compile_failure_falls_back_to_eager(dataset, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    messages = []
+    tr = Trainer(tiny(steps=2, compile=True), dataset, tmp_path, progress=False, log=messages.append)
+    tr.fit()
+    assert tr.step == 2 and not tr._compile
+    assert any("torch.compile failed" in m and "no C++ compiler" in m for m in messages)
+    assert "network" not in vars(tr.decoder)  # no compiled network left on the module

@@ -8,8 +8,9 @@ metrics.jsonl and tensorboard/ (loss curves), volume_STEP.mrc maps during traini
 volume.mrc (voxel size = the images' pixel size after --downsample), volume.png (central slices and
 projections), loss.png and poses.star (every particle's predicted pose, all input columns kept).
 
-Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, 20 minutes) and paper
-(cryoAI's: VGG16-like encoder, FourierNet 256, batch 64, AMSGrad lr 1e-4, clip 1.0; 20 epochs).
+Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, torch.compile, 20
+minutes) and paper (cryoAI's: VGG16-like encoder, FourierNet 256, batch 64, AMSGrad lr 1e-4, clip
+1.0; 20 epochs).
 The default is cpu on the CPU and paper on a GPU. Options override the preset. The budget stops at
 the first of --steps, --epochs, --max-time (given ones replace the preset's; totals over resumes).
 --resume continues an interrupted run exactly (same settings; a larger budget trains further). A
@@ -69,6 +70,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, metavar="N", help="data-loading processes (default 0)")
     g = parser.add_argument_group("run")
     g.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the networks for training (cpu preset: on; needs a C++ compiler on "
+                   "the CPU, falls back to eager mode if compiling fails)")
     g.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     g.add_argument("--log-every", type=int, metavar="N", help="steps between loss logs")
     g.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints")
@@ -142,6 +146,8 @@ def build_config(args: argparse.Namespace):
     _budget(args, config)
     if args.device is not None:
         config.device = args.device
+    if args.compile is not None:
+        config.compile = args.compile
     if args.num_workers is not None:
         config.data.num_workers = args.num_workers
     if args.datadir is not None:

@@ -5,6 +5,10 @@ seed and the epoch), :func:`cryoace.train.losses.compute_loss` (symmetric or L2)
 gradient clipping (global norm), ``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder
 with both heads, the decoder — checked at construction), ``zero_grad(set_to_none=True)``.
 
+With ``compile`` the encoder and the decoder's real-valued network are run through
+``torch.compile`` for training steps only (export and pose prediction use the plain modules); if
+compiling fails (e.g. no C++ compiler) the step is redone eagerly and training goes on without it.
+
 **Host syncs.** The loss, gradient norm and a non-finite counter are accumulated on the device and
 read once every ``log_every`` steps; that read is also where a NaN/Inf loss or gradient is noticed.
 Then the run rolls back to the last checkpoint (always written after a clean check; one is written at
@@ -25,6 +29,7 @@ TensorBoard scalars in ``tensorboard/`` when tensorboard is installed (skipped s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -159,6 +164,8 @@ class Trainer:
                                           weight_decay=opt.weight_decay)
         self._check_optimizer_covers_models()
         self._grids: dict[int, HalfDiscGrid] = {}
+        self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
+        self._compile = bool(config.compile)
 
         self.step = 0
         self.epoch = 0
@@ -238,21 +245,53 @@ class Trainer:
         return self._grids[shells]
 
     # -- one step -----------------------------------------------------------------------------
-    def loss_on(self, batch, grid: HalfDiscGrid | None = None):
+    def loss_on(self, batch, encoder=None, decoder=None):
         """The model's forward pass and loss on a ParticleBatch (moved to the device)."""
         images = batch.images.to(self.device, non_blocking=True)
         pixel_size = batch.pixel_size.to(self.device)
         ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
-        return compute_loss(self.encoder, self.decoder, images, pixel_size, grid or self.grid(), ctf,
-                            symmetric=self.symmetric)
+        encoder = self.encoder if encoder is None else encoder
+        decoder = self.decoder if decoder is None else decoder
+        return compute_loss(encoder, decoder, images, pixel_size, self.grid(), ctf, symmetric=self.symmetric)
+
+    @contextlib.contextmanager
+    def _training_modules(self):
+        """The encoder and decoder for a training step: with ``compile``, the encoder and the
+        decoder's real network (not its complex-valued wrapper) go through ``torch.compile``; the
+        modules themselves (and their state) stay the uncompiled ones, used for export/prediction."""
+        if not self._compile:
+            yield self.encoder, self.decoder
+            return
+        if self._compiled is None:
+            self._compiled = (torch.compile(self.encoder), torch.compile(self.decoder.network))
+        self.decoder.network = self._compiled[1]  # shadows the method on this instance only
+        try:
+            yield self._compiled[0], self.decoder
+        finally:
+            del self.decoder.network
+
+    def _forward_backward(self, batch):
+        with self._training_modules() as (encoder, decoder):
+            out = self.loss_on(batch, encoder, decoder)
+            out.loss.backward()
+        return out
 
     def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, grad norm, fraction of rotated-path winners) on the device."""
         self.encoder.train()
         self.decoder.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.loss_on(batch)
-        out.loss.backward()
+        if self._compile and self._compiled is None:
+            try:
+                out = self._forward_backward(batch)
+            except Exception as exc:  # no C++ compiler, unsupported backend...: train eagerly
+                self.log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                         "training without it")
+                self._compile, self._compiled = False, None
+                self.optimizer.zero_grad(set_to_none=True)
+                out = self._forward_backward(batch)
+        else:
+            out = self._forward_backward(batch)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
@@ -363,7 +402,7 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self._writer is not None and record["kind"] == "train":
-            for key in ("loss", "grad_norm", "lr", "rotated_fraction", "images_per_s"):
+            for key in ("loss", "grad_norm", "lr", "rotated_fraction", "images_per_s", "band_cyc_px"):
                 self._writer.add_scalar(f"train/{key}", record[key], record["step"])
 
     # -- checkpoints --------------------------------------------------------------------------
