@@ -34,6 +34,9 @@ relu-pe        PE (3 + 2·3·10 = 63) → 256, 6 × 256→256 ReLU, 256→2     
 
 so the three compare at equal width and equal parameter count (within 4%). The cryoAI paper used
 about 300k parameters in each ablation network.
+
+The voxel-grid decoders of :mod:`cryoace.models.voxel` (``"voxel-fourier"``, ``"voxel-real"``) are
+HermitianDecoders too and share the registry :data:`DECODERS` / :func:`build_decoder`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ __all__ = [
     "FourierNet",
     "SirenDecoder",
     "ReluPEDecoder",
+    "VoxelFourierDecoder",
+    "VoxelRealDecoder",
     "DECODERS",
     "build_decoder",
     "count_parameters",
@@ -91,6 +96,9 @@ class HermitianDecoder(nn.Module):
     """
 
     hermitian = True
+    # Suggested learning rate for this decoder's own optimizer parameter group; None = use the
+    # run's learning rate (neural fields). Voxel grids (models.voxel) set 1.0, the ACE-EM setting.
+    default_lr: float | None = None
 
     def __init__(self, output_scale: float = 1.0, allow_autocast: bool = False):
         super().__init__()
@@ -218,19 +226,32 @@ class ReluPEDecoder(HermitianDecoder):
         return self.mlp(self.encoding(coords_cyc_px))
 
 
+# Voxel grids subclass HermitianDecoder, so their module imports this one; importing it here,
+# after HermitianDecoder exists, keeps one registry without an import cycle at load time.
+from .voxel import VoxelFourierDecoder, VoxelRealDecoder  # noqa: E402
+
 DECODERS: dict[str, type[HermitianDecoder]] = {
     "fouriernet": FourierNet,
     "siren": SirenDecoder,
     "relu-pe": ReluPEDecoder,
+    "voxel-fourier": VoxelFourierDecoder,
+    "voxel-real": VoxelRealDecoder,
 }
 
 
 def build_decoder(name: str, **cfg) -> HermitianDecoder:
-    """Decoder by name (``"fouriernet"``, ``"siren"``, ``"relu-pe"``) with keyword configuration.
+    """Decoder by name with keyword configuration (each class's constructor, strictly).
 
-    Keywords whose value is ``None`` are dropped, so a caller can pass ``layers=None`` to get each
-    class's default (3 per SIREN for FourierNet, 6 for the single-network decoders, which gives equal
-    parameter counts at equal ``hidden``). Unknown keywords raise ``TypeError``.
+    * ``"fouriernet"``: hidden, layers, omega_0, envelope_hidden/_layers/_omega_0, coord_scale;
+    * ``"siren"``: hidden, layers, omega_0, coord_scale;
+    * ``"relu-pe"``: hidden, layers, n_freqs, max_radius_px, min_radius_px;
+    * ``"voxel-fourier"``: size (required), init_std;
+    * ``"voxel-real"``: size (required), pad_factor, init_std;
+
+    all of them also ``output_scale`` and ``allow_autocast``. Keywords whose value is ``None`` are
+    dropped, so a caller can pass ``layers=None`` to get each class's default (3 per SIREN for
+    FourierNet, 6 for the single-network decoders, which gives equal parameter counts at equal
+    ``hidden``). Unknown keywords (e.g. ``hidden`` for a voxel grid) raise ``TypeError``.
     """
     key = name.lower().replace("_", "-")
     if key not in DECODERS:

@@ -7,10 +7,13 @@ Architecture (cryoAI §3.3; widths are configuration):
    0.1 … 10 px by default; σ = 0.1 px is the identity to ~1e-22), applied as a same-padded
    convolution with zero padding: (B, L, L) → (B, n_filters, L, L). The kernels are a registered
    buffer, not parameters: they never receive gradients and are not in ``parameters()``;
-3. a VGG16-like CNN: for each block ``i``, ``convs_per_block[i]`` × (conv 3×3 → BatchNorm → ReLU)
-   with ``channels[i]`` output channels, then a 2×2 max-pool while the feature map is at least 2 px
-   wide (so any even L ≥ 32 works; the sizes are computed at construction); then adaptive average
-   pooling to ``min(pooled_size, final size)``² and flattening to the latent vector;
+3. the CNN trunk — here VGG16-like (:class:`PoseEncoder`; :class:`FilterBankPoseEncoder` holds
+   everything but the trunk, so :class:`cryoace.models.resnet.ResNetPoseEncoder` swaps in a
+   ResNet-18 with the same bank, heads and interface): for each block ``i``,
+   ``convs_per_block[i]`` × (conv 3×3 → BatchNorm → ReLU) with ``channels[i]`` output channels,
+   then a 2×2 max-pool while the feature map is at least 2 px wide (so any even L ≥ 32 works; the
+   sizes are computed at construction); then adaptive average pooling to
+   ``min(pooled_size, final size)``² and flattening to the latent vector;
 4. two MLP heads on the latent (``head_layers`` hidden layers of ``mlp_hidden`` with ReLU):
    rotation → 6 numbers → :func:`cryoace.physics.rotations.rotmat_from_6d` → R (B, 3, 3), which maps
    volume to image coordinates (DESIGN.md §1); translation → 2 numbers → ``max_shift_angst·tanh`` →
@@ -35,7 +38,7 @@ from torch import nn
 from ..physics.rotations import rotmat_from_6d
 from ..types import Pose
 
-__all__ = ["gaussian_filter_bank", "PoseEncoder", "DEFAULT_SIGMAS_PX"]
+__all__ = ["gaussian_filter_bank", "FilterBankPoseEncoder", "PoseEncoder", "DEFAULT_SIGMAS_PX"]
 
 DEFAULT_SIGMAS_PX = (0.1, 10.0)
 
@@ -70,31 +73,20 @@ def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Se
     return nn.Sequential(*blocks)
 
 
-class PoseEncoder(nn.Module):
-    """Image (B, L, L) → :class:`~cryoace.types.Pose` (rotmat (B, 3, 3), shift_angst (B, 2)).
+class FilterBankPoseEncoder(nn.Module):
+    """Shared part of the pose encoders: input standardisation, the fixed Gaussian bank, a CNN trunk
+    (``self.cnn``, built by the subclass) and the two heads; ``forward(images) → Pose``.
 
-    image_size      : L (even, ≥ 32 recommended; anything ≥ 2 runs).
-    pixel_size      : Å/px of the images the encoder sees (only sets the default shift bound).
-    channels, convs_per_block : CNN widths and depth per block (same length).
-    mlp_hidden, head_layers   : width and number of hidden layers of each head.
-    max_shift_angst : bound of |shift| per axis in Å; default ``0.15 · L · pixel_size``; 0 disables
-                      shifts (always 0).
-    n_filters, filter_size, sigmas : the Gaussian bank; ``sigmas`` (px) defaults to ``n_filters``
-                      values log-spaced over 0.1 … 10 px.
-    pooled_size     : spatial side of the adaptive average pooling before flattening.
-    normalize_input : standardise each image before filtering (robust to the data's scale).
+    A subclass calls ``super().__init__(...)`` (sets the filter bank, so ``self.n_filters`` input
+    channels are known), builds its trunk — any module (B, n_filters, L, L) → (B, C, h, w) — and
+    calls :meth:`_attach_trunk`, which flattens the trunk's output into the latent and adds the heads.
+    Constructor arguments as in :class:`PoseEncoder`.
     """
 
-    def __init__(self, image_size: int, pixel_size: float,
-                 channels: Sequence[int] = (64, 128, 256, 256, 256),
-                 convs_per_block: Sequence[int] = (2, 2, 3, 3, 3),
-                 mlp_hidden: int = 256, max_shift_angst: float | None = None,
+    def __init__(self, image_size: int, pixel_size: float, max_shift_angst: float | None = None,
                  n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
-                 head_layers: int = 2, pooled_size: int = 2, normalize_input: bool = True,
-                 channels_last: bool = False):
+                 normalize_input: bool = True, channels_last: bool = False):
         super().__init__()
-        if len(channels) != len(convs_per_block):
-            raise ValueError("channels and convs_per_block must have the same length")
         if image_size < 2:
             raise ValueError(f"image_size must be >= 2, got {image_size}")
         self.image_size = int(image_size)
@@ -115,22 +107,18 @@ class PoseEncoder(nn.Module):
         self.sigmas_px = tuple(float(s) for s in sigmas)
         self.register_buffer("filters", gaussian_filter_bank(self.sigmas_px, filter_size))
 
-        blocks: list[nn.Module] = []
-        in_ch, spatial = len(self.sigmas_px), self.image_size
-        for out_ch, n_conv in zip(channels, convs_per_block):
-            for _ in range(n_conv):
-                blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
-                           nn.ReLU(inplace=True)]
-                in_ch = out_ch
-            if spatial >= 2:
-                blocks.append(nn.MaxPool2d(2))
-                spatial //= 2
-        pooled = max(1, min(pooled_size, spatial))
-        blocks.append(nn.AdaptiveAvgPool2d(pooled))
-        self.cnn = nn.Sequential(*blocks)
-        self.feature_size = spatial  # side of the CNN's map before the adaptive pooling
-        self.latent_dim = in_ch * pooled * pooled
+    @property
+    def n_filters(self) -> int:
+        """Channels of the filtered stack = input channels of the trunk."""
+        return len(self.sigmas_px)
 
+    def _attach_trunk(self, cnn: nn.Module, feature_size: int, latent_dim: int, mlp_hidden: int,
+                      head_layers: int) -> None:
+        """Install the trunk (its flattened output has ``latent_dim`` features; ``feature_size`` is the
+        side of its last map before any final pooling, for information) and build both heads."""
+        self.cnn = cnn
+        self.feature_size = feature_size
+        self.latent_dim = latent_dim
         self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers)
         self.shift_head = _mlp(self.latent_dim, mlp_hidden, 2, head_layers)
         with torch.no_grad():  # start near shift 0 (but not exactly: every layer gets gradients)
@@ -160,3 +148,46 @@ class PoseEncoder(nn.Module):
         rotmat = rotmat_from_6d(_at_least_float32(self.rotation_head(z)))
         shift_angst = self.max_shift_angst * torch.tanh(_at_least_float32(self.shift_head(z)))
         return Pose(rotmat=rotmat, shift_angst=shift_angst)
+
+
+class PoseEncoder(FilterBankPoseEncoder):
+    """Image (B, L, L) → :class:`~cryoace.types.Pose` (rotmat (B, 3, 3), shift_angst (B, 2)) with the
+    VGG16-like trunk (module docstring; :class:`cryoace.models.resnet.ResNetPoseEncoder` is the
+    ResNet-18 variant).
+
+    image_size      : L (even, ≥ 32 recommended; anything ≥ 2 runs).
+    pixel_size      : Å/px of the images the encoder sees (only sets the default shift bound).
+    channels, convs_per_block : CNN widths and depth per block (same length).
+    mlp_hidden, head_layers   : width and number of hidden layers of each head.
+    max_shift_angst : bound of |shift| per axis in Å; default ``0.15 · L · pixel_size``; 0 disables
+                      shifts (always 0).
+    n_filters, filter_size, sigmas : the Gaussian bank; ``sigmas`` (px) defaults to ``n_filters``
+                      values log-spaced over 0.1 … 10 px.
+    pooled_size     : spatial side of the adaptive average pooling before flattening.
+    normalize_input : standardise each image before filtering (robust to the data's scale).
+    """
+
+    def __init__(self, image_size: int, pixel_size: float,
+                 channels: Sequence[int] = (64, 128, 256, 256, 256),
+                 convs_per_block: Sequence[int] = (2, 2, 3, 3, 3),
+                 mlp_hidden: int = 256, max_shift_angst: float | None = None,
+                 n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
+                 head_layers: int = 2, pooled_size: int = 2, normalize_input: bool = True,
+                 channels_last: bool = False):
+        if len(channels) != len(convs_per_block):
+            raise ValueError("channels and convs_per_block must have the same length")
+        super().__init__(image_size, pixel_size, max_shift_angst, n_filters, filter_size, sigmas,
+                         normalize_input, channels_last)
+        blocks: list[nn.Module] = []
+        in_ch, spatial = self.n_filters, self.image_size
+        for out_ch, n_conv in zip(channels, convs_per_block):
+            for _ in range(n_conv):
+                blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
+                           nn.ReLU(inplace=True)]
+                in_ch = out_ch
+            if spatial >= 2:
+                blocks.append(nn.MaxPool2d(2))
+                spatial //= 2
+        pooled = max(1, min(pooled_size, spatial))
+        blocks.append(nn.AdaptiveAvgPool2d(pooled))
+        self._attach_trunk(nn.Sequential(*blocks), spatial, in_ch * pooled * pooled, mlp_hidden, head_layers)

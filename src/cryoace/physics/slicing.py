@@ -24,22 +24,25 @@ def central_slice_coords(rotmat: torch.Tensor, freq_cyc_px: torch.Tensor) -> tor
     return coords.reshape(rotmat.shape[:-2] + grid_shape + (3,))
 
 
-def _to_grid_sample_coords(index_xyz: torch.Tensor, size: int) -> torch.Tensor:
+def _to_grid_sample_coords(index_xyz: torch.Tensor, shape_zyx: tuple[int, ...]) -> torch.Tensor:
     """Voxel indices (x, y, z) → grid_sample's normalized [-1, 1] coordinates (align_corners=True)."""
-    return index_xyz * (2.0 / (size - 1)) - 1.0
+    if shape_zyx[0] == shape_zyx[1] == shape_zyx[2]:  # cube: one scalar factor (the common case)
+        return index_xyz * (2.0 / (shape_zyx[-1] - 1)) - 1.0
+    scale = index_xyz.new_tensor([2.0 / (n - 1) for n in shape_zyx[::-1]])
+    return index_xyz * scale - 1.0
 
 
 def sample_grid(volume: torch.Tensor, index_xyz: torch.Tensor) -> torch.Tensor:
-    """Trilinear interpolation of a real volume (..C, D, D, D) at fractional voxel indices (*Q, 3).
+    """Trilinear interpolation of a real volume (..C, D, H, W) at fractional voxel indices (*Q, 3).
 
     ``index_xyz`` is (x, y, z) = (last, middle, first) array axis; points outside the grid read 0.
-    ``volume`` is (D, D, D) or (C, D, D, D); the result is (*Q) or (C, *Q). Differentiable in both.
+    ``volume`` is (D, H, W) or (C, D, H, W) (usually a cube; box-shaped grids such as a Hermitian
+    half are allowed); the result is (*Q) or (C, *Q). Differentiable in both.
     """
     squeeze = volume.ndim == 3
     vol = volume[None] if squeeze else volume
-    size = vol.shape[-1]
     query_shape = index_xyz.shape[:-1]
-    grid = _to_grid_sample_coords(index_xyz.reshape(1, 1, 1, -1, 3).to(vol.dtype), size)
+    grid = _to_grid_sample_coords(index_xyz.reshape(1, 1, 1, -1, 3).to(vol.dtype), tuple(vol.shape[-3:]))
     out = torch.nn.functional.grid_sample(vol[None], grid, mode="bilinear", padding_mode="zeros",
                                           align_corners=True)  # (1, C, 1, 1, Q)
     out = out.reshape(vol.shape[0], *query_shape)
