@@ -27,6 +27,8 @@ _LAZY = {
     "VoxelFourierVolume": ".physics.forward", "project_real_space": ".physics.projector",
     "FourierAccumulator": ".reconstruct.backproject",
     "fsc": ".evaluate.fsc", "FSCResult": ".evaluate.fsc",
+    "masked_fsc": ".evaluate.fsc", "align_maps": ".evaluate.map_align", "make_mask": ".evaluate.mask",
+    "check_contrast": ".io.contrast", "write_report": ".evaluate.report",
 }
 
 __all__ = ["__version__", "CryoaceInputError", "CTFParams", "ParticleBatch", "Pose", *_LAZY]

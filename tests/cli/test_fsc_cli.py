@@ -173,3 +173,33 @@ def test_subprocess_python_m_cryoace(maps, tmp_path):
     assert bad.stderr.startswith("cryoace fsc: error:") and bad.stderr.count("\n") == 1
     assert str(maps["small"]) in bad.stderr and "box size" in bad.stderr
     assert "Traceback" not in bad.stderr and bad.stdout == "" and not out_json.exists()
+
+
+def test_mask_applies_the_phase_randomization_correction(run_cli, maps, tmp_path):
+    """Half maps = ADK low-passed at shell 16 + independent noise, and a tight mask: the masked FSC
+    beyond shell 16 is inflated by the mask; the reported (corrected) curve is not, and the JSON holds
+    all four curves."""
+    from cryoace.evaluate.mask import make_mask
+
+    adk = read_volume(maps["a"])
+    signal = _lowpass(adk.data, 16)
+    rng = np.random.default_rng(0)
+    halves = []
+    for name in ("h1", "h2"):
+        halves.append(tmp_path / f"{name}.mrc")
+        write_mrc(halves[-1], signal + rng.normal(0, 0.3 * adk.data.std(), signal.shape), adk.voxel_size)
+    mask, _ = make_mask(adk.data, extend_px=0, soft_px=2)
+    mask_path = tmp_path / "tight.mrc"
+    write_mrc(mask_path, mask.numpy(), adk.voxel_size)
+    png = tmp_path / "fsc.png"
+    rc, out, err = run_cli("fsc", *halves, "--mask", mask_path, "--json", "-", "--plot", png)
+    assert rc == 0, err
+    d = json.loads(out)
+    pr = d["phase_randomization"]
+    assert d["masked"] and pr["randomize_from_shell"] is not None
+    masked = np.array(pr["masked"]["curve"])
+    corrected = np.array(d["curve"])
+    assert masked[20:].mean() > corrected[20:].mean() + 0.2
+    assert abs(corrected[20:].mean()) < 0.1
+    assert "masked FSC corrected (phases randomized from shell" in err
+    assert png.read_bytes()[:8] == PNG_MAGIC

@@ -15,13 +15,16 @@ from ..errors import CryoaceInputError
 
 # sub-command name -> module under cryoace.cli (imported lazily so `cryoace --help` is fast)
 COMMANDS = {
+    "align": "align",
     "backproject": "backproject",
     "demo": "demo",
     "evaluate": "evaluate",
     "fsc": "fsc",
+    "mask": "mask",
     "molmap": "molmap",
     "predict-poses": "predict_poses",
     "reconstruct": "reconstruct",
+    "report": "report",
     "simulate": "simulate",
 }
 

@@ -1,17 +1,46 @@
-"""Plots of evaluation results (PNG). matplotlib is imported lazily, inside each function, and drawn
-with the Agg canvas directly (no pyplot, no global backend state), so this module is cheap to import
-and safe on headless machines. Files are written atomically.
+"""Plots of runs and evaluation results (PNG): FSC curves, loss curves, maps (central slices and
+projections), viewing-direction coverage and resolution over time, and the reader of a run's
+``metrics.jsonl``.
+
+matplotlib is imported lazily, inside each function, and drawn with the Agg canvas directly (no
+pyplot, no global backend state), so this module is cheap to import and safe on headless machines.
+Every plot goes to a path (written atomically) or to a binary file object (e.g. ``io.BytesIO``, for
+images embedded in the run report).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Mapping
+from pathlib import Path
+from typing import BinaryIO, Mapping, Sequence
+
+import numpy as np
 
 from ..io.atomic import atomic_path
 from .fsc import DEFAULT_THRESHOLDS, FSCResult
 
-__all__ = ["plot_fsc"]
+__all__ = ["plot_fsc", "plot_loss", "plot_volume", "plot_viewing_directions", "plot_resolution_history",
+           "read_metrics"]
+
+def _save_png(fig, target, dpi: int) -> None:
+    """Write ``fig`` as PNG to a path (atomically) or into a binary file object."""
+    if hasattr(target, "write"):
+        fig.savefig(target, dpi=dpi, format="png")
+        return
+    with atomic_path(Path(target)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def _figure(width_in: float, height_in: float):
+    """A constrained-layout figure on an Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _format_resolution(res, in_angstrom: bool) -> str:
@@ -21,10 +50,10 @@ def _format_resolution(res, in_angstrom: bool) -> str:
     return f"{prefix}{value:.2f} {unit}"
 
 
-def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLike,
+def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLike | BinaryIO,
              thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, title: str | None = None,
              dpi: int = 120) -> None:
-    """Plot one or several FSC curves to a PNG at ``path`` (written atomically).
+    """Plot one or several FSC curves to a PNG at ``path`` (written atomically, or a binary file).
 
     results    : an :class:`FSCResult`, or a dict ``label -> FSCResult`` for several curves.
     thresholds : horizontal threshold lines; each curve's legend entry lists its resolution at each
@@ -32,17 +61,13 @@ def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLi
     The x-axis is spatial frequency in 1/Å when every result knows its voxel size, else in cycles/px;
     the top axis labels the same ticks with the resolution (Å or px, = 1/frequency).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if isinstance(results, FSCResult):
         results = {"FSC": results}
     if not results:
         raise ValueError("plot_fsc needs at least one FSCResult")
     in_angstrom = all(r.voxel_size for r in results.values())
 
-    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(7.0, 4.5)
     ax = fig.add_subplot()
     x_max = 0.0
     colors = [f"C{i}" for i in range(10)]
@@ -80,6 +105,124 @@ def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLi
     top.set_xlabel("resolution (Å)" if in_angstrom else "resolution (px)")
     if title:
         fig.suptitle(title)
+    _save_png(fig, path, dpi)
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+
+# ---------------------------------------------------------------------------------------------
+# Runs: metrics, loss, maps, poses
+# ---------------------------------------------------------------------------------------------
+
+def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
+    """The ``metrics.jsonl`` records of one ``kind`` ("train": the loss records; "halves": half-map
+    FSCs; "rollback"), sorted by step. Where a step was logged twice (a rollback or resume re-ran it),
+    the later record wins. A missing file gives ``[]``; a line cut by a crash is skipped."""
+    by_step: dict[int, dict] = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("kind") == kind and "step" in rec:
+                by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_loss(metrics_path: str | os.PathLike, path: str | os.PathLike | BinaryIO, dpi: int = 100) -> None:
+    """PNG of the training loss (log scale) against steps, from ``metrics.jsonl``."""
+    records = read_metrics(metrics_path)
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    if records:
+        steps = np.array([r["step"] for r in records])
+        loss = np.array([r["loss"] for r in records], dtype=np.float64)
+        ax.plot(steps, loss, lw=1.4, color="C0", label="training loss")
+        if np.all(loss[np.isfinite(loss)] > 0):
+            ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean squared error per pixel)")
+    ax.grid(alpha=0.25, which="both")
+    _save_png(fig, path, dpi)
+
+
+def plot_volume(volume, path: str | os.PathLike | BinaryIO, voxel_size: float | None = None,
+                title: str | None = None, dpi: int = 100) -> None:
+    """PNG of a map's (z, y, x) three central slices (top row) and three projections (bottom row);
+    ``volume`` is a tensor or array, ``voxel_size`` in Å (for the title)."""
+    v = np.asarray(volume.numpy() if hasattr(volume, "numpy") else volume, dtype=np.float32)
+    c = v.shape[0] // 2
+    slices = [("central slice z (xy)", v[c]), ("central slice y (xz)", v[:, c]),
+              ("central slice x (yz)", v[:, :, c])]
+    projections = [("projection along z", v.sum(0)), ("projection along y", v.sum(1)),
+                   ("projection along x", v.sum(2))]
+    fig = _figure(9.0, 6.4)
+    axes = fig.subplots(2, 3)
+    for ax, (label, img) in zip(axes.ravel(), slices + projections):
+        ax.imshow(img, cmap="gray", origin="lower")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    suffix = f", {voxel_size:.4g} Å/voxel" if voxel_size else ""
+    fig.suptitle(title or f"map {v.shape[0]}³{suffix}", fontsize=10)
+    _save_png(fig, path, dpi)
+
+
+def plot_viewing_directions(rotmat, path: str | os.PathLike | BinaryIO, title: str | None = None,
+                            dpi: int = 100) -> None:
+    """PNG of where poses look from: a Mollweide (equal-area) histogram of the viewing directions
+    (:func:`~cryoace.evaluate.pose_metrics.viewing_directions`, volume frame; longitude
+    atan2(y, x), latitude asin(z)). ``rotmat`` (N, 3, 3). Bins are equal in longitude and in
+    sin(latitude), hence of equal area: colour ∝ density of views, white = never seen; there are
+    about N/20 of them (between 6 × 12 and 36 × 72), so uniform poses give a readable map. The title
+    gives the coverage (:func:`~cryoace.evaluate.pose_metrics.pose_coverage`) and what N uniform
+    poses would reach."""
+    from .pose_metrics import (DEFAULT_COVERAGE_BINS, expected_uniform_coverage, pose_coverage,
+                               viewing_directions)
+
+    d = viewing_directions(rotmat).cpu().numpy()
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
+    lon = np.arctan2(d[:, 1], d[:, 0])
+    sin_lat = np.clip(d[:, 2], -1.0, 1.0)
+    n = len(d)
+    n_lat = int(np.clip(round(math.sqrt(n / 40)), 6, 36))  # 2·n_lat² cells ≈ n / 20
+    lon_edges = np.linspace(-math.pi, math.pi, 2 * n_lat + 1)
+    sin_edges = np.linspace(-1.0, 1.0, n_lat + 1)          # equal area per band
+    counts, _, _ = np.histogram2d(lon, sin_lat, bins=(lon_edges, sin_edges))
+    fig = _figure(8.0, 4.6)
+    ax = fig.add_subplot(projection="mollweide")
+    masked = np.ma.masked_equal(counts.T, 0)
+    mesh = ax.pcolormesh(lon_edges, np.arcsin(sin_edges), masked, cmap="viridis", shading="flat",
+                         vmin=0, vmax=max(1.0, float(counts.max())))
+    fig.colorbar(mesh, ax=ax, shrink=0.7, label="particles per cell")
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7)
+    cov, uniform = pose_coverage(rotmat), expected_uniform_coverage(n)
+    fig.suptitle(title or f"viewing directions of {n:,} poses: coverage {cov:.3f} of "
+                 f"{DEFAULT_COVERAGE_BINS} equal-area cells (uniform poses: {uniform:.3f})", fontsize=10)
+    _save_png(fig, path, dpi)
+
+
+def plot_resolution_history(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                            path: str | os.PathLike | BinaryIO, xlabel: str = "training time (min)",
+                            dpi: int = 100) -> None:
+    """PNG of resolution (Å, lower is better: the axis points down) against time or step, one line
+    per ``label -> (x, resolution_angst)``."""
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    for i, (label, (x, res)) in enumerate(series.items()):
+        ax.plot(np.asarray(x, dtype=np.float64), np.asarray(res, dtype=np.float64), "o-", ms=3, lw=1.4,
+                color=f"C{i % 10}", label=label)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("resolution (Å)")
+    ax.grid(alpha=0.25)
+    if series:
+        ax.legend(loc="best", fontsize=8)
+    _save_png(fig, path, dpi)

@@ -1,0 +1,336 @@
+"""The run report: one self-contained HTML page (RUN_DIR/report.html) summarising a run.
+
+Sections (each an HTML ``<section>`` with a fixed id): ``timings`` (steps, training time, images/s,
+final loss, from ``metrics.jsonl`` and ``config.yaml``), ``loss`` (the loss curve), ``fsc`` (FSC
+against the truth from ``cryoace evaluate``'s ``evaluation.json``, FSC JSON files of ``cryoace fsc``
+in the run directory, and the latest half-map FSC that training records in ``metrics.jsonl`` as
+``"kind": "halves"``), ``resolution`` (the half-map FSC-0.143 resolution over training time),
+``coverage`` (a Mollweide histogram of the viewing directions in ``poses.star``), ``map`` (central
+slices and projections of ``volume.mrc``) and ``config`` (``config.yaml`` verbatim). A section whose
+inputs are missing says so in one sentence instead of disappearing.
+
+Self-contained: PNGs are embedded as base64 ``data:`` URIs, the CSS is inline, there is no script
+and no network resource, so the file can be mailed or archived alone. Written atomically.
+``evaluate`` never imports ``train``: everything is read from the run directory's files.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CryoaceInputError
+from ..io.atomic import atomic_path
+from .fsc import DEFAULT_THRESHOLDS, FSCResult
+
+__all__ = ["write_report", "build_report", "SECTIONS", "fsc_from_halves_record"]
+
+#: section id -> heading, in page order
+SECTIONS = {
+    "timings": "Timings",
+    "loss": "Loss",
+    "fsc": "Fourier shell correlation",
+    "resolution": "Resolution over time",
+    "coverage": "Orientation coverage",
+    "map": "Final map",
+    "config": "Configuration",
+}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 980px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+.meta { color: #666; font-size: 0.9em; }
+nav a { margin-right: 1em; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.92em; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; }
+img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
+pre { background: #f7f7f7; border: 1px solid #e3e3e3; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.missing { color: #8a6d3b; font-style: italic; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the run directory
+# ---------------------------------------------------------------------------------------------
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _run_pixel_size(config: dict[str, Any]) -> float | None:
+    """Å/px of the training images, from config.yaml's data description."""
+    value = (config.get("data") or {}).get("pixel_size")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def fsc_from_halves_record(record: dict[str, Any], pixel_size: float | None = None) -> FSCResult:
+    """An :class:`FSCResult` from a ``"kind": "halves"`` metrics record (``freq_cyc_angst``, ``fsc``).
+
+    ``pixel_size`` (Å/px) converts 1/Å to cycles/px; without it the last frequency is taken to be
+    Nyquist (0.5 cycles/px). The box is the reciprocal of the shell spacing in cycles/px (shells are
+    one voxel wide). ``n_voxels`` is not recorded (zeros)."""
+    freq = np.asarray(record["freq_cyc_angst"], dtype=np.float64)
+    curve = np.asarray(record["fsc"], dtype=np.float64)
+    if freq.ndim != 1 or freq.shape != curve.shape or len(freq) < 2 or not np.all(np.diff(freq) > 0):
+        raise ValueError("a halves record needs increasing freq_cyc_angst and an fsc of the same length")
+    px = pixel_size if pixel_size else 0.5 / float(freq[-1])
+    freq_px = freq * px
+    box = int(round(1.0 / float(freq_px[1] - freq_px[0])))
+    return FSCResult(freq_cyc_px=freq_px, curve=curve, n_voxels=np.zeros(len(curve), dtype=np.int64),
+                     box_size=box, voxel_size=px)
+
+
+def _fsc_json_files(run_dir: Path) -> dict[str, FSCResult]:
+    """FSC curves saved as JSON in the run directory: ``evaluation.json``'s ``fsc_vs_truth`` and any
+    ``*.json`` written by ``cryoace fsc --json`` (an :meth:`FSCResult.to_dict`)."""
+    found: dict[str, FSCResult] = {}
+    for path in sorted(run_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if path.name == "evaluation.json":
+            data, label = data.get("fsc_vs_truth"), "vs ground truth (cryoace evaluate)"
+        else:
+            label = f"{path.stem} (cryoace fsc)"
+        if isinstance(data, dict) and {"freq_cyc_px", "curve", "n_voxels", "box_size"} <= set(data):
+            try:
+                found[label] = FSCResult.from_dict(data)
+            except (KeyError, TypeError, ValueError):
+                continue
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------------
+
+def _png(plot: Callable[[io.BytesIO], None], alt: str) -> str:
+    """Run ``plot`` into memory and return an ``<img>`` with the PNG as a base64 data URI."""
+    buf = io.BytesIO()
+    plot(buf)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _missing(sentence: str) -> str:
+    return f'<p class="missing">{html.escape(sentence)}</p>'
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
+    return f"{seconds / 3600:.2f} h ({seconds:.0f} s)"
+
+
+def _res_text(res) -> str:
+    value = f"{res.angstrom:.2f} Å" if res.angstrom is not None else f"{res.px:.2f} px"
+    return ("" if res.crossed else "≤ ") + value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _timings(train: list[dict], rollbacks: list[dict], config: dict[str, Any]) -> str:
+    data = config.get("data") or {}
+    prov = config.get("provenance") or {}
+    settings = config.get("config") or {}  # config.yaml: config (settings), seeds, data, provenance
+    rows: list[tuple[str, str]] = []
+    if train:
+        last = train[-1]
+        rows += [("steps", f"{int(last['step']):,}"),
+                 ("epochs", f"{float(last.get('epoch', 0.0)):.2f}"),
+                 ("training time", _duration(last.get("elapsed_s", 0.0)))]
+        rates = [float(r["images_per_s"]) for r in train if math.isfinite(float(r.get("images_per_s", math.nan)))]
+        if rates:
+            rows.append(("images / s", f"{np.mean(rates):,.1f} (mean of {len(rates)} logged intervals)"))
+        rows.append(("final loss", f"{float(last['loss']):.5g}"))
+    if rollbacks:
+        rows.append(("NaN rollbacks", str(len(rollbacks))))
+    if data:
+        rows.append(("particles", f"{int(data.get('n_particles', 0)):,} of {data.get('image_size', '?')} px at "
+                                  f"{float(data.get('pixel_size', 0.0)):.4g} Å/px"))
+    for key, label in (("preset", "preset"), ("batch_size", "batch size"), ("device", "device")):
+        if key in settings:
+            rows.append((label, str(settings[key])))
+    if prov.get("time_utc"):
+        rows.append(("started", str(prov["time_utc"])))
+    if prov.get("cryoace_version"):
+        rows.append(("cryoace version", str(prov["cryoace_version"])))
+    if not rows:
+        return _missing("No training records (metrics.jsonl) or config.yaml in this run directory.")
+    return _table(rows)
+
+
+def _loss(metrics: Path, train: list[dict]) -> str:
+    from .plots import plot_loss
+
+    if not train:
+        return _missing("No training loss records in metrics.jsonl.")
+    return _png(lambda f: plot_loss(metrics, f), "training loss against step")
+
+
+def _fsc(run_dir: Path, halves: list[dict], pixel_size: float | None) -> str:
+    from .plots import plot_fsc
+
+    curves = _fsc_json_files(run_dir)
+    parts = []
+    if halves:
+        last = halves[-1]
+        try:
+            curves[f"half maps at step {int(last['step'])}"] = fsc_from_halves_record(last, pixel_size)
+        except (KeyError, TypeError, ValueError) as exc:
+            parts.append(_missing(f"The latest half-map FSC record could not be read ({exc})."))
+        res = last.get("resolution_angst")
+        if res is not None:
+            parts.append(f"<p>Half-map resolution (FSC 0.143) at step {int(last['step']):,}: "
+                         f"<strong>{float(res):.2f} Å</strong>.</p>")
+    if not curves:
+        parts.append(_missing("No FSC curves: no half-map FSC records (training with --halves) and no "
+                              "FSC against a true map (cryoace evaluate --truth-map) in this run directory."))
+        return "".join(parts)
+    rows = [(label, "; ".join(f"FSC {t:g}: {_res_text(r.resolution(t))}" for t in DEFAULT_THRESHOLDS))
+            for label, r in curves.items()]
+    parts.insert(0, _png(lambda f: plot_fsc(curves, f, title="Fourier shell correlation"), "FSC curves"))
+    parts.append(_table(rows))
+    if not halves:
+        parts.append(_missing("No half-map FSC records in metrics.jsonl (training with --halves writes them)."))
+    if not any(label.startswith("vs ground truth") for label in curves):
+        parts.append(_missing("No FSC against a true map (run cryoace evaluate --truth-map to add one)."))
+    return "".join(parts)
+
+
+def _resolution(halves: list[dict]) -> str:
+    from .plots import plot_resolution_history
+
+    points = [(float(r.get("elapsed_s", math.nan)), int(r["step"]), float(r["resolution_angst"]))
+              for r in halves if r.get("resolution_angst") is not None]
+    if not points:
+        return _missing("No half-map resolution records in metrics.jsonl (training with --halves writes "
+                        "them), so there is no resolution history.")
+    t, steps, res = (np.array(v, dtype=np.float64) for v in zip(*points))
+    use_time = bool(np.all(np.isfinite(t)))
+    x = t / 60.0 if use_time else steps
+    img = _png(lambda f: plot_resolution_history({"half maps, FSC 0.143": (x, res)}, f,
+                                                 "training time (min)" if use_time else "step"),
+               "half-map resolution over training")
+    rows = [(f"step {int(s):,}" + (f" ({_duration(e)})" if use_time else ""), f"{r:.2f} Å")
+            for e, s, r in zip(t, steps, res)]
+    return img + _table(rows[-12:])  # the latest dozen; the plot shows all
+
+
+def _coverage(run_dir: Path) -> str:
+    from ..io.particles import read_particles
+    from .plots import plot_viewing_directions
+
+    path = run_dir / "poses.star"
+    if not path.is_file():
+        return _missing("No poses.star in this run directory (it is written at the end of a run).")
+    table = read_particles(path)
+    if table.pose is None:
+        return _missing("poses.star holds no angles.")
+    rotmat = table.pose.rotmat
+    return _png(lambda f: plot_viewing_directions(rotmat, f), "viewing directions (Mollweide projection)")
+
+
+def _map(run_dir: Path) -> str:
+    from ..io.mrc import read_volume
+    from .plots import plot_volume
+
+    path = run_dir / "volume.mrc"
+    if not path.is_file():
+        return _missing("No volume.mrc in this run directory (it is written at the end of a run).")
+    vol = read_volume(path)
+    voxel = float(vol.voxel_size) if vol.voxel_size and vol.voxel_size > 0 else None
+    return _png(lambda f: plot_volume(vol.data, f, voxel, title=f"volume.mrc: {vol.data.shape[0]}³"
+                                      + (f", {voxel:.4g} Å/voxel" if voxel else "")),
+                "central slices and projections of the final map")
+
+
+def _config(run_dir: Path) -> str:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return _missing("No config.yaml in this run directory.")
+    return f"<pre>{html.escape(path.read_text())}</pre>"
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+
+def build_report(run_dir: str | os.PathLike) -> str:
+    """The report of ``run_dir`` as an HTML string (module docstring). A missing directory, or one
+    with neither ``config.yaml`` nor ``metrics.jsonl``, raises :class:`CryoaceInputError`."""
+    from .. import __version__
+    from .plots import read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CryoaceInputError("run directory not found", run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "config.yaml").is_file() and not metrics.is_file():
+        raise CryoaceInputError("not a run directory (no config.yaml or metrics.jsonl)", run_dir)
+    config = _load_yaml(run_dir / "config.yaml")
+    train, halves = read_metrics(metrics, "train"), read_metrics(metrics, "halves")
+    rollbacks = read_metrics(metrics, "rollback")
+    bodies = {
+        "timings": _timings(train, rollbacks, config),
+        "loss": _loss(metrics, train),
+        "fsc": _fsc(run_dir, halves, _run_pixel_size(config)),
+        "resolution": _resolution(halves),
+        "coverage": _coverage(run_dir),
+        "map": _map(run_dir),
+        "config": _config(run_dir),
+    }
+    name = html.escape(run_dir.resolve().name)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = " ".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS.items())
+    sections = "\n".join(f'<section id="{key}">\n<h2>{html.escape(SECTIONS[key])}</h2>\n{bodies[key]}\n</section>'
+                         for key in SECTIONS)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>cryoace run report: {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>cryoace run report: {name}</h1>\n"
+            f'<p class="meta">{html.escape(str(run_dir.resolve()))} · made {now} by cryoace '
+            f"{html.escape(__version__)}</p>\n<nav>{nav}</nav>\n{sections}\n</body>\n</html>\n")
+
+
+def write_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Write :func:`build_report` to ``path`` (default ``run_dir/report.html``) atomically; return it."""
+    text = build_report(run_dir)
+    path = Path(path) if path is not None else Path(run_dir) / "report.html"
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return path
