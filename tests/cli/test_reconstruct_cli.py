@@ -145,3 +145,40 @@ def test_demo_smoke(tmp_path, capsys):
     evaluation = json.loads((out / "run" / "evaluation.json").read_text())
     assert evaluation["fsc_vs_truth"] is not None and evaluation["n_particles"] == 40
     assert (out / "run" / "volume_aligned.mrc").is_file() and (out / "dataset" / "volume.mrc").is_file()
+
+
+# -- ACE-EM options, each end to end on the tiny preset ------------------------------------------
+
+ACE_EM_OPTIONS = {
+    "pip": ["--pip", "--pip-weight", "0.5", "--pip-warmup", "4"],
+    "pip-alternate-unfrozen-snr": ["--pip", "--pip-mode", "alternate", "--no-pip-freeze-decoder",
+                                   "--pip-snr", "-10", "--pip-shift-sigma", "2"],
+    "voxel-real": ["--decoder", "voxel-real", "--optimizer", "adamw"],
+    "voxel-fourier-gsym": ["--decoder", "voxel-fourier", "--loss", "gsym", "--gsym-views", "2"],
+    "warmup-labels-shift-l1-schedule": ["--warmup-labels", "6", "--warmup-filter", "4", "--shift-l1", "0.01",
+                                        "--lr-warmup", "4", "--lr-milestones", "8", "--lr-gamma", "0.5"],
+    "resnet18": ["--encoder", "resnet18"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACE_EM_OPTIONS))
+def test_ace_em_options_run_end_to_end(particles, tmp_path, name):
+    run = tmp_path / "run"
+    assert cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "12",
+                "--log-every", "4", "--eval-every", "4", "--quiet", "--device", "cpu", "--volume-every", "0",
+                *ACE_EM_OPTIONS[name]]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [4, 8, 12]
+    assert all(np.isfinite(r["grad_norm"]) for r in train)
+    assert [r["step"] for r in records if r["kind"] == "poses"] == [4, 8, 12]
+    config, _ = load_config(run / "config.yaml")
+    if "--pip" in ACE_EM_OPTIONS[name]:
+        assert config.pip.enabled and any(r["pip_loss"] for r in train)
+    if name == "warmup-labels-shift-l1-schedule":
+        assert config.warmup_label_steps == 6 and config.optim.milestones == (8,)
+        lrs = [r["lr"] for r in train]  # warm-up to the full rate by step 4, halved after step 8
+        assert lrs[1] == pytest.approx(config.optim.lr) and lrs[2] == pytest.approx(0.5 * config.optim.lr)
+    vol = open_mrc(run / "volume.mrc", mmap=False)
+    assert vol.data.shape == (32, 32, 32) and np.isfinite(vol.data).all()
+    assert len(starfile.read(run / "poses.star")["particles"]) == 200

@@ -476,15 +476,29 @@ class ParticleDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> ParticleBatch:
         single = isinstance(key, (int, np.integer))
         rows = _as_row_indices([key] if single else key, len(self))
-        t = torch.from_numpy(rows)
-        batch = ParticleBatch(
-            images=self._images(rows, self.normalize),
+        batch = self.make_batch(rows, self._images(rows, self.normalize))
+        return batch[0] if single else batch
+
+    def make_batch(self, rows: np.ndarray, images: torch.Tensor) -> ParticleBatch:
+        """The batch of table ``rows`` (int64 array) with ``images`` already read (e.g. preloaded)."""
+        t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return ParticleBatch(
+            images=images,
             pixel_size=self._pixel_size[t],
             ctf=self._ctf[t],
             index=t.clone(),
             pose=None if self._pose is None else self._pose[t],
         )
-        return batch[0] if single else batch
+
+    def subset(self, indices) -> "ParticleDataset":
+        """A dataset of the rows ``indices`` of this one (in that order), prepared exactly like it: the
+        same box, contrast and normalization (``norm_mean``/``norm_std`` are copied, not re-estimated,
+        so e.g. two half sets see the same image scale)."""
+        sub = ParticleDataset(self.table.subset(indices), downsample=self._out_size,
+                              invert_contrast=self.invert_contrast, normalize=False,
+                              max_open_stacks=self.max_open_stacks)
+        sub.normalize, sub.norm_mean, sub.norm_std = self.normalize, self.norm_mean, self.norm_std
+        return sub
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | int | None = None, indices=None,

@@ -11,8 +11,8 @@ Presets:
   batch 16, 40 steps. For tests and smoke runs; does not reconstruct anything useful.
 * ``cpu``   — a small encoder (16/32/64/64 channels, one conv per block, MLP 128) and FourierNet
   (64 hidden units, 3 layers per SIREN) for a 2-core CPU at L = 64, batch 32, lr 1e-3 (AMSGrad,
-  clip 1.0), ``torch.compile`` on (about 0.6 s a step on the demo with 2 threads, 0.8 s without
-  compiling), 20 minutes.
+  clip 1.0), 20 minutes (about 0.8 s a step on the demo with 2 threads; ``--compile`` saves about a
+  quarter of that but costs minutes of compiling up front and again for each new batch shape).
 * ``paper`` — cryoAI's settings: VGG16-like encoder (64/128/256/256/256 channels, 2/2/3/3/3 convs,
   MLP 256), FourierNet with 256 hidden units, batch 64, Adam with AMSGrad at lr 1e-4, gradient
   clipping at 1.0.
@@ -32,19 +32,25 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CryoaceInputError
+from ..io.preload import PRELOAD_MODES
 from .losses import LOSSES
+from .precision import PRECISIONS
 
-__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "TrainConfig", "PRESETS",
+__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "TrainConfig", "PRESETS",
            "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
            "provenance"]
 
-DECODER_NAMES = ("fouriernet", "siren", "relu-pe")
+DECODER_NAMES = ("fouriernet", "siren", "relu-pe", "voxel-real", "voxel-fourier")
+ENCODER_NAMES = ("vgg", "resnet18")
 
 
 @dataclasses.dataclass
 class EncoderConfig:
-    """:class:`cryoace.models.PoseEncoder` widths (see its docstring)."""
+    """:class:`cryoace.models.PoseEncoder` widths (see its docstring); ``name`` picks the CNN trunk:
+    ``vgg`` (cryoAI; ``channels``/``convs_per_block``) or ``resnet18`` (ACE-EM; ``channels`` are the
+    four stage widths, 64/128/256/512 at full size)."""
 
+    name: str = "vgg"
     channels: tuple[int, ...] = (64, 128, 256, 256, 256)
     convs_per_block: tuple[int, ...] = (2, 2, 3, 3, 3)
     mlp_hidden: int = 256
@@ -73,12 +79,23 @@ class DecoderConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """Adam over every trainable parameter (encoder incl. both heads, decoder)."""
+    """Adam (or AdamW) over every trainable parameter (encoder incl. both heads, decoder).
+
+    decoder_lr : the decoder's own learning rate; None = ``lr`` for neural fields and the decoder
+                 class's ``default_lr`` for voxel grids (ACE-EM: 1.0 for the grid, 1e-3 encoder).
+    warmup_steps, milestones, gamma : the warm-up multi-step schedule (``cryoace.train.schedules``):
+                 linear warm-up over ``warmup_steps``, then ×``gamma`` at each milestone step.
+    """
 
     lr: float = 1e-4
     amsgrad: bool = True
     grad_clip: float = 1.0  # max global L2 norm of the gradient; 0 = no clipping
     weight_decay: float = 0.0
+    name: str = "adam"      # adam | adamw
+    decoder_lr: float | None = None
+    warmup_steps: int = 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
 
 
 @dataclasses.dataclass
@@ -90,6 +107,29 @@ class DataConfig:
     num_workers: int = 0
     datadir: str | None = None
     use_ctf: bool = True  # False ignores the file's CTF columns
+    check_contrast: bool = True  # before training, stop if the particles look dark (io.contrast)
+    auto_invert: bool = False    # ... or, with this, invert them instead of stopping
+    preload: str = "auto"        # gpu | ram | none | auto: prepared images held in memory (io.preload)
+
+
+@dataclasses.dataclass
+class PIPConfig:
+    """ACE-EM's pose → image → pose task (:mod:`cryoace.train.pip`).
+
+    weight        : λ of the PIP loss added to the image loss (``joint``), or of the PIP-only steps
+                    (``alternate``: after the warm-up, every other step is PIP-only).
+    warmup_steps  : T, image-loss-only steps before PIP starts.
+    snr_db        : noise of the PIP images from this SNR (dB); None = σ from the images' background.
+    shift_sigma_angst : σ (Å) of the random shifts; None = resample the encoder's shifts on the batch.
+    """
+
+    enabled: bool = False
+    weight: float = 0.1
+    warmup_steps: int = 0
+    mode: str = "joint"  # joint | alternate
+    freeze_decoder: bool = True
+    snr_db: float | None = None
+    shift_sigma_angst: float | None = None
 
 
 @dataclasses.dataclass
@@ -119,6 +159,13 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     band_start_cyc_px: float | None = None  # coarse-to-fine: loss band radius at step 0 (None = Nyquist)
     band_ramp_steps: int = 0     # steps over which the band grows linearly to Nyquist (0.5 cycles/px)
+    pip: PIPConfig = dataclasses.field(default_factory=PIPConfig)
+    warmup_label_steps: int = 0  # ACE-EM warm-up labels: low-passed targets for this many steps
+    warmup_label_filter: int = 3  # ... by the encoder's k-th Gaussian filter (1-based; 3 = σ 1 px)
+    shift_l1: float = 0.0        # weight of the L1 penalty on predicted shifts (px)
+    gsym_views: int = 2          # random turned/mirrored views of the generalized symmetric loss
+    eval_every: int | None = None  # steps between pose-coverage/-error checks (None = volume_every)
+    pose_window: int = 2000      # recent training poses the coverage/error checks use
     log_every: int = 20          # steps between loss logs (and NaN checks; the only host syncs)
     checkpoint_every: int = 500  # steps; rounded up to a multiple of log_every
     volume_every: int = 1000     # steps between volume_STEP.mrc exports (0 = only the final volume)
@@ -127,8 +174,12 @@ class TrainConfig:
     predict_batch_size: int = 256
     device: str = "auto"
     compile: bool = False        # torch.compile the encoder and the decoder's network for training steps
+    precision: str = "auto"      # fp32 | bf16 | auto (bf16 on CUDA): the encoder's autocast (train.precision)
+    channels_last: bool | None = None  # NHWC encoder convolutions; None = on CUDA only
     tensorboard: bool = True
     max_rollbacks: int = 5       # NaN/Inf recoveries before giving up
+    halves: bool = False         # gold standard: two models on two half sets, half-map FSC (train.halves)
+    halves_patience: int | None = None  # stop when the half-map resolution gained <= 1 % in this many evals
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -154,7 +205,10 @@ class TrainConfig:
             raise CryoaceInputError(f"--decoder must be one of {', '.join(DECODER_NAMES)}, "
                                     f"got {self.decoder.name!r}")
         positive("decoder hidden", self.decoder.hidden)
-        if len(self.encoder.channels) != len(self.encoder.convs_per_block) or not self.encoder.channels:
+        if self.encoder.name not in ENCODER_NAMES:
+            raise CryoaceInputError(f"--encoder must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder.name!r}")
+        if self.encoder.name == "vgg" and (len(self.encoder.channels) != len(self.encoder.convs_per_block)
+                                           or not self.encoder.channels):
             raise CryoaceInputError("encoder channels and convs_per_block must be non-empty and of equal length")
         if self.data.downsample is not None and (self.data.downsample <= 0 or self.data.downsample % 2):
             raise CryoaceInputError(f"--downsample must be a positive even box size, got {self.data.downsample}")
@@ -170,6 +224,29 @@ class TrainConfig:
             raise CryoaceInputError(f"band_ramp_steps must be >= 0, got {self.band_ramp_steps}")
         if self.volume_every < 0:
             raise CryoaceInputError(f"volume_every must be >= 0, got {self.volume_every}")
+        if self.optim.name not in ("adam", "adamw"):
+            raise CryoaceInputError(f"optimizer must be adam or adamw, got {self.optim.name!r}")
+        positive("decoder lr", self.optim.decoder_lr, allow_none=True)
+        if self.optim.warmup_steps < 0 or not 0 < self.optim.gamma <= 1:
+            raise CryoaceInputError("lr warm-up steps must be >= 0 and gamma in (0, 1]")
+        if self.pip.mode not in ("joint", "alternate"):
+            raise CryoaceInputError(f"--pip-mode must be joint or alternate, got {self.pip.mode!r}")
+        if self.pip.weight < 0 or self.pip.warmup_steps < 0:
+            raise CryoaceInputError("--pip-weight and --pip-warmup must be >= 0")
+        if self.warmup_label_steps < 0 or self.shift_l1 < 0 or self.gsym_views < 0:
+            raise CryoaceInputError("--warmup-labels, --shift-l1 and gsym views must be >= 0")
+        if not 1 <= self.warmup_label_filter <= self.encoder.n_filters:
+            raise CryoaceInputError(f"--warmup-filter must be 1 … {self.encoder.n_filters} (the encoder's "
+                                    f"Gaussian filters), got {self.warmup_label_filter}")
+        positive("eval_every", self.eval_every, allow_none=True)
+        positive("--halves-patience", self.halves_patience, allow_none=True)
+        if self.halves_patience is not None and not self.halves:
+            raise CryoaceInputError("--halves-patience needs --halves (it stops on the half-map resolution)")
+        positive("pose_window", self.pose_window)
+        if self.precision not in PRECISIONS:
+            raise CryoaceInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.data.preload not in PRELOAD_MODES:
+            raise CryoaceInputError(f"--preload must be one of {', '.join(PRELOAD_MODES)}, got {self.data.preload!r}")
 
     def band_shells(self, step: int, image_size: int) -> int:
         """Radius of the loss band at ``step`` in whole Fourier shells of an L = ``image_size`` box."""
@@ -240,7 +317,7 @@ def _cpu() -> TrainConfig:
         volume_every=1000,
         encoder=EncoderConfig(channels=(16, 32, 64, 64), convs_per_block=(1, 1, 1, 1), mlp_hidden=128),
         decoder=DecoderConfig(name="fouriernet", hidden=64, layers=3),
-        optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0), compile=True)
+        optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0))
 
 
 def _paper() -> TrainConfig:

@@ -22,23 +22,40 @@ rotation), if the encoder gives (R₂, t₂) for the rotated image then the orig
 (the CTF is even), and −k = D·k for in-plane k, so Rᵀ(−k) = (D·R)ᵀk: the rotated image is the
 particle seen with pose (D·R, −t); D² = 1 inverts the map. So the *winner's* pose, mapped to the
 original frame, is the prediction (:attr:`LossOutput.pose`).
+
+**Generalized symmetric loss (ACE-EM, ``gsym``).** The two exact paths above plus ``n_random`` views
+of each image turned in-plane by a random angle θ about L//2 (bilinear interpolation) and, with
+probability ½, mirrored (x → −x first): the view is ``y'(p) = y(g⁻¹p)`` with ``g = R_θ·F``. Each view
+is encoded, rendered and compared with *its own* spectrum; per image the smallest error is kept. A
+pure rotation maps back exactly: the view shows the particle with pose ``(Rz(θ)·R, R_θ·t)`` (the
+same argument as for D above), so ``R = Rz(θ)ᵀ·R'``, ``t = R_θᵀ·t'``. A mirrored view is the mirror
+image of the particle, which no pose of the same map produces; such views compete in the loss (the
+map may pick its hand) but the reported pose is that of the best *unmirrored* view.
+
+**Warm-up labels (ACE-EM).** ``target_lowpass_sigma_px`` multiplies the observed spectra by the
+transfer function ``exp(−2π²σ²|k|²)`` of a Gaussian of σ px — the encoder's filter bank, applied
+exactly in Fourier space — so the first iterations fit a blurred target; the encoder still sees the
+raw images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+import torch.nn.functional as F
 
 from ..physics.forward import render_spectra
 from ..physics.fourier import freq_grid_2d_half, half_grid_weights, rfft2_centered
+from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose, map_tensors
 
 __all__ = ["LOSSES", "HalfDiscGrid", "LossOutput", "compute_loss", "rotate_180", "unrotate_pose",
-           "ROT_Z_PI"]
+           "ROT_Z_PI", "rotate_mirror_images", "rotated_view_pose"]
 
-#: the loss names of ``--loss``
-LOSSES = ("symmetric", "l2")
+#: the loss names of ``--loss``: cryoAI's symmetric loss, plain L2, ACE-EM's generalized symmetric loss
+LOSSES = ("symmetric", "l2", "gsym")
 
 #: D = Rz(π) = diag(−1, −1, 1): the 3D rotation of an in-plane half turn.
 ROT_Z_PI = (-1.0, -1.0, 1.0)
@@ -57,6 +74,39 @@ def unrotate_pose(pose: Pose) -> Pose:
     """The pose in the original frame of an image whose 180°-rotated copy has ``pose``: (D·R, −t)."""
     d = torch.tensor(ROT_Z_PI, dtype=pose.rotmat.dtype, device=pose.rotmat.device)
     return Pose(rotmat=pose.rotmat * d[:, None], shift_angst=-pose.shift_angst)
+
+
+def _inplane(angle: torch.Tensor) -> torch.Tensor:
+    """2×2 rotation matrices (B, 2, 2) acting on (x, y) for angles (B,) in radians."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def rotate_mirror_images(images: torch.Tensor, angle: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """Images (B, L, L) turned in-plane by ``angle`` (B,) radians about L//2, after an x → −x mirror
+    where ``mirror`` (B,) is True: ``out(p) = images(g⁻¹p)``, ``g = R_θ·F`` (bilinear, zeros outside)."""
+    size = images.shape[-1]
+    dtype, device = images.dtype, images.device
+    offsets = torch.arange(size, dtype=dtype, device=device) - size // 2
+    yy, xx = torch.meshgrid(offsets, offsets, indexing="ij")
+    p = torch.stack([xx, yy], -1).reshape(1, -1, 2)  # (1, L², 2) (x, y) offsets from the centre
+    src = p @ _inplane(angle.to(dtype))  # g⁻¹p = Fᵀ R_θᵀ p: first undo the rotation ...
+    sign = torch.where(mirror, -1.0, 1.0).to(dtype)
+    src = torch.stack([src[..., 0] * sign[:, None], src[..., 1]], -1)  # ... then the mirror
+    grid = (2 * (src + size // 2) + 1) / size - 1  # pixel centres, align_corners=False
+    out = F.grid_sample(images[:, None], grid.reshape(-1, size, size, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)
+    return out[:, 0]
+
+
+def rotated_view_pose(pose: Pose, angle: torch.Tensor) -> Pose:
+    """The pose in the original frame of an image whose view turned by ``angle`` (B,) has ``pose``:
+    ``(Rz(θ)ᵀ·R', R_θᵀ·t')`` (module docstring)."""
+    zeros = torch.zeros_like(angle)
+    rz = axis_angle_to_rotmat(torch.stack([zeros, zeros, angle], -1)).to(pose.rotmat.dtype)
+    r2 = _inplane(angle).to(pose.shift_angst.dtype)
+    return Pose(rotmat=rz.transpose(-1, -2) @ pose.rotmat,
+                shift_angst=(r2.transpose(-1, -2) @ pose.shift_angst[..., None])[..., 0])
 
 
 class HalfDiscGrid:
@@ -86,10 +136,15 @@ class HalfDiscGrid:
         out.index, out.freq, out.weights = (t.to(device) for t in (self.index, self.freq, self.weights))
         return out
 
-    def target(self, images: torch.Tensor) -> torch.Tensor:
-        """The observed spectra (B, Q) of real images (B, L, L) at the grid's points."""
+    def target(self, images: torch.Tensor, lowpass_sigma_px: float | None = None) -> torch.Tensor:
+        """The observed spectra (B, Q) of real images (B, L, L) at the grid's points, optionally
+        low-passed by a Gaussian of ``lowpass_sigma_px`` (transfer ``exp(−2π²σ²|k|²)``)."""
         half = rfft2_centered(images)
-        return half.reshape(*half.shape[:-2], -1)[..., self.index]
+        spectra = half.reshape(*half.shape[:-2], -1)[..., self.index]
+        if lowpass_sigma_px:
+            k2 = (self.freq.to(spectra.real.dtype) ** 2).sum(-1)
+            spectra = spectra * torch.exp(-2 * math.pi ** 2 * float(lowpass_sigma_px) ** 2 * k2)
+        return spectra
 
     def error(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted squared error per image (B,) ≈ mean squared real-space pixel error."""
@@ -113,36 +168,59 @@ class LossOutput:
     rotated_won: torch.Tensor
 
 
-def _repeat2(obj):
-    return map_tensors(obj, lambda t: torch.cat([t, t])) if obj is not None else None
-
-
 def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_size: torch.Tensor,
-                 grid: HalfDiscGrid, ctf: CTFParams | None = None, symmetric: bool = True) -> LossOutput:
+                 grid: HalfDiscGrid, ctf: CTFParams | None = None, loss: str = "symmetric",
+                 target_lowpass_sigma_px: float | None = None, n_random: int = 2) -> LossOutput:
     """Encode, render and compare one batch (the whole model's forward pass).
 
     images     : (B, L, L) real images as the encoder and the loss see them (normalized).
     pixel_size : (B,) Å/px of these images (converts the predicted shift in Å and the CTF).
     ctf        : CTF parameters (B,) or None for images without CTF.
-    symmetric  : cryoAI's symmetric loss (module docstring); False = plain L2 of the direct path.
+    loss       : ``symmetric`` (cryoAI), ``l2`` (direct path only) or ``gsym`` (ACE-EM: the two
+                 symmetric paths plus ``n_random`` randomly turned/mirrored views drawn from the
+                 global torch RNG); see the module docstring.
+    target_lowpass_sigma_px : warm-up labels — Gaussian low-pass of the targets (None = raw).
     """
-    target = grid.target(images)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+    target = grid.target(images, target_lowpass_sigma_px)
     batch = images.shape[0]
-    if symmetric:
-        pose2 = encoder(torch.cat([images, rotate_180(images)]))
-        pred = render_spectra(decoder, pose2, torch.cat([pixel_size, pixel_size]), grid.size,
-                              _repeat2(ctf), freq_cyc_px=grid.freq)
-        # the rotated image's spectrum is exactly conj(Ŷ) at every point of the centred grid
-        errors = grid.error(pred, torch.cat([target, target.conj()]))
-        err_direct, err_rotated = errors[:batch], errors[batch:]
-        rotated_won = err_rotated < err_direct
-        error = torch.where(rotated_won, err_rotated, err_direct)
-        direct, rotated = pose2[:batch], unrotate_pose(pose2[batch:])
-        pose = Pose(rotmat=torch.where(rotated_won[:, None, None], rotated.rotmat, direct.rotmat),
-                    shift_angst=torch.where(rotated_won[:, None], rotated.shift_angst, direct.shift_angst))
-    else:
+    if loss == "l2":
         pose = encoder(images)
         pred = render_spectra(decoder, pose, pixel_size, grid.size, ctf, freq_cyc_px=grid.freq)
         error = grid.error(pred, target)
         rotated_won = torch.zeros(batch, dtype=torch.bool, device=images.device)
-    return LossOutput(loss=error.mean(), error=error, pose=pose, rotated_won=rotated_won)
+        return LossOutput(loss=error.mean(), error=error, pose=pose, rotated_won=rotated_won)
+
+    views, targets = [images, rotate_180(images)], [target, target.conj()]  # conj: exact 180° spectrum
+    angles, mirrors = [], []
+    for _ in range(n_random if loss == "gsym" else 0):
+        angle = torch.rand(batch, device=images.device, dtype=images.dtype) * (2 * math.pi)
+        mirror = torch.rand(batch, device=images.device) < 0.5
+        view = rotate_mirror_images(images, angle, mirror)
+        views.append(view)
+        targets.append(grid.target(view, target_lowpass_sigma_px))
+        angles.append(angle)
+        mirrors.append(mirror)
+    n_views = len(views)
+    poses = encoder(torch.cat(views))
+    pred = render_spectra(decoder, poses, pixel_size.repeat(n_views), grid.size, _repeat(ctf, n_views),
+                          freq_cyc_px=grid.freq)
+    errors = grid.error(pred, torch.cat(targets)).reshape(n_views, batch)
+    error, best = errors.min(0)
+
+    # candidate poses in the original frame; mirrored views cannot be mapped back to a pose
+    candidates = [poses[:batch], unrotate_pose(poses[batch:2 * batch])]
+    candidates += [rotated_view_pose(poses[(2 + j) * batch:(3 + j) * batch], angles[j]) for j in range(len(angles))]
+    pose_errors = errors.clone()
+    for j, mirror in enumerate(mirrors):
+        pose_errors[2 + j] = torch.where(mirror, torch.full_like(error, math.inf), errors[2 + j])
+    pick = pose_errors.argmin(0)
+    rotmat = torch.stack([c.rotmat for c in candidates])[pick, torch.arange(batch, device=images.device)]
+    shift = torch.stack([c.shift_angst for c in candidates])[pick, torch.arange(batch, device=images.device)]
+    return LossOutput(loss=error.mean(), error=error, pose=Pose(rotmat=rotmat, shift_angst=shift),
+                      rotated_won=best != 0)
+
+
+def _repeat(obj, times: int):
+    return map_tensors(obj, lambda t: torch.cat([t] * times)) if obj is not None else None

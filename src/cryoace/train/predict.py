@@ -108,7 +108,7 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
             images = batch.images.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
             if symmetric:
-                out = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf, True)
+                out = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf, loss="symmetric")
                 pose = out.pose
             else:
                 pose = encoder(images)

@@ -1,10 +1,12 @@
 """A whole reconstruction run: particles + configuration → RUN_DIR with every output.
 
 :func:`run_reconstruction` is what ``cryoace reconstruct`` and ``cryoace demo`` call: it checks the
-run directory, opens the particles as the configuration says, writes ``config.yaml`` (settings,
+run directory, opens the particles as the configuration says, checks their contrast (white on dark,
+:mod:`cryoace.io.contrast`; stops or inverts before anything is written), writes ``config.yaml`` (settings,
 seeds, data description, provenance; a resumed run appends its command line to ``resumed``),
 trains (:class:`~cryoace.train.trainer.Trainer`), writes ``volume.mrc`` and the PNGs, and predicts
-every particle's pose into ``poses.star`` (:func:`~cryoace.train.predict.predict_poses`).
+every particle's pose into ``poses.star`` (:func:`~cryoace.train.predict.predict_poses`), and last
+the self-contained ``report.html`` (:mod:`cryoace.evaluate.report`).
 """
 
 from __future__ import annotations
@@ -36,19 +38,60 @@ class RunResult:
     final_loss: float | None
     voxel_size: float
     image_size: int
+    resolution_angst: float | None = None  # --halves: the final half-map FSC-0.143 resolution (Å)
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run needs an empty (or new) directory; ``--resume`` needs one with a checkpoint."""
     has_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
     if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
+        # a --halves run keeps its checkpoints in half1/ and half2/ (train.halves)
+        if not any((run_dir / sub / "checkpoints" / "last.pt").is_file() for sub in (".", "half1")):
             raise CryoaceInputError("nothing to resume: no checkpoints/last.pt in the run directory", run_dir)
     elif has_run:
         raise CryoaceInputError("the directory already holds a run; add --resume to continue it or "
                                 "choose another -o", run_dir)
     elif run_dir.exists() and not run_dir.is_dir():
         raise CryoaceInputError("the output exists and is not a directory", run_dir)
+
+
+def _check_contrast(dataset, source, config: TrainConfig, seed: int, log: Callable[[str], None]) -> bool:
+    """The pre-training contrast check (:func:`cryoace.io.contrast.check_contrast`) on the same seeded
+    subset as the normalisation. Inverted particles stop the run with a one-line
+    :class:`CryoaceInputError` naming ``source`` — before anything is written — unless
+    ``config.data.auto_invert``: then ``config.data.invert_contrast`` is flipped (and so recorded in
+    config.yaml) and True returned. "unclear" is only logged."""
+    from ..io.contrast import check_contrast
+
+    result = check_contrast(dataset, seed=seed, use_ctf=config.data.use_ctf)
+    log(f"contrast check: {result.describe()}")
+    if not result.inverted:
+        if result.verdict == "unclear":
+            log("warning: could not tell whether the particles are white on a dark background; if the map "
+                "comes out hollow or negative, rerun with the other --invert-contrast setting")
+        return False
+    if config.data.auto_invert:
+        config.data.invert_contrast = not config.data.invert_contrast
+        log(f"--auto-invert: {'inverting' if config.data.invert_contrast else 'no longer inverting'} "
+            "the images")
+        return True
+    fix = ("drop --invert-contrast" if config.data.invert_contrast else "add --invert-contrast")
+    raise CryoaceInputError(
+        f"the particles look inverted (dark on a light background; centre−background z = "
+        f"{result.z_score:+.1f} over {result.n_images} images, expected white particles); {fix}, or "
+        "--auto-invert to let cryoace do it (--no-check-contrast skips this check)", source)
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """RUN_DIR/report.html (:func:`cryoace.evaluate.report.write_report`). Every output is already
+    written, so a failure here is logged, never raised: the run must not be lost to its report."""
+    try:
+        from ..evaluate.report import write_report
+
+        log(f"wrote the run report {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - any failure (a plotting bug, a full disk) is only logged
+        log(f"warning: could not write the run report ({type(exc).__name__}: {exc}); "
+            f"retry with 'cryoace report {run_dir}'")
 
 
 def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
@@ -65,23 +108,43 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     import torch  # noqa: F401  (imported here so `cryoace --help` stays fast)
 
     from ..io.particles import ParticleDataset, read_particles
-    from ..runtime import resolve_device
+    from ..io.preload import prepare_dataset
+    from . import distributed
     from .predict import predict_poses, write_poses_star
     from .trainer import DataInfo, Trainer, load_checkpoint_file
 
     wall0 = time.monotonic()
     log = log or (lambda m: None)
     run_dir = Path(run_dir)
+    if config.halves:  # two independent half-set models and their half-map FSC (gold standard)
+        from .halves import run_halves
+
+        if distributed.env_world_size() > 1:  # every rank would train and write both halves
+            raise CryoaceInputError("--halves does not run under torchrun; start it as a single process")
+
+        return run_halves(particles, run_dir, config, resume=resume, argv=argv, arguments=arguments,
+                          progress=progress, log=log, table=table)
     config.validate()
     check_run_dir(run_dir, resume)
-    device = resolve_device(config.device)
+    owns_group = distributed.env_world_size() > 1 and not distributed.current().enabled
+    ctx = distributed.init_distributed(config.device)  # torchrun: join the group, cuda:LOCAL_RANK
+    ctx.barrier()  # every rank has checked RUN_DIR before rank 0 writes into it
+    device = ctx.device
+    if not ctx.is_main:  # rank 0 alone logs and writes
+        log, progress = (lambda m: None), False
     seeds = spawn_seeds(config.seed)
 
     if table is None:
         table = read_particles(particles, datadir=config.data.datadir)
-    dataset = ParticleDataset(table, downsample=config.data.downsample,
-                              invert_contrast=config.data.invert_contrast, normalize=True,
-                              seed=seeds["normalization"])
+    def open_dataset() -> ParticleDataset:
+        return ParticleDataset(table, downsample=config.data.downsample,
+                               invert_contrast=config.data.invert_contrast, normalize=True,
+                               seed=seeds["normalization"])
+
+    dataset = open_dataset()
+    if not resume and config.data.check_contrast:  # a resumed run keeps the sign it trained with
+        if _check_contrast(dataset, particles, config, seeds["normalization"], log):
+            dataset = open_dataset()  # config.data.invert_contrast was flipped (--auto-invert)
     data_info = None
     if resume:
         state = load_checkpoint_file(run_dir / "checkpoints" / "last.pt")
@@ -93,6 +156,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
         dataset.norm_mean, dataset.norm_std = data_info.norm_mean, data_info.norm_std
         del state
 
+    dataset = prepare_dataset(dataset, config.data.preload, device, ctx.local_world_size, log, progress)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, dataset, run_dir, device=device, data_info=data_info, progress=progress, log=log)
     prov = provenance(argv)
@@ -103,7 +167,8 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
         _, old = load_config(run_dir / "config.yaml")
         extra["provenance"] = old.get("provenance", prov)
         extra["resumed"] = list(old.get("resumed") or []) + [prov]
-    save_config(run_dir / "config.yaml", config, extra)
+    if ctx.is_main:
+        save_config(run_dir / "config.yaml", config, extra)
     if resume:
         trainer.load_checkpoint(run_dir / "checkpoints" / "last.pt")
         log(f"resuming at step {trainer.step} (epoch {trainer.epoch}, {trainer.elapsed_s:.0f} s trained)")
@@ -111,15 +176,21 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     n_params = sum(p.numel() for p in trainer.params)
     log(f"{len(dataset)} particles, box {trainer.image_size} px at {trainer.pixel_size:.4g} Å/px, "
         f"CTF {'on' if trainer.use_ctf else 'off'}, {config.loss} loss, {config.decoder.name} decoder, "
-        f"{n_params:,} parameters, batch {trainer.batch_size}, device {device}")
+        f"{n_params:,} parameters, batch {trainer.batch_size}"
+        + (f" ({trainer.batch_size // ctx.world_size} on each of {ctx.world_size} processes)" if ctx.enabled else "")
+        + f", device {device}")
     trainer.fit()
+    if owns_group:  # training is over: the other ranks may leave while rank 0 writes the outputs
+        distributed.cleanup()
     paths = trainer.finalize()
-    log(f"predicting the poses of {len(dataset)} particles")
-    pose = predict_poses(trainer.encoder, trainer.decoder, dataset, symmetric=trainer.symmetric,
-                         use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
-                         progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
     poses_path = run_dir / "poses.star"
-    write_poses_star(poses_path, table, pose)
+    if ctx.is_main:
+        log(f"predicting the poses of {len(dataset)} particles")
+        pose = predict_poses(trainer.encoder, trainer.decoder, dataset, symmetric=trainer.symmetric,
+                             use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
+                             progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
+        write_poses_star(poses_path, table, pose)
+        _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
                      steps=trainer.step, epochs=trainer.step / trainer.steps_per_epoch,

@@ -21,6 +21,12 @@ states, the step, epoch and batch-in-epoch, the training time so far, the learni
 RNG states (torch, CUDA, numpy, python) and the configuration. Resuming restores all of it, so on
 the CPU ``K steps + resume + (N−K) steps`` gives bit-identical parameters to ``N steps``.
 
+**Scale.** Under torchrun (:mod:`cryoace.train.distributed`) each rank reads its part of every global
+batch, gradients are averaged over the ranks after ``backward``, logged metrics are averaged in the
+``log_every`` sync, and rank 0 alone writes files. The encoder may run in bf16 autocast and
+``channels_last`` (:mod:`cryoace.train.precision`); the data may be preloaded or prefetched
+(:mod:`cryoace.io.preload`).
+
 Outputs in RUN_DIR: ``metrics.jsonl`` (one JSON record per log: loss, grad norm, lr, images/s, ...),
 TensorBoard scalars in ``tensorboard/`` when tensorboard is installed (skipped silently otherwise),
 ``volume_STEP.mrc`` every ``volume_every`` steps, and (by :meth:`Trainer.finalize`) ``volume.mrc``,
@@ -47,10 +53,20 @@ from ..io.atomic import atomic_path
 from ..runtime import resolve_device
 from .config import TrainConfig, spawn_seeds
 from .losses import HalfDiscGrid, compute_loss
+from ..io.preload import prefetch
+from .distributed import GradientSync, current as distributed_context
+from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
+from .monitor import PoseMonitor
+from .pip import background_noise_std, pip_loss, pip_weight, shuffled_ctf
+from .schedules import lr_factor as schedule_factor
 
 __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "cryoace-checkpoint-1"
+
+#: what :meth:`Trainer.train_step` returns, in order: image loss, gradient norm, fraction of images
+#: whose 180°-rotated path won, PIP loss, and whether the step had an image loss / a PIP loss (0/1)
+STEP_STATS = ("loss", "grad_norm", "rotated_fraction", "pip_loss", "ipi_step", "pip_step")
 
 
 class TrainingDiverged(CryoaceInputError):
@@ -82,22 +98,48 @@ class DataInfo:
 def build_models(config: TrainConfig, image_size: int, pixel_size: float) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The encoder and decoder of ``config`` for images of ``image_size`` px at ``pixel_size`` Å/px
     (initialised from the current torch RNG state)."""
-    from ..models import PoseEncoder, build_decoder
+    from ..models import PoseEncoder, ResNetPoseEncoder, build_decoder
 
     enc = config.encoder
-    encoder = PoseEncoder(image_size, pixel_size, channels=tuple(enc.channels),
-                          convs_per_block=tuple(enc.convs_per_block), mlp_hidden=enc.mlp_hidden,
-                          head_layers=enc.head_layers, max_shift_angst=enc.max_shift_angst,
-                          n_filters=enc.n_filters, filter_size=enc.filter_size, pooled_size=enc.pooled_size)
+    common = dict(mlp_hidden=enc.mlp_hidden, head_layers=enc.head_layers, max_shift_angst=enc.max_shift_angst,
+                  n_filters=enc.n_filters, filter_size=enc.filter_size)
+    if enc.name == "resnet18":
+        encoder = ResNetPoseEncoder(image_size, pixel_size, widths=resnet_widths(enc.channels), **common)
+    else:
+        encoder = PoseEncoder(image_size, pixel_size, channels=tuple(enc.channels),
+                              convs_per_block=tuple(enc.convs_per_block), pooled_size=enc.pooled_size, **common)
     dec = config.decoder
-    kwargs = dict(hidden=dec.hidden, layers=dec.layers,
-                  output_scale=float(image_size) if dec.output_scale is None else dec.output_scale)
+    kwargs = dict(output_scale=default_output_scale(dec.name, image_size) if dec.output_scale is None
+                  else dec.output_scale)
+    if dec.name.startswith("voxel"):
+        kwargs["size"] = image_size
+    else:
+        kwargs.update(hidden=dec.hidden, layers=dec.layers)
     if dec.name in ("fouriernet", "siren"):
         kwargs["omega_0"] = dec.omega_0
     elif dec.name == "relu-pe":
         kwargs["max_radius_px"] = image_size / 2
     decoder = build_decoder(dec.name, **kwargs)
     return encoder, decoder
+
+
+def resnet_widths(channels) -> tuple[int, ...]:
+    """ResNet-18 stage widths c·(1, 2, 4, 8) from the VGG widths' first entry c: the paper preset's
+    c = 64 gives ResNet-18's 64/128/256/512, the cpu preset's 16 a quarter-width network."""
+    c = int(channels[0])
+    return (c, 2 * c, 4 * c, 8 * c)
+
+
+def default_output_scale(decoder: str, image_size: int) -> float:
+    """The decoder's constant output factor: values of the normalized images' spectra are about L, so a
+    neural field (outputs about 1) gets L; a Fourier grid stores V̂ itself (1) so that Adam at the grid's
+    learning rate 1.0 moves a value by about 1/L of its size per step; a real-space grid stores L²·v
+    (1/L²), the same relative step for its voxels (a unit-variance image is a sum of about L voxels)."""
+    if decoder == "voxel-fourier":
+        return 1.0
+    if decoder == "voxel-real":
+        return 1.0 / image_size ** 2
+    return float(image_size)
 
 
 def _torch_generator(seed: int) -> torch.Generator:
@@ -152,20 +194,27 @@ class Trainer:
             particles=str(dataset.table.source))
         self.batch_size = min(int(config.batch_size), self.n_particles)
         self.steps_per_epoch = self.n_particles // self.batch_size
-        self.symmetric = config.loss == "symmetric"
+        self.symmetric = config.loss in ("symmetric", "gsym")  # poses are chosen between the two 180° paths
 
         torch.manual_seed(self.seeds["model_init"])
         encoder, decoder = build_models(config, self.image_size, self.pixel_size)
         self.encoder = encoder.to(self.device)
         self.decoder = decoder.to(self.device)
         self.params = [p for m in (self.encoder, self.decoder) for p in m.parameters() if p.requires_grad]
-        opt = config.optim
-        self.optimizer = torch.optim.Adam(self.params, lr=opt.lr, amsgrad=opt.amsgrad,
-                                          weight_decay=opt.weight_decay)
+        self.optimizer = self._build_optimizer()
         self._check_optimizer_covers_models()
+        self.pip_noise_std = self._pip_noise_std()
+        self.monitor = PoseMonitor(config.pose_window, self.device, self._truth_rotmat())
         self._grids: dict[int, HalfDiscGrid] = {}
         self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
         self._compile = bool(config.compile)
+        # torchrun: this rank's place; the global batch must split evenly (train.distributed)
+        self.dist = distributed_context(self.device)
+        self.dist.per_rank_batch(self.batch_size)
+        self.autocast_dtype = resolve_precision(config.precision, self.device)  # encoder only
+        if resolve_channels_last(config.channels_last, self.device):
+            use_channels_last(self.encoder)
+        self._grad_sync = GradientSync((self.encoder, self.decoder), self.dist)
 
         self.step = 0
         self.epoch = 0
@@ -176,6 +225,41 @@ class Trainer:
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._writer = None
         self.history: list[dict] = []
+
+    # -- optimizer and schedules ---------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """Adam/AdamW with two parameter groups: the encoder at ``lr`` and the decoder at its own rate
+        (``decoder_lr``, else the decoder class's ``default_lr`` — 1.0 for voxel grids — else ``lr``)."""
+        opt = self.config.optim
+        decoder_lr = opt.decoder_lr or getattr(self.decoder, "default_lr", None) or opt.lr
+        groups = [{"params": [p for p in m.parameters() if p.requires_grad], "base_lr": lr, "lr": lr, "name": name}
+                  for name, m, lr in (("encoder", self.encoder, opt.lr), ("decoder", self.decoder, decoder_lr))]
+        groups = [g for g in groups if g["params"]]
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=opt.lr, amsgrad=opt.amsgrad, weight_decay=opt.weight_decay)
+
+    def _apply_lr(self) -> None:
+        """Learning rates for the coming step: base × rollback factor × warm-up multi-step schedule
+        (a pure function of the step, so a resumed run follows the same schedule)."""
+        opt = self.config.optim
+        factor = self.lr_factor * schedule_factor(self.step, opt.warmup_steps, tuple(opt.milestones), opt.gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    # -- ACE-EM: PIP noise, reference poses --------------------------------------------------------
+    def _pip_noise_std(self) -> float:
+        """σ of the PIP images' noise, from the background of up to 512 normalized images (0 without PIP
+        or with a given SNR)."""
+        pip = self.config.pip
+        if not pip.enabled or pip.snr_db is not None:
+            return 0.0
+        rows = np.linspace(0, self.n_particles - 1, min(512, self.n_particles)).astype(np.int64)
+        return background_noise_std(self.dataset[np.unique(rows)].images)
+
+    def _truth_rotmat(self) -> torch.Tensor | None:
+        """Rotations in the particle file (simulated truth or an earlier refinement), if any."""
+        pose = getattr(getattr(self.dataset, "table", None), "pose", None)
+        return None if pose is None else pose.rotmat
 
     # -- structure checks ---------------------------------------------------------------------
     def _check_optimizer_covers_models(self) -> None:
@@ -196,6 +280,11 @@ class Trainer:
             limits.append(max(1, math.ceil(self.config.epochs * self.steps_per_epoch)))
         return min(limits) if limits else None
 
+    def _should_stop(self) -> bool:
+        """The budget, or the end of the chunk :meth:`fit` was asked for."""
+        until = getattr(self, "_until_step", None)
+        return self.budget_reached() or (until is not None and self.step >= until)
+
     def budget_reached(self) -> bool:
         max_steps = self.max_steps
         if max_steps is not None and self.step >= max_steps:
@@ -205,11 +294,12 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The particle order of ``epoch``: a permutation drawn from (data-order seed, epoch) alone."""
-        if self._order_cache is None or self._order_cache[0] != epoch:
+        cache = self._order_cache  # read once: the prefetch thread may call this too
+        if cache is None or cache[0] != epoch:
             seed = np.random.SeedSequence([self.seeds["data_order"], int(epoch)]).generate_state(1)[0]
             perm = torch.randperm(self.n_particles, generator=_torch_generator(int(seed))).numpy()
-            self._order_cache = (epoch, perm)
-        return self._order_cache[1]
+            self._order_cache = cache = (epoch, perm)
+        return cache[1]
 
     def batch_rows(self, epoch: int, index: int) -> np.ndarray:
         order = self.epoch_order(epoch)
@@ -218,17 +308,18 @@ class Trainer:
     def _batches(self):
         """Batches from the current (epoch, batch_in_epoch) on, forever (prefetched with workers)."""
         epoch, start = self.epoch, self.batch_in_epoch
-        workers = self.config.data.num_workers
-        while True:
-            rows = [self.batch_rows(epoch, b) for b in range(start, self.steps_per_epoch)]
+        in_memory = getattr(self.dataset, "in_memory", False)  # io.preload: nothing to read ahead
+        workers = 0 if in_memory else self.config.data.num_workers
+        while True:  # each rank reads its own part of every global batch
+            rows = [self.dist.shard(self.batch_rows(epoch, b)) for b in range(start, self.steps_per_epoch)]
             if workers > 0:
                 loader = torch.utils.data.DataLoader(
                     self.dataset, batch_size=None, sampler=rows, num_workers=workers,
                     pin_memory=self.device.type == "cuda", generator=_torch_generator(0))
                 yield from loader
             else:
-                for r in rows:
-                    yield self.dataset[r]
+                batches = (self.dataset[r] for r in rows)
+                yield from batches if in_memory else prefetch(batches, pin_memory=self.device.type == "cuda")
             epoch, start = epoch + 1, 0
 
     # -- the loss band -----------------------------------------------------------------------
@@ -252,7 +343,11 @@ class Trainer:
         ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
         encoder = self.encoder if encoder is None else encoder
         decoder = self.decoder if decoder is None else decoder
-        return compute_loss(encoder, decoder, images, pixel_size, self.grid(), ctf, symmetric=self.symmetric)
+        cfg = self.config
+        warmup = self.step < cfg.warmup_label_steps
+        sigma = self.encoder.sigmas_px[cfg.warmup_label_filter - 1] if warmup else None
+        return compute_loss(encoder, decoder, images, pixel_size, self.grid(), ctf, loss=cfg.loss,
+                            target_lowpass_sigma_px=sigma, n_random=cfg.gsym_views)
 
     @contextlib.contextmanager
     def _training_modules(self):
@@ -260,26 +355,58 @@ class Trainer:
         decoder's real network (not its complex-valued wrapper) go through ``torch.compile``; the
         modules themselves (and their state) stay the uncompiled ones, used for export/prediction."""
         if not self._compile:
-            yield self.encoder, self.decoder
+            yield self._autocast(self.encoder), self.decoder
             return
         if self._compiled is None:
             self._compiled = (torch.compile(self.encoder), torch.compile(self.decoder.network))
         self.decoder.network = self._compiled[1]  # shadows the method on this instance only
         try:
-            yield self._compiled[0], self.decoder
+            yield self._autocast(self._compiled[0]), self.decoder
         finally:
             del self.decoder.network
 
-    def _forward_backward(self, batch):
-        with self._training_modules() as (encoder, decoder):
-            out = self.loss_on(batch, encoder, decoder)
-            out.loss.backward()
-        return out
+    def _autocast(self, encoder):
+        """The encoder under bf16 autocast when ``precision`` asks for it (train.precision)."""
+        return encoder if self.autocast_dtype is None else Autocast(encoder, self.device.type, self.autocast_dtype)
 
-    def train_step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns (loss, grad norm, fraction of rotated-path winners) on the device."""
+    def _forward_backward(self, batch) -> torch.Tensor:
+        """Loss and backward of one step; returns the step's :data:`STEP_STATS` but the grad norm.
+
+        The image (IPI) loss plus ``shift_l1``·mean |t| (px), plus λ·PIP (``pip_weight``); with PIP in
+        ``alternate`` mode a PIP step has no image loss.
+        """
+        cfg = self.config
+        lam = pip_weight(self.step, cfg.pip.weight, cfg.pip.warmup_steps, cfg.pip.mode) if cfg.pip.enabled else 0.0
+        pip_only = lam > 0 and cfg.pip.mode == "alternate"
+        zero = torch.zeros((), device=self.device)
+        with self._training_modules() as (encoder, decoder):
+            pixel_size = batch.pixel_size.to(self.device)
+            total, ipi, rotated, shifts = zero, zero, zero, None
+            if not pip_only:
+                out = self.loss_on(batch, encoder, decoder)
+                self.monitor.update(batch.index, out.pose.rotmat)
+                ipi, shifts = out.loss, out.pose.shift_angst
+                rotated = out.rotated_won.float().mean()
+                total = ipi
+                if cfg.shift_l1 > 0:
+                    total = total + cfg.shift_l1 * (shifts / pixel_size[:, None]).abs().sum(-1).mean()
+            pip = zero
+            if lam > 0:
+                ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
+                pip = pip_loss(encoder, decoder, shuffled_ctf(ctf, self.device), pixel_size, self.image_size,
+                               noise_std=self.pip_noise_std, snr_db=cfg.pip.snr_db,
+                               shift_sigma_angst=cfg.pip.shift_sigma_angst, shift_pool_angst=shifts,
+                               freeze_decoder=cfg.pip.freeze_decoder, symmetric=self.symmetric).loss
+                total = total + lam * pip
+            total.backward()
+        flags = torch.tensor([float(not pip_only), float(lam > 0)], device=self.device)
+        return torch.cat([torch.stack([ipi.detach().float(), rotated, pip.detach().float()]), flags])
+
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimizer step; returns its :data:`STEP_STATS` as one tensor on the device (no sync)."""
         self.encoder.train()
         self.decoder.train()
+        self._apply_lr()
         self.optimizer.zero_grad(set_to_none=True)
         if self._compile and self._compiled is None:
             try:
@@ -292,16 +419,20 @@ class Trainer:
                 out = self._forward_backward(batch)
         else:
             out = self._forward_backward(batch)
+        self._grad_sync.average(self.params)  # mean over ranks (no-op in one process)
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        return out.loss.detach(), grad_norm.detach(), out.rotated_won.float().mean()
+        return torch.cat([out[:1], grad_norm.detach().float().reshape(1), out[1:]])
 
     # -- the loop -----------------------------------------------------------------------------
-    def fit(self) -> None:
-        """Train until the budget is reached (see :class:`TrainConfig`)."""
+    def fit(self, until_step: int | None = None) -> None:
+        """Train until the budget is reached (see :class:`TrainConfig`), or earlier when ``self.step``
+        reaches ``until_step`` (so that a caller can drive training in chunks, e.g. two half-set
+        models in turn; the chunk ends with a log record and a checkpoint, like the budget)."""
         from tqdm.auto import tqdm
 
+        self._until_step = until_step
         cfg = self.config
         log_every = cfg.log_every
         ckpt_every = _round_up(cfg.checkpoint_every, log_every)
@@ -310,9 +441,9 @@ class Trainer:
             self.save_checkpoint()  # the rollback target before the first clean log
         self._open_writer()
         bar = tqdm(total=self.max_steps, initial=self.step, unit="step", desc="training",
-                   disable=None if self.progress else True, dynamic_ncols=True)
+                   disable=None if self.progress and self.dist.is_main else True, dynamic_ncols=True)
         try:
-            while not self.budget_reached():
+            while not self._should_stop():
                 if self._run_until_rollback_or_budget(bar, log_every, ckpt_every, vol_every):
                     continue
                 break
@@ -323,16 +454,16 @@ class Trainer:
 
     def _run_until_rollback_or_budget(self, bar, log_every: int, ckpt_every: int, vol_every: int) -> bool:
         """Steps until the budget (returns False) or a NaN rollback (returns True, to restart)."""
-        zero = torch.zeros((), device=self.device)
-        acc_loss, acc_gnorm, acc_rot, acc_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        zeros = torch.zeros(len(STEP_STATS) + 1, device=self.device)  # + the count of non-finite steps
+        acc = zeros.clone()
         since_log, log_start = 0, time.monotonic()
         t0, elapsed0 = time.monotonic(), self.elapsed_s
+        eval_every = _round_up(self.config.eval_every or self.config.volume_every or 0, log_every) \
+            if (self.config.eval_every or self.config.volume_every) else 0
         for batch in self._batches():
-            loss, gnorm, rot = self.train_step(batch)
-            acc_loss += loss
-            acc_gnorm += gnorm
-            acc_rot += rot
-            acc_bad += (~torch.isfinite(loss)) | (~torch.isfinite(gnorm))
+            stats = self.train_step(batch)
+            acc[:-1] += torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
+            acc[-1] += (~torch.isfinite(stats)).any().float()
             self.step += 1
             self.batch_in_epoch += 1
             if self.batch_in_epoch >= self.steps_per_epoch:
@@ -340,27 +471,34 @@ class Trainer:
             since_log += 1
             self.elapsed_s = elapsed0 + (time.monotonic() - t0)
             bar.update(1)
-            done = self.budget_reached()
+            done = self._should_stop()
             if self.step % log_every and not done:
                 continue
-            values = torch.stack([acc_loss, acc_gnorm, acc_rot, acc_bad]).cpu().tolist()  # the sync
+            values = dict(zip(STEP_STATS + ("bad",), self.dist.all_reduce_mean(acc).cpu().tolist()))  # the sync
             now = time.monotonic()
-            loss_mean, gnorm_mean, rot_mean = (v / since_log for v in values[:3])
-            if values[3] > 0 or not math.isfinite(loss_mean):
-                self._rollback(values[3])
+            if values["bad"] > 0:
+                self._rollback(values["bad"])
                 return True
+            ipi_steps, pip_steps = values["ipi_step"], values["pip_step"]
+            loss_mean = values["loss"] / ipi_steps if ipi_steps else None
             record = {"kind": "train", "step": self.step, "epoch": self.step / self.steps_per_epoch,
-                      "loss": loss_mean, "grad_norm": gnorm_mean, "lr": self.optimizer.param_groups[0]["lr"],
-                      "rotated_fraction": rot_mean, "band_cyc_px": self.band_shells() / self.image_size,
+                      "loss": loss_mean, "grad_norm": values["grad_norm"] / since_log,
+                      "lr": self.optimizer.param_groups[0]["lr"],
+                      "rotated_fraction": values["rotated_fraction"] / ipi_steps if ipi_steps else None,
+                      "pip_loss": values["pip_loss"] / pip_steps if pip_steps else None,
+                      "band_cyc_px": self.band_shells() / self.image_size,
                       "images_per_s": since_log * self.batch_size / max(now - log_start, 1e-9),
                       "elapsed_s": self.elapsed_s}
             self._record(record)
-            bar.set_postfix(loss=f"{loss_mean:.4g}", refresh=False)
-            acc_loss, acc_gnorm, acc_rot, acc_bad = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+            if loss_mean is not None:
+                bar.set_postfix(loss=f"{loss_mean:.4g}", refresh=False)
+            acc = zeros.clone()
             since_log, log_start = 0, now
+            if eval_every and (self.step % eval_every == 0 or done) and self.dist.is_main:
+                self.record_pose_metrics()
             if done or self.step % ckpt_every == 0:
                 self.save_checkpoint()
-            if vol_every and self.step % vol_every == 0:
+            if vol_every and self.step % vol_every == 0 and self.dist.is_main:
                 self.export_volume(self.run_dir / f"volume_{self.step:06d}.mrc")
             if done:
                 return False
@@ -379,9 +517,8 @@ class Trainer:
         self.load_checkpoint(path)
         self.lr_factor = factor
         self.rollbacks = rollbacks
-        lr = self.config.optim.lr * factor
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self._apply_lr()
+        lr = self.optimizer.param_groups[0]["lr"]
         self.log(f"non-finite loss or gradient in {int(bad_steps)} step(s) before step {bad_step}; rolled back "
                  f"to step {self.step} ({path.name}) with learning rate {lr:.3g}")
         self._record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
@@ -389,7 +526,7 @@ class Trainer:
 
     # -- logging ------------------------------------------------------------------------------
     def _open_writer(self) -> None:
-        if not self.config.tensorboard or self._writer is not None:
+        if not self.config.tensorboard or self._writer is not None or not self.dist.is_main:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -399,11 +536,30 @@ class Trainer:
 
     def _record(self, record: dict) -> None:
         self.history.append(record)
+        if not self.dist.is_main:  # rank 0 alone writes files
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._writer is not None and record["kind"] == "train":
-            for key in ("loss", "grad_norm", "lr", "rotated_fraction", "images_per_s", "band_cyc_px"):
-                self._writer.add_scalar(f"train/{key}", record[key], record["step"])
+        if self._writer is not None and record["kind"] in ("train", "poses"):
+            for key, value in record.items():
+                if key not in ("kind", "step") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def record_pose_metrics(self) -> dict:
+        """Coverage (and errors against the file's poses) of the recent training poses: a ``poses``
+        record in metrics.jsonl and TensorBoard, and ``viewing_directions.png``."""
+        summary = self.monitor.summary()
+        if not summary:
+            return summary
+        record = {"kind": "poses", "step": self.step, "elapsed_s": self.elapsed_s, **summary}
+        self._record(record)
+        from ..evaluate.plots import plot_viewing_directions
+
+        _, rotmat = self.monitor.poses()
+        plot_viewing_directions(rotmat, self.run_dir / "viewing_directions.png",
+                                title=f"predicted viewing directions, step {self.step} "
+                                      f"(coverage {summary['coverage']:.2f})")
+        return record
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -412,15 +568,17 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "elapsed_s": self.elapsed_s, "lr_factor": self.lr_factor, "rollbacks": self.rollbacks,
             "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "monitor": self.monitor.state_dict(),
             "config": self.config.to_dict(), "data": self.data_info.to_dict(),
         }
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step_XXXXXX.pt`` and ``checkpoints/last.pt`` atomically; prune old steps."""
         directory = self.run_dir / "checkpoints"
-        state = self.state_dict()
         path = directory / f"step_{self.step:06d}.pt"
+        if not self.dist.is_main:  # rank 0 alone writes (the modules are the same on every rank)
+            return path
+        state = self.state_dict()
         for target in (path, directory / "last.pt"):
             with atomic_path(target) as tmp:
                 torch.save(state, tmp)
@@ -441,6 +599,8 @@ class Trainer:
         self.elapsed_s = float(state["elapsed_s"])
         self.lr_factor = float(state["lr_factor"])
         self.rollbacks = int(state["rollbacks"])
+        if "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
         _set_rng_state(state["rng"])
 
     # -- outputs ------------------------------------------------------------------------------
@@ -455,6 +615,8 @@ class Trainer:
 
         paths = {"volume": self.run_dir / "volume.mrc", "volume_png": self.run_dir / "volume.png",
                  "loss_png": self.run_dir / "loss.png"}
+        if not self.dist.is_main:  # rank 0 alone writes files
+            return paths
         volume = self.export_volume(paths["volume"])
         plot_volume(volume, paths["volume_png"], self.pixel_size,
                     title=f"cryoace map after {self.step} steps ({self.image_size}³, {self.pixel_size:.4g} Å/voxel)")
