@@ -94,3 +94,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``cryoace <argv>`` in-process: returns (exit code, stdout, stderr)."""
+    from cryoace.cli import main as cli_main
+
+    def run(*argv):
+        rc = cli_main.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import cryoace.cli.main as cli_main
 from cryoace.evaluate.align import shift_volume, transform_volume
 from cryoace.evaluate.map_align import map_correlation, resample_map
 from cryoace.io.mrc import read_volume, write_mrc
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 FAST = ["--angular-step", "20", "--coarse-size", "16"]
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli_main, "COMMANDS", {"align": "align"})  # siblings may be mid-edit
-
-    def run(*argv):
-        rc = cli_main.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import cryoace.cli.main as cli_main
 from cryoace.cli import simulate as simulate_cli
 from cryoace.evaluate.align import MIRROR, resample_volume, shift_volume
 from cryoace.evaluate.truth import fourier_crop_volume
@@ -28,19 +27,6 @@ from cryoace.types import Pose
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EYE = torch.eye(3, dtype=torch.float64)
 Q = random_rotmat(1, torch.Generator().manual_seed(11), dtype=torch.float64)[0]
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """``cryoace <argv>`` in-process with only this command registered (siblings may be unfinished)."""
-    monkeypatch.setattr(cli_main, "COMMANDS", {"evaluate": "evaluate"})
-
-    def run(*argv):
-        rc = cli_main.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture(scope="module")

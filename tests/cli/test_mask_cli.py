@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cryoace.cli.main as cli_main
 from cryoace.io.mrc import read_volume
 
 from conftest import SHARED_DATA  # noqa: E402
@@ -14,18 +13,6 @@ from conftest import SHARED_DATA  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    monkeypatch.setattr(cli_main, "COMMANDS", {"mask": "mask"})  # siblings may be mid-edit
-
-    def run(*argv):
-        rc = cli_main.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 def test_mask_writes_a_soft_mask_with_the_maps_voxel_size(run_cli, tmp_path):

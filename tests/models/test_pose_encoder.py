@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cryoace.models import PoseEncoder, count_parameters, gaussian_filter_bank
+from cryoace.models import PoseEncoder, ResNetPoseEncoder, count_parameters, gaussian_filter_bank
 from cryoace.types import Pose
 
 TINY = dict(channels=(8, 16, 32), convs_per_block=(1, 1, 1), mlp_hidden=64)
@@ -105,12 +105,16 @@ def test_every_parameter_gets_gradients_shift_head_included():
         assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
 
 
-def test_channels_last_matches_contiguous():
+@pytest.mark.parametrize("cls, kwargs, size", [
+    (PoseEncoder, TINY, 64),
+    (ResNetPoseEncoder, dict(widths=(4, 8, 8, 16), mlp_hidden=16), 32),
+])
+def test_channels_last_matches_contiguous(cls, kwargs, size):
     torch.manual_seed(0)
-    enc = PoseEncoder(64, pixel_size=1.0, **TINY).eval()
-    img = _images(3, 64)
+    enc = cls(size, pixel_size=1.0, **kwargs).eval()
+    img = _images(3, size)
     ref = enc(img)
-    enc_cl = PoseEncoder(64, pixel_size=1.0, channels_last=True, **TINY).eval()
+    enc_cl = cls(size, pixel_size=1.0, channels_last=True, **kwargs).eval()
     enc_cl.load_state_dict(enc.state_dict())
     enc_cl = enc_cl.to(memory_format=torch.channels_last)
     out = enc_cl(img)

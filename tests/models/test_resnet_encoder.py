@@ -73,19 +73,6 @@ def test_full_width_resnet18_trunk_has_about_11m_parameters():
     assert enc.cnn.stem[0].in_channels == 5 and enc.cnn.stem[0].kernel_size == (7, 7)
 
 
-def test_channels_last_matches_contiguous():
-    torch.manual_seed(0)
-    enc = ResNetPoseEncoder(32, pixel_size=1.0, **TINY).eval()
-    img = _images(3, 32)
-    ref = enc(img)
-    enc_cl = ResNetPoseEncoder(32, pixel_size=1.0, channels_last=True, **TINY).eval()
-    enc_cl.load_state_dict(enc.state_dict())
-    enc_cl = enc_cl.to(memory_format=torch.channels_last)
-    out = enc_cl(img)
-    torch.testing.assert_close(out.rotmat, ref.rotmat, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.shift_angst, ref.shift_angst, atol=1e-5, rtol=1e-4)
-
-
 def test_trunk_options_and_validation():
     trunk = ResNetTrunk(5, widths=(4, 8), blocks=(1, 3), stem_kernel=3, stem_pool=False)
     x = torch.randn(2, 5, 32, 32)

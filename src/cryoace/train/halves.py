@@ -48,7 +48,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..types import Pose
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
-from .run import RunResult, _check_contrast, _write_report, check_run_dir
+from .run import RunResult, _write_report, check_run_dir, open_training_dataset
 
 if TYPE_CHECKING:
     from ..evaluate.map_align import HalfMapFSC
@@ -271,7 +271,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     0.143 resolution.
     """
     from ..io.mrc import write_mrc
-    from ..io.particles import ParticleDataset, read_particles
+    from ..io.particles import read_particles
     from ..runtime import resolve_device
     from . import distributed
     from .export import plot_volume
@@ -290,16 +290,8 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     if table is None:
         table = read_particles(particles, datadir=config.data.datadir)
 
-    def open_dataset() -> ParticleDataset:
-        return ParticleDataset(table, downsample=config.data.downsample,
-                               invert_contrast=config.data.invert_contrast, normalize=True,
-                               seed=seeds["normalization"])
-
     # one normalization for both halves, from the whole set (the same image scale for both maps)
-    dataset = open_dataset()
-    if not resume and config.data.check_contrast:  # a resumed run keeps the sign it trained with
-        if _check_contrast(dataset, particles, config, seeds["normalization"], log):
-            dataset = open_dataset()
+    dataset = open_training_dataset(table, particles, config, seeds["normalization"], resume, log)
     rows, how = split_particles(table, hseeds["split"], log)
     log(f"half sets of {len(rows[0])} and {len(rows[1])} particles ({how})")
 

@@ -55,6 +55,23 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise CryoaceInputError("the output exists and is not a directory", run_dir)
 
 
+def open_training_dataset(table, source, config: TrainConfig, seed: int, resume: bool,
+                          log: Callable[[str], None]):
+    """The normalized :class:`ParticleDataset` a run trains on; a new run (not a resumed one, which
+    keeps the sign it trained with) first passes the contrast check, which may flip
+    ``config.data.invert_contrast`` (``--auto-invert``)."""
+    from ..io.particles import ParticleDataset
+
+    def open_dataset() -> ParticleDataset:
+        return ParticleDataset(table, downsample=config.data.downsample,
+                               invert_contrast=config.data.invert_contrast, normalize=True, seed=seed)
+
+    dataset = open_dataset()
+    if not resume and config.data.check_contrast and _check_contrast(dataset, source, config, seed, log):
+        dataset = open_dataset()
+    return dataset
+
+
 def _check_contrast(dataset, source, config: TrainConfig, seed: int, log: Callable[[str], None]) -> bool:
     """The pre-training contrast check (:func:`cryoace.io.contrast.check_contrast`) on the same seeded
     subset as the normalisation. Inverted particles stop the run with a one-line
@@ -107,7 +124,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     """
     import torch  # noqa: F401  (imported here so `cryoace --help` stays fast)
 
-    from ..io.particles import ParticleDataset, read_particles
+    from ..io.particles import read_particles
     from ..io.preload import prepare_dataset
     from . import distributed
     from .predict import predict_poses, write_poses_star
@@ -136,15 +153,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
 
     if table is None:
         table = read_particles(particles, datadir=config.data.datadir)
-    def open_dataset() -> ParticleDataset:
-        return ParticleDataset(table, downsample=config.data.downsample,
-                               invert_contrast=config.data.invert_contrast, normalize=True,
-                               seed=seeds["normalization"])
-
-    dataset = open_dataset()
-    if not resume and config.data.check_contrast:  # a resumed run keeps the sign it trained with
-        if _check_contrast(dataset, particles, config, seeds["normalization"], log):
-            dataset = open_dataset()  # config.data.invert_contrast was flipped (--auto-invert)
+    dataset = open_training_dataset(table, particles, config, seeds["normalization"], resume, log)
     data_info = None
     if resume:
         state = load_checkpoint_file(run_dir / "checkpoints" / "last.pt")
