@@ -50,7 +50,8 @@ def main() -> int:
                 config.optim.name = "adamw"
             config.pip.enabled, config.pip.weight = pip, args.pip_weight
             name = f"{decoder}{'+pip' if pip else ''}"
-            out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{name}", config)
+            out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{name}", config,
+                                  steps_per_s_guess=4.0 if decoder.startswith("voxel") else 1.0)
             out["name"] = name
             rows.append(out)
             f = out["final"]

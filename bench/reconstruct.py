@@ -7,7 +7,7 @@ time, the final map and poses, and training images/s. Writes bench/results/recon
 
 Targets on the 2-core CPU (issue 4): noise-free ≤ 3.0 px within 20 minutes; −10 dB ≤ 3.5 px.
 
-    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--pip] [--work DIR]
+    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--pip] [--decoder D] [--work DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> int:
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--snr", default="clean,-10", help="comma list of 'clean' and/or SNR values in dB")
     parser.add_argument("--pip", action="store_true", help="train with ACE-EM's PIP task")
+    parser.add_argument("--pip-weight", type=float, help="λ of the PIP loss (default: the preset's)")
+    parser.add_argument("--decoder", help="decoder instead of the preset's (voxel decoders train with AdamW)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=Path("bench_work/reconstruct"))
     args = parser.parse_args()
@@ -45,7 +47,14 @@ def main() -> int:
         config.max_time_s, config.steps, config.epochs = parse_duration(args.max_time), None, None
         config.device = str(device)
         config.pip.enabled = args.pip
-        out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{snr}", config)
+        if args.pip_weight is not None:
+            config.pip.weight = args.pip_weight
+        if args.decoder:
+            config.decoder.name = args.decoder
+            if args.decoder.startswith("voxel"):
+                config.optim.name = "adamw"
+        out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{snr}", config,
+                              steps_per_s_guess=4.0 if config.decoder.name.startswith("voxel") else 1.0)
         target = TARGET_PX.get(snr)
         reached = [c for c in out["curve"] if target is not None and c["fsc05_px"] <= target]
         out["target_px"] = target
@@ -57,8 +66,8 @@ def main() -> int:
         for c in out["curve"]:
             print(f"        {c['elapsed_s']:7.0f} s  step {c['step']:6d}  {c['fsc05_px']:.2f} px  "
                   f"median {c['rot_median_deg']:.1f}°  coverage {c['coverage']:.2f}")
-    path = write_result("reconstruct" + ("_pip" if args.pip else ""), device,
-                        {"max_time": args.max_time, "preset": args.preset, "runs": results})
+    name = "reconstruct" + (f"_{args.decoder}" if args.decoder else "") + ("_pip" if args.pip else "")
+    path = write_result(name, device, {"max_time": args.max_time, "preset": args.preset, "runs": results})
     print(f"wrote {path}")
     return 0
 

@@ -21,7 +21,7 @@ from cryoace.evaluate.truth import compare_maps, evaluate_poses
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import read_particles
 from cryoace.train.config import TrainConfig
-from cryoace.train.export import read_metrics
+from cryoace.evaluate.plots import read_metrics
 from cryoace.train.run import run_reconstruction
 
 
@@ -44,8 +44,7 @@ def resolution_px(result) -> float:
 def score_snapshots(run_dir: Path, truth_map: Path) -> list[dict]:
     """(step, elapsed_s, FSC-0.5 px, median rotation error °, coverage) for every snapshot."""
     truth = read_volume(truth_map)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    poses = {r["step"]: r for r in records if r["kind"] == "poses" and "align_rotation" in r}
+    poses = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", kind="poses") if "align_rotation" in r}
     curve = []
     for path in sorted(run_dir.glob("volume_*.mrc")):
         step = int(path.stem.split("_")[1])
@@ -84,8 +83,7 @@ def train_and_score(star: Path, truth_map: Path, run_dir: Path, config: TrainCon
     truth = read_volume(truth_map)
     vol = read_volume(result.volume)
     final = compare_maps(vol.data, vol.voxel_size, truth.data, truth.voxel_size, poses.alignment)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    rates = [r["images_per_s"] for r in records if r["kind"] == "train"][1:]  # the first includes compiling
+    rates = [r["images_per_s"] for r in read_metrics(run_dir / "metrics.jsonl")][1:]  # the first: warm-up
     return {
         "config": {"preset": config.preset, "decoder": config.decoder.name, "encoder": config.encoder.name,
                    "loss": config.loss, "pip": config.pip.enabled, "pip_weight": config.pip.weight,
