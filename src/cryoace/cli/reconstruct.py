@@ -103,6 +103,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="ACE-EM warm-up labeling: fit low-pass filtered images for the first K steps")
     g.add_argument("--warmup-filter", type=int, metavar="I",
                    help="which of the encoder's Gaussian filters low-passes the warm-up labels (1-based, default 3)")
+    g.add_argument("--seed", type=int, help="run seed (default 0)")
+    g.add_argument("--band-start", type=float, metavar="CYC_PX",
+                   help="coarse to fine: fit frequencies up to this radius (cycles/px, <= 0.5) first ...")
+    g.add_argument("--band-ramp", type=int, metavar="STEPS",
+                   help="... and widen the band linearly to Nyquist over this many steps")
     g = parser.add_argument_group("ACE-EM pose-image-pose (PIP) task")
     g.add_argument("--pip", action=argparse.BooleanOptionalAction, default=None,
                    help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss")
@@ -116,11 +121,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="noise of the PIP images from this SNR in dB (default: from the images' background)")
     g.add_argument("--pip-shift-sigma", type=float, metavar="ANGST",
                    help="σ of random PIP shifts in Å (default: the encoder's shifts on the batch)")
-    g.add_argument("--seed", type=int, help="run seed (default 0)")
-    g.add_argument("--band-start", type=float, metavar="CYC_PX",
-                   help="coarse to fine: fit frequencies up to this radius (cycles/px, <= 0.5) first ...")
-    g.add_argument("--band-ramp", type=int, metavar="STEPS",
-                   help="... and widen the band linearly to Nyquist over this many steps")
     g = parser.add_argument_group("gold standard (half sets)")
     g.add_argument("--halves", action="store_true", default=None,
                    help="train two independent models on two halves of the particles (rlnRandomSubset when "
