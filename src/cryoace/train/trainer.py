@@ -244,7 +244,7 @@ class Trainer:
         opt = self.config.optim
         factor = self.lr_factor * schedule_factor(self.step, opt.warmup_steps, tuple(opt.milestones), opt.gamma)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
     # -- ACE-EM: PIP noise, reference poses --------------------------------------------------------
     def _pip_noise_std(self) -> float:
