@@ -118,10 +118,10 @@ def pip_loss(encoder: torch.nn.Module, decoder, ctf: CTFParams | None, pixel_siz
     return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=images.detach())
 
 
-def shuffled_ctf(ctf: CTFParams | None, generator_device) -> CTFParams | None:
+def shuffled_ctf(ctf: CTFParams | None, device) -> CTFParams | None:
     """The batch's CTFs in a random order: the CTFs of randomly drawn particles of the dataset."""
     if ctf is None:
         return None
     n = ctf.defocus_u.shape[0]
-    perm = torch.randperm(n, device=generator_device)
+    perm = torch.randperm(n, device=device)
     return map_tensors(ctf, lambda t: t[perm] if t.dim() > 0 and t.shape[0] == n else t)

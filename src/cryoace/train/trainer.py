@@ -223,6 +223,7 @@ class Trainer:
         self.lr_factor = 1.0
         self.rollbacks = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
+        self._until_step: int | None = None  # the end of the chunk fit() was asked for
         self._writer = None
         self.history: list[dict] = []
 
@@ -282,8 +283,7 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """The budget, or the end of the chunk :meth:`fit` was asked for."""
-        until = getattr(self, "_until_step", None)
-        return self.budget_reached() or (until is not None and self.step >= until)
+        return self.budget_reached() or (self._until_step is not None and self.step >= self._until_step)
 
     def budget_reached(self) -> bool:
         max_steps = self.max_steps
@@ -437,6 +437,8 @@ class Trainer:
         log_every = cfg.log_every
         ckpt_every = _round_up(cfg.checkpoint_every, log_every)
         vol_every = _round_up(cfg.volume_every, log_every) if cfg.volume_every else 0
+        every = cfg.eval_every or cfg.volume_every  # pose metrics; by default with the volumes
+        eval_every = _round_up(every, log_every) if every else 0
         if not (self.run_dir / "checkpoints" / "last.pt").is_file():
             self.save_checkpoint()  # the rollback target before the first clean log
         self._open_writer()
@@ -444,7 +446,7 @@ class Trainer:
                    disable=None if self.progress and self.dist.is_main else True, dynamic_ncols=True)
         try:
             while not self._should_stop():
-                if self._run_until_rollback_or_budget(bar, log_every, ckpt_every, vol_every):
+                if self._run_until_rollback_or_budget(bar, log_every, ckpt_every, vol_every, eval_every):
                     continue
                 break
         finally:
@@ -452,14 +454,13 @@ class Trainer:
             if self._writer is not None:
                 self._writer.flush()
 
-    def _run_until_rollback_or_budget(self, bar, log_every: int, ckpt_every: int, vol_every: int) -> bool:
+    def _run_until_rollback_or_budget(self, bar, log_every: int, ckpt_every: int, vol_every: int,
+                                      eval_every: int) -> bool:
         """Steps until the budget (returns False) or a NaN rollback (returns True, to restart)."""
         zeros = torch.zeros(len(STEP_STATS) + 1, device=self.device)  # + the count of non-finite steps
         acc = zeros.clone()
         since_log, log_start = 0, time.monotonic()
         t0, elapsed0 = time.monotonic(), self.elapsed_s
-        eval_every = _round_up(self.config.eval_every or self.config.volume_every or 0, log_every) \
-            if (self.config.eval_every or self.config.volume_every) else 0
         for batch in self._batches():
             stats = self.train_step(batch)
             acc[:-1] += torch.nan_to_num(stats, nan=0.0, posinf=0.0, neginf=0.0)
