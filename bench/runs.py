@@ -41,25 +41,34 @@ def resolution_px(result) -> float:
     return float(result.fsc.resolution(0.5).px)
 
 
+def _alignment(record: dict) -> RotationAlignment:
+    return RotationAlignment(rotation=torch.tensor(record["align_rotation"], dtype=torch.float64),
+                             flip_hand=bool(record["align_flip_hand"]), aligned=torch.empty(0, 3, 3),
+                             mean_sq_frobenius=float("nan"), mean_sq_frobenius_other_hand=float("nan"))
+
+
 def score_snapshots(run_dir: Path, truth_map: Path) -> list[dict]:
-    """(step, elapsed_s, FSC-0.5 px, median rotation error °, coverage) for every snapshot."""
+    """(stage, step or round, elapsed_s, FSC-0.5 px, median rotation error °, coverage) for every
+    training snapshot ``volume_STEP.mrc`` and every refinement round ``volume_refine_RR.mrc``."""
     truth = read_volume(truth_map)
     poses = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl", kind="poses") if "align_rotation" in r}
-    curve = []
+    rounds = {r["round"]: r for r in read_metrics(run_dir / "metrics.jsonl", kind="refine") if "align_rotation" in r}
+    snapshots = []
     for path in sorted(run_dir.glob("volume_*.mrc")):
-        step = int(path.stem.split("_")[1])
-        rec = poses.get(step)
-        if rec is None:
-            continue
-        alignment = RotationAlignment(rotation=torch.tensor(rec["align_rotation"], dtype=torch.float64),
-                                      flip_hand=bool(rec["align_flip_hand"]), aligned=torch.empty(0, 3, 3),
-                                      mean_sq_frobenius=float("nan"), mean_sq_frobenius_other_hand=float("nan"))
+        stem = path.stem.split("_")
+        if stem[1].isdigit() and int(stem[1]) in poses:
+            snapshots.append(("train", int(stem[1]), path, poses[int(stem[1])]))
+        elif stem[1] == "refine" and int(stem[2]) in rounds:
+            snapshots.append(("refine", int(stem[2]), path, rounds[int(stem[2])]))
+    curve = []
+    for stage, number, path, rec in snapshots:
         vol = read_volume(path)
-        comparison = compare_maps(vol.data, vol.voxel_size, truth.data, truth.voxel_size, alignment)
-        curve.append({"step": step, "elapsed_s": rec["elapsed_s"], "fsc05_px": resolution_px(comparison),
+        comparison = compare_maps(vol.data, vol.voxel_size, truth.data, truth.voxel_size, _alignment(rec))
+        curve.append({"stage": stage, ("step" if stage == "train" else "round"): number,
+                      "elapsed_s": rec["elapsed_s"], "fsc05_px": resolution_px(comparison),
                       "rot_median_deg": rec.get("rot_median_deg"), "rot_mean_sq_frob": rec.get("rot_mean_sq_frob"),
                       "coverage": rec.get("coverage")})
-    return curve
+    return sorted(curve, key=lambda point: point["elapsed_s"])
 
 
 def train_and_score(star: Path, truth_map: Path, run_dir: Path, config: TrainConfig, snapshots: int = 10,
@@ -87,6 +96,7 @@ def train_and_score(star: Path, truth_map: Path, run_dir: Path, config: TrainCon
     return {
         "config": {"preset": config.preset, "decoder": config.decoder.name, "encoder": config.encoder.name,
                    "loss": config.loss, "pip": config.pip.enabled, "pip_weight": config.pip.weight,
+                   "refine": config.refine.enabled, "refine_rounds": config.refine.rounds,
                    "batch_size": config.batch_size, "lr": config.optim.lr},
         "steps": result.steps, "train_time_s": result.train_time_s, "wall_time_s": wall,
         "images_per_s": sum(rates) / len(rates) if rates else None,

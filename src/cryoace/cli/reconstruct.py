@@ -121,6 +121,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="noise of the PIP images from this SNR in dB (default: from the images' background)")
     g.add_argument("--pip-shift-sigma", type=float, metavar="ANGST",
                    help="σ of random PIP shifts in Å (default: the encoder's shifts on the batch)")
+    g = parser.add_argument_group("refinement after training (projection matching; may change on --resume)")
+    g.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, search every particle's pose against the decoder's map (global "
+                   "over SO(3), then local), rebuild the map from those poses, and repeat with a growing "
+                   "band; its map and poses become volume.mrc and poses.star (cpu preset: on)")
+    g.add_argument("--refine-rounds", type=int, metavar="N", help="refinement rounds (default 10)")
+    g.add_argument("--refine-max-time", metavar="T", help="stop refining after the round that passes T")
+    g.add_argument("--refine-step", type=float, metavar="DEG", help="SO(3) grid spacing of the global search "
+                   "(default 8°)")
     g = parser.add_argument_group("gold standard (half sets)")
     g.add_argument("--halves", action="store_true", default=None,
                    help="train two independent models on two halves of the particles (rlnRandomSubset when "
@@ -186,6 +195,19 @@ def _budget(args, config) -> None:
     config.steps = args.steps
 
 
+def _refinement(args, config) -> None:
+    from ..train.config import parse_duration
+
+    if args.refine is not None:
+        config.refine.enabled = args.refine
+    if args.refine_rounds is not None:
+        config.refine.rounds = args.refine_rounds
+    if args.refine_max_time is not None:
+        config.refine.max_time_s = parse_duration(args.refine_max_time)
+    if args.refine_step is not None:
+        config.refine.global_step_deg = args.refine_step
+
+
 def build_config(args: argparse.Namespace):
     """The run's TrainConfig: preset + options (new run), or the run's own + budget (--resume)."""
     from ..runtime import resolve_device
@@ -218,6 +240,7 @@ def build_config(args: argparse.Namespace):
         if args.no_ctf:
             config.data.use_ctf = False
     _budget(args, config)
+    _refinement(args, config)
     if args.device is not None:
         config.device = args.device
     if args.compile is not None:

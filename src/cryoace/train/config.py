@@ -36,7 +36,7 @@ from ..io.preload import PRELOAD_MODES
 from .losses import LOSSES
 from .precision import PRECISIONS
 
-__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "TrainConfig", "PRESETS",
+__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig", "PRESETS",
            "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
            "provenance"]
 
@@ -133,6 +133,20 @@ class PIPConfig:
 
 
 @dataclasses.dataclass
+class RefineConfig:
+    """Projection-matching refinement after the amortized training (:mod:`cryoace.reconstruct.refine`):
+    poses searched against the decoder's map (global over SO(3) on a ``global_step_deg`` grid, then
+    local), the map rebuilt from them, for ``rounds`` rounds with a growing band, or until
+    ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``."""
+
+    enabled: bool = False
+    rounds: int = 10
+    max_time_s: float | None = None
+    global_step_deg: float = 8.0
+    batch_size: int = 128
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Every setting of a reconstruction run.
 
@@ -160,6 +174,7 @@ class TrainConfig:
     band_start_cyc_px: float | None = None  # coarse-to-fine: loss band radius at step 0 (None = Nyquist)
     band_ramp_steps: int = 0     # steps over which the band grows linearly to Nyquist (0.5 cycles/px)
     pip: PIPConfig = dataclasses.field(default_factory=PIPConfig)
+    refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
     warmup_label_steps: int = 0  # ACE-EM warm-up labels: low-passed targets for this many steps
     warmup_label_filter: int = 3  # ... by the encoder's k-th Gaussian filter (1-based; 3 = σ 1 px)
     shift_l1: float = 0.0        # weight of the L1 penalty on predicted shifts (px)
@@ -231,6 +246,10 @@ class TrainConfig:
             raise CryoaceInputError("lr warm-up steps must be >= 0 and gamma in (0, 1]")
         if self.pip.mode not in ("joint", "alternate"):
             raise CryoaceInputError(f"--pip-mode must be joint or alternate, got {self.pip.mode!r}")
+        positive("--refine-rounds", self.refine.rounds)
+        positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
+        positive("--refine-step", self.refine.global_step_deg)
+        positive("refine batch size", self.refine.batch_size)
         if self.pip.weight < 0 or self.pip.warmup_steps < 0:
             raise CryoaceInputError("--pip-weight and --pip-warmup must be >= 0")
         if self.warmup_label_steps < 0 or self.shift_l1 < 0 or self.gsym_views < 0:

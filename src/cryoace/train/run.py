@@ -6,7 +6,10 @@ run directory, opens the particles as the configuration says, checks their contr
 seeds, data description, provenance; a resumed run appends its command line to ``resumed``),
 trains (:class:`~cryoace.train.trainer.Trainer`), writes ``volume.mrc`` and the PNGs, and predicts
 every particle's pose into ``poses.star`` (:func:`~cryoace.train.predict.predict_poses`), and last
-the self-contained ``report.html`` (:mod:`cryoace.evaluate.report`).
+the self-contained ``report.html`` (:mod:`cryoace.evaluate.report`). With ``refine.enabled`` the
+encoder's poses go to ``poses_encoder.star``, the decoder's map to ``volume_decoder.mrc``, and the
+projection-matching refinement seeded by that map (:mod:`cryoace.train.refine_stage`) writes
+``volume.mrc`` and ``poses.star`` (rank 0 only; ``--halves`` runs have no refinement stage).
 """
 
 from __future__ import annotations
@@ -198,6 +201,11 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
         pose = predict_poses(trainer.encoder, trainer.decoder, dataset, symmetric=trainer.symmetric,
                              use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
                              progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
+        if config.refine.enabled:  # projection matching from the decoder's map (train.refine_stage)
+            from .refine_stage import refine_run
+
+            write_poses_star(run_dir / "poses_encoder.star", table, pose)
+            pose = refine_run(trainer, dataset, log, progress)
         write_poses_star(poses_path, table, pose)
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)

@@ -1,0 +1,175 @@
+"""Pose search by projection matching: the rotation and shift of each image that best explain it
+under a given Fourier volume (exhaustive over SO(3), or locally around earlier poses).
+
+**Score.** The model of an image with pose (R, t) is ``P(k) = C(k)·e^{2πi k·t}·V̂(Rᵀk)`` — exactly
+:func:`cryoace.physics.forward.render_spectra` — and a candidate's error is the training loss's
+``Σ_k w(k)·|Ŷ(k) − P(k)|²`` over the half-spectrum points of a :class:`~cryoace.physics.band.HalfDiscGrid`
+of ``shells`` Fourier shells (:func:`search_band`; w = the half-grid weights / L⁴). Dropping the candidate-independent
+``Σ w|Ŷ|²`` it is ``−2·Re Σ w·conj(Ŷ)·C·e^{2πi k·t}·S_R + Σ w·C²·|S_R|²`` with ``S_R = V̂(Rᵀk)``: for a
+set of rotations shared by all images (the global search) both terms are matrix products of the
+images' (B·J, K) rows (J shifts) with the slices' (K, R) columns, so millions of candidates per image
+cost a few GEMMs; slices are computed once per rotation, not per image.
+
+**Global search** (:func:`global_search`): rotations of :func:`so3_grid` (Fibonacci-sphere viewing
+directions × uniform in-plane angles, about ``step`` degrees apart), shifts on a small grid around a
+given centre (e.g. the encoder's predicted shift). **Local search** (:func:`local_search`): each
+image's own rotation turned by every element of a small cube of rotation vectors (:func:`local_offsets`)
+and its shift moved on a small grid; repeated with halving steps and growing band (coarse to fine).
+
+The volume is any callable ``coords (…, 3) cycles/px → complex``: a decoder, or (much faster for
+thousands of rotations) :class:`~cryoace.physics.forward.VoxelFourierVolume` of a map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+
+from ..physics.ctf import compute_ctf
+from ..physics.band import HalfDiscGrid
+from ..physics.rotations import axis_angle_to_rotmat, euler_relion_to_rotmat
+from ..physics.shift import phase_ramp
+from ..physics.slicing import central_slice_coords
+from ..types import CTFParams, Pose
+
+__all__ = ["SearchResult", "search_band", "so3_grid", "local_offsets", "shift_grid", "global_search",
+           "local_search"]
+
+FourierVolume = Callable[[torch.Tensor], torch.Tensor]
+
+
+def search_band(size: int, shells: int, device=None, dtype: torch.dtype = torch.float32) -> HalfDiscGrid:
+    """The loss's half-disc grid of ``shells`` Fourier shells (clamped to 1 … L/2) of an L = ``size`` box."""
+    shells = int(min(max(1, shells), size // 2))
+    return HalfDiscGrid(size, device=device, dtype=dtype, radius_cyc_px=shells / size)
+
+
+def _ctf_values(band: HalfDiscGrid, ctf: CTFParams | None, pixel_size: torch.Tensor, batch: int) -> torch.Tensor:
+    """CTF values (B, K) at the band's points (ones without CTF)."""
+    if ctf is None:
+        return torch.ones(batch, band.freq.shape[0], dtype=band.freq.dtype, device=band.freq.device)
+    return compute_ctf(ctf, band.freq, pixel_size).to(band.freq.dtype)
+
+
+def so3_grid(step_deg: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rotations (R, 3, 3) covering SO(3) about ``step_deg`` degrees apart: Fibonacci-sphere viewing
+    directions (n ≈ 4π/step²) × ``ceil(360/step)`` uniform in-plane angles (RELION ZYZ, psi last)."""
+    step = math.radians(float(step_deg))
+    n_dir = max(2, math.ceil(4 * math.pi / step ** 2))
+    n_psi = max(1, math.ceil(2 * math.pi / step))
+    i = torch.arange(n_dir, dtype=torch.float64)
+    tilt = torch.arccos(1 - 2 * (i + 0.5) / n_dir)
+    rot = torch.remainder(i * math.pi * (3 - math.sqrt(5)), 2 * math.pi)  # golden-angle spiral
+    psi = torch.arange(n_psi, dtype=torch.float64) * (2 * math.pi / n_psi)
+    rotmat = euler_relion_to_rotmat(rot[:, None], tilt[:, None], psi[None, :])
+    return rotmat.reshape(-1, 3, 3).to(device=device, dtype=dtype)
+
+
+def local_offsets(step_deg: float, half_width: int = 1, device=None, dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """Small rotations (Q, 3, 3): rotation vectors on the cube {−n…n}³·step (n = ``half_width``),
+    identity first."""
+    r = torch.arange(-half_width, half_width + 1, dtype=torch.float64)
+    vec = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    vec = vec[torch.argsort(vec.norm(dim=-1), stable=True)] * math.radians(float(step_deg))
+    return axis_angle_to_rotmat(vec).to(device=device, dtype=dtype)
+
+
+def shift_grid(half_width: int, step_px: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Shifts (J, 2) in px on the square grid {−n…n}²·step (n = ``half_width``), zero first."""
+    r = torch.arange(-half_width, half_width + 1, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1).reshape(-1, 2)
+    grid = grid[torch.argsort(grid.norm(dim=-1), stable=True)] * float(step_px)
+    return grid.to(device=device, dtype=dtype)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Best pose per image: ``pose`` (rotmat, shift in Å) and its ``error`` (B,): the training loss's
+    per-image error ``Σ w·|Ŷ − P|²`` within the band (≈ mean squared pixel error)."""
+
+    pose: Pose
+    error: torch.Tensor
+
+
+def _image_rows(band: HalfDiscGrid, images, ctf_values, shift_px) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w·conj(Ŷ)·C·e^{2πi k·t}`` for every image and shift (B, J, K), ``w·C²`` (B, K) and the
+    candidate-independent ``Σ w·|Ŷ|²`` (B,)."""
+    spectra = band.target(images)
+    base = band.weights * spectra.conj() * ctf_values  # (B, K)
+    ramps = phase_ramp(band.freq, shift_px)              # (B, J, K)
+    power = (band.weights * (spectra.real ** 2 + spectra.imag ** 2)).sum(-1)
+    return base[:, None, :] * ramps, band.weights * ctf_values ** 2, power
+
+
+def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.Tensor, band: HalfDiscGrid,
+                  rotations: torch.Tensor, ctf: CTFParams | None = None, center_px: torch.Tensor | None = None,
+                  shifts_px: torch.Tensor | None = None, rotation_chunk: int = 4096, top_k: int = 1) -> SearchResult:
+    """The best of ``rotations`` (R, 3, 3) × shifts for each image (B, L, L).
+
+    pixel_size : (B,) Å/px; ctf : (B,) or None.
+    center_px  : (B, 2) shift (px) each image's shift grid is centred on (zero if None).
+    shifts_px  : (J, 2) offsets from that centre (:func:`shift_grid`; just zero if None).
+    top_k      : keep the ``top_k`` best candidates per image (pose and error gain a dimension k after
+                 the batch, best first) instead of the single best.
+    """
+    batch, device = images.shape[0], images.device
+    dtype = band.freq.dtype
+    offsets = torch.zeros(1, 2, dtype=dtype, device=device) if shifts_px is None else shifts_px.to(dtype)
+    centre = torch.zeros(batch, 2, dtype=dtype, device=device) if center_px is None else center_px.to(dtype)
+    candidates = centre[:, None, :] + offsets[None]                     # (B, J, 2)
+    rows, energy_rows, power = _image_rows(band, images, _ctf_values(band, ctf, pixel_size, batch), candidates)
+    n_shift = rows.shape[1]
+    lhs = torch.cat([rows.real, -rows.imag], -1).reshape(batch * n_shift, -1)  # Re(a·s) = aᵣsᵣ − aᵢsᵢ
+    best_err = torch.full((batch, top_k), math.inf, dtype=dtype, device=device)
+    best_flat = torch.zeros(batch, top_k, dtype=torch.long, device=device)  # shift · R + rotation
+    n_rot = rotations.shape[0]
+    with torch.no_grad():
+        for start in range(0, n_rot, rotation_chunk):
+            rot = rotations[start:start + rotation_chunk].to(device=device, dtype=dtype)
+            slices = volume(central_slice_coords(rot, band.freq)).to(rows.dtype)  # (r, K)
+            cross = lhs @ torch.cat([slices.real, slices.imag], -1).T              # (B·J, r)
+            energy = energy_rows @ (slices.real ** 2 + slices.imag ** 2).T         # (B, r)
+            err = (energy[:, None, :] - 2 * cross.reshape(batch, n_shift, -1)).reshape(batch, -1)
+            chunk_err, chunk_arg = err.topk(min(top_k, err.shape[1]), dim=-1, largest=False)
+            r = rot.shape[0]
+            chunk_flat = (chunk_arg // r) * n_rot + start + chunk_arg % r
+            both_err = torch.cat([best_err, chunk_err], -1)
+            both_flat = torch.cat([best_flat, chunk_flat], -1)
+            best_err, pick = both_err.topk(top_k, dim=-1, largest=False)
+            best_flat = both_flat.gather(-1, pick)
+    best_err = best_err + power[:, None]
+    rotmat = rotations.to(device=device, dtype=dtype)[best_flat % n_rot]
+    shift_px = candidates.gather(1, (best_flat // n_rot)[..., None].expand(-1, -1, 2))
+    if top_k == 1:
+        rotmat, shift_px, best_err = rotmat[:, 0], shift_px[:, 0], best_err[:, 0]
+    scale = pixel_size.to(dtype).reshape(-1, *([1] * (shift_px.ndim - 1)))
+    return SearchResult(Pose(rotmat=rotmat, shift_angst=shift_px * scale), best_err)
+
+
+def local_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.Tensor, band: HalfDiscGrid,
+                 pose: Pose, rotation_offsets: torch.Tensor, shifts_px: torch.Tensor,
+                 ctf: CTFParams | None = None) -> SearchResult:
+    """The best of ``R·Δ`` for Δ in ``rotation_offsets`` (Q, 3, 3) and ``t + δ`` for δ in ``shifts_px``
+    (J, 2) px around each image's ``pose`` (B)."""
+    batch, device = images.shape[0], images.device
+    dtype = band.freq.dtype
+    rotmat = pose.rotmat.to(device=device, dtype=dtype)
+    centre = pose.shift_angst.to(dtype) / pixel_size[:, None].to(dtype)
+    candidates = centre[:, None, :] + shifts_px.to(dtype)[None]         # (B, J, 2)
+    rows, energy_rows, power = _image_rows(band, images, _ctf_values(band, ctf, pixel_size, batch), candidates)
+    trial = rotmat[:, None] @ rotation_offsets.to(device=device, dtype=dtype)[None]  # (B, Q, 3, 3)
+    with torch.no_grad():
+        slices = volume(central_slice_coords(trial, band.freq)).to(rows.dtype)      # (B, Q, K)
+        cross = torch.einsum("bjk,bqk->bjq", rows, slices).real
+        energy = torch.einsum("bk,bqk->bq", energy_rows, slices.real ** 2 + slices.imag ** 2)
+    err = (energy[:, None, :] - 2 * cross).reshape(batch, -1) + power[:, None]
+    best_err, arg = err.min(-1)
+    n_rot = trial.shape[1]
+    index = torch.arange(batch, device=device)
+    best_rotmat = trial[index, arg % n_rot]
+    shift_px = candidates[index, arg // n_rot]
+    return SearchResult(Pose(rotmat=best_rotmat, shift_angst=shift_px * pixel_size[:, None].to(dtype)), best_err)
