@@ -83,10 +83,8 @@ class FourierAccumulator:
         self.count = 0
 
     def insert(self, images: torch.Tensor, rotmat: torch.Tensor, shift_px: torch.Tensor,
-               pixel_size: torch.Tensor | float, ctf: CTFParams | None = None,
-               weights: torch.Tensor | None = None) -> None:
-        """Insert a batch: images (B, L, L) real, rotmat (B, 3, 3), shift_px (B, 2) pose shifts in px;
-        ``weights`` (B,) scale each image's data and CTF² (e.g. pose probabilities; default 1)."""
+               pixel_size: torch.Tensor | float, ctf: CTFParams | None = None) -> None:
+        """Insert a batch: images (B, L, L) real, rotmat (B, 3, 3), shift_px (B, 2) pose shifts in px."""
         images = images.to(self.device, self.dtype)
         rotmat = rotmat.to(self.device, self.dtype)
         shift_px = shift_px.to(self.device, self.dtype)
@@ -99,8 +97,6 @@ class FourierAccumulator:
             ctf_values = torch.ones(spectra.shape, dtype=self.dtype, device=self.device)
         numerator = spectra * ctf_values
         values = torch.stack([numerator.real, numerator.imag, ctf_values * ctf_values], -1)
-        if weights is not None:
-            values = values * weights.to(self.device, self.dtype).reshape(-1, 1, 1, 1)
         values = values.reshape(images.shape[0], -1, 3)[:, self.in_disc].reshape(-1, 3)
         coords = central_slice_coords(rotmat, self.freq).reshape(images.shape[0], -1, 3)
         coords = coords[:, self.in_disc].reshape(-1, 3)
