@@ -199,6 +199,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
+    assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0
+    assert matplotlib.image.imread(run / "refine.png").ndim == 3
     config, _ = load_config(run / "config.yaml")
     assert config.refine.enabled and config.refine.rounds == 2 and config.refine.global_step_deg == 15
     truth = read_particles(particles)

@@ -8,7 +8,8 @@ metrics.jsonl and tensorboard/ (loss curves), volume_STEP.mrc maps during traini
 volume.mrc (voxel size = the images' pixel size after --downsample), volume.png (central slices and
 projections), loss.png and poses.star (every particle's predicted pose, all input columns kept).
 
-Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, 20 minutes) and paper
+Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, 8 minutes of training then
+10 rounds of --refine, about 6 minutes on the demo) and paper
 (cryoAI's: VGG16-like encoder, FourierNet 256, batch 64, AMSGrad lr 1e-4, clip 1.0; 20 epochs).
 
 ACE-EM: --pip adds the pose-image-pose task (random poses rendered by the decoder, made noisy and

@@ -21,7 +21,7 @@ import numpy as np
 from ..io.atomic import atomic_path
 from .fsc import DEFAULT_THRESHOLDS, FSCResult
 
-__all__ = ["plot_fsc", "plot_loss", "plot_volume", "plot_viewing_directions", "plot_resolution_history",
+__all__ = ["plot_fsc", "plot_loss", "plot_volume", "plot_viewing_directions", "plot_resolution_history", "plot_refinement",
            "read_metrics"]
 
 def _save_png(fig, target, dpi: int) -> None:
@@ -225,4 +225,27 @@ def plot_resolution_history(series: Mapping[str, tuple[Sequence[float], Sequence
     ax.grid(alpha=0.25)
     if series:
         ax.legend(loc="best", fontsize=8)
+    _save_png(fig, path, dpi)
+
+
+def plot_refinement(records: Sequence[Mapping], path: str | os.PathLike | BinaryIO, dpi: int = 100) -> None:
+    """PNG of a projection-matching refinement, from its ``refine`` metrics records: the median angle
+    the poses moved per round (convergence, no ground truth needed) and, when the records have them,
+    the median rotation error against the particle file's poses."""
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    rounds = [int(r["round"]) + 1 for r in records]
+    moved = [(k, r["pose_change_median_deg"]) for k, r in zip(rounds, records)
+             if r.get("pose_change_median_deg") is not None]
+    if moved:
+        ax.plot(*zip(*moved), "o-", ms=3, lw=1.4, color="C0", label="pose change since last round (median)")
+    truth = [(k, r["rot_median_deg"]) for k, r in zip(rounds, records) if r.get("rot_median_deg") is not None]
+    if truth:
+        ax.plot(*zip(*truth), "s-", ms=3, lw=1.4, color="C3", label="error vs the file's poses (median)")
+    if moved or truth:
+        ax.set_yscale("log")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("refinement round")
+    ax.set_ylabel("angle (°)")
+    ax.grid(alpha=0.25, which="both")
     _save_png(fig, path, dpi)

@@ -12,8 +12,8 @@ Seeded by a map (e.g. the decoder's volume after amortized training), each round
 
 Starting every round with the global search lets particles leave a wrong basin once the map has
 improved; the growing band is what lets the map improve round after round from a blurry start.
-Cost per round is a few GEMMs per batch for the global search plus ``len(local_steps_deg)`` slices of
-27 rotations × 9 shifts per image for the local one — independent of how many rounds came before.
+Cost per round is a few GEMMs per batch for the global search plus ``len(local_steps_deg) + 2`` local
+searches (27 rotations × 9 shifts per image each) — independent of how many rounds came before.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from ..physics.forward import VoxelFourierVolume
 from ..types import Pose
 from .backproject import FourierAccumulator
-from .pose_search import global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
+from .pose_search import SearchResult, global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
 
 __all__ = ["RefineSettings", "RefineRound", "RefineResult", "refine"]
 
@@ -67,13 +67,16 @@ class RefineSettings:
 
 @dataclasses.dataclass
 class RefineRound:
-    """What one round did: its bands (shells), the mean per-image error (the loss) and the wall time."""
+    """What one round did: its bands (shells), the mean per-image error (the loss), the median angle (°)
+    by which the particles' rotations moved since the last round (None in round 0; near 0 once the
+    refinement has converged) and the wall time."""
 
     round: int
     global_shells: int
     local_shells: int
     mean_error: float
     elapsed_s: float
+    pose_change_median_deg: float | None = None
 
 
 @dataclasses.dataclass
@@ -83,6 +86,12 @@ class RefineResult:
     pose: Pose
     volume: torch.Tensor
     rounds: list[RefineRound]
+
+
+def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angles (°) of the rotations aᵀb (N,)."""
+    cos = ((a.double().transpose(-1, -2) @ b.double()).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 
 
 def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None, rows: np.ndarray | None = None,
@@ -107,6 +116,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)
     local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
     offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
+    finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
     current = volume.to(device=device, dtype=torch.float32)
     start = time.monotonic()
     history: list[RefineRound] = []
@@ -120,24 +130,38 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             lband = search_band(size, local_shells, device=device)
             reference = VoxelFourierVolume.from_real(current, pad_factor=2)
             accumulator = FourierAccumulator(size, pad_factor=2, device=device)
-            rotmats, shifts, total_error = [], [], 0.0
+            rotmats, shifts, total_error, done = [], [], 0.0, 0
             for batch in dataset.batches(settings.batch_size, indices=rows):
                 images = batch.images.to(device)
                 pixel_size = batch.pixel_size.to(device)
                 ctf = batch.ctf.to(device=device) if use_ctf else None
+                search = (reference, images, pixel_size, lband)
                 found = global_search(reference, images, pixel_size, gband, rotations, ctf,
                                       shifts_px=global_shifts).pose
                 for offset in offsets:
-                    result = local_search(reference, images, pixel_size, lband, found, offset, local_shifts, ctf)
-                    found = result.pose
-                total_error += float(result.error.sum()) if offsets else 0.0
+                    found = local_search(*search, found, offset, local_shifts, ctf).pose
+                best = local_search(*search, found, finest, local_shifts, ctf)
+                if pose is not None:  # last round's pose, touched up, where it still explains the image better
+                    n = images.shape[0]
+                    previous = Pose(pose.rotmat[done:done + n], pose.shift_angst[done:done + n])
+                    kept = local_search(*search, previous, finest, local_shifts, ctf)
+                    better = kept.error < best.error
+                    best = SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
+                                             torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
+                                        torch.where(better, kept.error, best.error))
+                found = best.pose
+                done += images.shape[0]
+                total_error += float(best.error.sum())
                 accumulator.insert(images, found.rotmat, found.shift_angst / pixel_size[:, None], pixel_size, ctf)
                 rotmats.append(found.rotmat)
                 shifts.append(found.shift_angst)
-            pose = Pose(rotmat=torch.cat(rotmats), shift_angst=torch.cat(shifts))
+            new = Pose(rotmat=torch.cat(rotmats), shift_angst=torch.cat(shifts))
+            change = None if pose is None else float(_angle_deg(pose.rotmat, new.rotmat).median())
+            pose = new
             current = accumulator.volume(settings.wiener_eps)
             record = RefineRound(round=r, global_shells=global_shells, local_shells=local_shells,
-                                 mean_error=total_error / len(rows), elapsed_s=time.monotonic() - start)
+                                 mean_error=total_error / len(rows), elapsed_s=time.monotonic() - start,
+                                 pose_change_median_deg=change)
             history.append(record)
             bar.update(1)
             if on_round is not None:

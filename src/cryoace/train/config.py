@@ -11,8 +11,10 @@ Presets:
   batch 16, 40 steps. For tests and smoke runs; does not reconstruct anything useful.
 * ``cpu``   — a small encoder (16/32/64/64 channels, one conv per block, MLP 128) and FourierNet
   (64 hidden units, 3 layers per SIREN) for a 2-core CPU at L = 64, batch 32, lr 1e-3 (AMSGrad,
-  clip 1.0), 20 minutes (about 0.8 s a step on the demo with 2 threads; ``--compile`` saves about a
-  quarter of that but costs minutes of compiling up front and again for each new batch shape).
+  clip 1.0), 8 minutes of training (about 0.8 s a step on the demo with 2 threads; ``--compile``
+  saves about a quarter of that but costs minutes of compiling up front and again for each new batch
+  shape), then 10 rounds of projection-matching refinement from the decoder's map (``refine``; about
+  6 minutes for the 2000 demo particles).
 * ``paper`` — cryoAI's settings: VGG16-like encoder (64/128/256/256/256 channels, 2/2/3/3/3 convs,
   MLP 256), FourierNet with 256 hidden units, batch 64, Adam with AMSGrad at lr 1e-4, gradient
   clipping at 1.0.
@@ -332,8 +334,8 @@ def _tiny() -> TrainConfig:
 
 def _cpu() -> TrainConfig:
     return TrainConfig(
-        preset="cpu", batch_size=32, max_time_s=20 * 60, log_every=25, checkpoint_every=200,
-        volume_every=1000,
+        preset="cpu", batch_size=32, max_time_s=8 * 60, log_every=25, checkpoint_every=200,
+        volume_every=1000, refine=RefineConfig(enabled=True, rounds=10),
         encoder=EncoderConfig(channels=(16, 32, 64, 64), convs_per_block=(1, 1, 1, 1), mlp_hidden=128),
         decoder=DecoderConfig(name="fouriernet", hidden=64, layers=3),
         optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0))
