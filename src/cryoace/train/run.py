@@ -142,6 +142,8 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
         if distributed.env_world_size() > 1:  # every rank would train and write both halves
             raise CryoaceInputError("--halves does not run under torchrun; start it as a single process")
 
+        if config.refine.enabled:
+            log("--halves: the two half models' maps are the result (no projection-matching refinement stage)")
         return run_halves(particles, run_dir, config, resume=resume, argv=argv, arguments=arguments,
                           progress=progress, log=log, table=table)
     config.validate()
