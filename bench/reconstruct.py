@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from runs import demo_dataset, train_and_score  # noqa: E402
+from runs import demo_dataset, time_to_target, train_and_score  # noqa: E402
 
 from cryoace.runtime import resolve_device  # noqa: E402
 from cryoace.train.config import parse_duration, preset_config  # noqa: E402
@@ -65,9 +65,8 @@ def main() -> int:
         out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{snr}", config,
                               steps_per_s_guess=4.0 if config.decoder.name.startswith("voxel") else 1.0)
         target = TARGET_PX.get(snr)
-        reached = [c for c in out["curve"] if target is not None and c["fsc05_px"] <= target]
         out["target_px"] = target
-        out["time_to_target_s"] = reached[0]["elapsed_s"] if reached else None
+        out["time_to_target_s"] = time_to_target(out["curve"], target)
         results[snr] = out
         print(f"{snr:>6}: final FSC-0.5 {out['final']['fsc05_px']:.2f} px (target {target} px), median "
               f"rotation error {out['final']['rot_median_deg']:.1f}°, coverage {out['final']['coverage']:.2f}, "

@@ -71,6 +71,12 @@ def score_snapshots(run_dir: Path, truth_map: Path) -> list[dict]:
     return sorted(curve, key=lambda point: point["elapsed_s"])
 
 
+def time_to_target(curve: list[dict], target_px: float | None) -> float | None:
+    """Wall time (s) of the first snapshot at or below ``target_px`` FSC-0.5 resolution, or None."""
+    reached = [c for c in curve if target_px is not None and c["fsc05_px"] <= target_px]
+    return reached[0]["elapsed_s"] if reached else None
+
+
 def train_and_score(star: Path, truth_map: Path, run_dir: Path, config: TrainConfig, snapshots: int = 10,
                     steps_per_s_guess: float = 1.0) -> dict:
     """Train ``config`` on ``star`` into ``run_dir`` (replaced), with about ``snapshots`` volume

@@ -13,6 +13,7 @@ import starfile
 import torch
 
 from cryoace.cli.main import main as cli
+from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import open_mrc
 from cryoace.io.particles import read_particles
 from cryoace.train.config import load_config
@@ -198,8 +199,11 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
+    assert [r["round"] for r in read_metrics(run / "metrics.jsonl", kind="refine")] == [0, 1]  # same step, both kept
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
     assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0
+    assert all(2.0 <= r["half_fsc0143_px"] <= 32 and r["half_fsc0143_angst"] == pytest.approx(3 * r["half_fsc0143_px"])
+               for r in rounds)
     assert matplotlib.image.imread(run / "refine.png").ndim == 3
     config, _ = load_config(run / "config.yaml")
     assert config.refine.enabled and config.refine.rounds == 2 and config.refine.global_step_deg == 15

@@ -140,6 +140,8 @@ def test_refine_from_a_blurred_map_reaches_accurate_poses(aspire):
     errors = _angles_deg(result.pose.rotmat, batch.pose.rotmat)
     assert float(errors.median()) < 2.0
     assert fsc(result.volume, spike, voxel_size=3.0).resolution(0.5).px < 2.5
+    # the two half maps (each image searched against the other half's map) agree to near Nyquist
+    assert rounds[-1].half_map_fsc.resolution(0.143).px < 2.5 and rounds[-1].half_map_fsc.voxel_size == 3.0
 
 
 def test_refine_rejects_a_map_of_another_box(aspire):

@@ -10,6 +10,15 @@ Seeded by a map (e.g. the decoder's volume after amortized training), each round
 2. reconstructs the map from the new poses by CTF-weighted direct Fourier inversion
    (:class:`~cryoace.reconstruct.backproject.FourierAccumulator`).
 
+**Two halves.** The particles (alternate positions in ``rows``) form two half sets with a map each;
+every image is searched against the *other* half's map. Matching an image against a map that holds
+its own noise at its previous pose would pull it back there (with noisy images this locks wrong
+poses in); against the other half's map it cannot. The two maps share one frame because each half is
+aligned to the other's, and the reported map is the reconstruction from all particles. Their FSC
+(``half_map_fsc``) weights each half map's shells by √(2·FSC/(1 + FSC)) (:func:`fsc_weighted`) before
+it serves as the next round's reference, so noise-dominated shells hardly steer the search. (It is
+not a gold-standard estimate: the halves are aligned to each other, so shared noise can correlate.)
+
 Starting every round with the global search lets particles leave a wrong basin once the map has
 improved; the growing band is what lets the map improve round after round from a blurry start.
 Cost per round is a few GEMMs per batch for the global search plus ``len(local_steps_deg) + 2`` local
@@ -25,12 +34,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..evaluate.fsc import FSCResult, fsc
 from ..physics.forward import VoxelFourierVolume
+from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 from ..types import Pose
 from .backproject import FourierAccumulator
 from .pose_search import SearchResult, global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "refine"]
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "refine", "fsc_weighted"]
 
 
 @dataclasses.dataclass
@@ -69,7 +80,7 @@ class RefineSettings:
 class RefineRound:
     """What one round did: its bands (shells), the mean per-image error (the loss), the median angle (°)
     by which the particles' rotations moved since the last round (None in round 0; near 0 once the
-    refinement has converged) and the wall time."""
+    refinement has converged), the wall time, and the FSC between the two half maps."""
 
     round: int
     global_shells: int
@@ -77,6 +88,7 @@ class RefineRound:
     mean_error: float
     elapsed_s: float
     pose_change_median_deg: float | None = None
+    half_map_fsc: FSCResult | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +98,18 @@ class RefineResult:
     pose: Pose
     volume: torch.Tensor
     rounds: list[RefineRound]
+
+
+def fsc_weighted(volume: torch.Tensor, fsc_curve) -> torch.Tensor:
+    """``volume`` with each Fourier shell scaled by √(2·FSC/(1 + FSC)) (0 where FSC ≤ 0): the
+    expected correlation of a half map with the truth (Rosenthal & Henderson 2003), which damps the
+    shells that hold mostly noise before they are used as a search reference."""
+    size = volume.shape[-1]
+    curve = torch.as_tensor(np.asarray(fsc_curve), dtype=torch.float64, device=volume.device).clamp(min=0.0)
+    weight = torch.sqrt(2 * curve / (1 + curve))
+    shells = radial_shell_index(size, 3, device=volume.device).clamp(max=len(curve) - 1)
+    spectrum = fft3_centered(volume.to(torch.float64)) * weight[shells]
+    return ifft3_centered(spectrum).real.to(volume.dtype)
 
 
 def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -117,10 +141,13 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
     offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
     finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
-    current = volume.to(device=device, dtype=torch.float32)
+    seed = volume.to(device=device, dtype=torch.float32)
+    references = [VoxelFourierVolume.from_real(seed, pad_factor=2)] * 2  # searched by half 1, half 0
+    halves = [np.arange(h, len(rows), 2) for h in (0, 1)]  # positions in ``rows``
+    n = len(rows)
     start = time.monotonic()
     history: list[RefineRound] = []
-    pose = None
+    pose, current = None, seed
     bar = tqdm(total=settings.rounds, unit="round", desc="refining", disable=None if progress else True)
     try:
         for r in range(settings.rounds):
@@ -128,40 +155,47 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             global_shells = min(settings.global_max_shells, settings.global_shells + 2 * r, local_shells)
             gband = search_band(size, global_shells, device=device)
             lband = search_band(size, local_shells, device=device)
-            reference = VoxelFourierVolume.from_real(current, pad_factor=2)
-            accumulator = FourierAccumulator(size, pad_factor=2, device=device)
-            rotmats, shifts, total_error, done = [], [], 0.0, 0
-            for batch in dataset.batches(settings.batch_size, indices=rows):
-                images = batch.images.to(device)
-                pixel_size = batch.pixel_size.to(device)
-                ctf = batch.ctf.to(device=device) if use_ctf else None
-                search = (reference, images, pixel_size, lband)
-                found = global_search(reference, images, pixel_size, gband, rotations, ctf,
-                                      shifts_px=global_shifts).pose
-                for offset in offsets:
-                    found = local_search(*search, found, offset, local_shifts, ctf).pose
-                best = local_search(*search, found, finest, local_shifts, ctf)
-                if pose is not None:  # last round's pose, touched up, where it still explains the image better
-                    n = images.shape[0]
-                    previous = Pose(pose.rotmat[done:done + n], pose.shift_angst[done:done + n])
-                    kept = local_search(*search, previous, finest, local_shifts, ctf)
-                    better = kept.error < best.error
-                    best = SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
-                                             torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
-                                        torch.where(better, kept.error, best.error))
-                found = best.pose
-                done += images.shape[0]
-                total_error += float(best.error.sum())
-                accumulator.insert(images, found.rotmat, found.shift_angst / pixel_size[:, None], pixel_size, ctf)
-                rotmats.append(found.rotmat)
-                shifts.append(found.shift_angst)
-            new = Pose(rotmat=torch.cat(rotmats), shift_angst=torch.cat(shifts))
+            rotmat = torch.empty(n, 3, 3, device=device)
+            shift = torch.empty(n, 2, device=device)
+            error = torch.empty(n, device=device)
+            accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
+            for h, positions in enumerate(halves):
+                reference = references[1 - h]  # the other half's map: no image meets its own noise
+                for at in range(0, len(positions), settings.batch_size):
+                    where = positions[at:at + settings.batch_size]
+                    batch = dataset[rows[where]]
+                    images = batch.images.to(device)
+                    pixel_size = batch.pixel_size.to(device)
+                    ctf = batch.ctf.to(device=device) if use_ctf else None
+                    search = (reference, images, pixel_size, lband)
+                    found = global_search(reference, images, pixel_size, gband, rotations, ctf,
+                                          shifts_px=global_shifts).pose
+                    for offset in offsets:
+                        found = local_search(*search, found, offset, local_shifts, ctf).pose
+                    best = local_search(*search, found, finest, local_shifts, ctf)
+                    if pose is not None:  # last round's pose, touched up, where it still explains the image better
+                        kept = local_search(*search, Pose(pose.rotmat[where], pose.shift_angst[where]), finest,
+                                            local_shifts, ctf)
+                        better = kept.error < best.error
+                        best = SearchResult(
+                            Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
+                                 torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
+                            torch.where(better, kept.error, best.error))
+                    rotmat[where], shift[where], error[where] = best.pose.rotmat, best.pose.shift_angst, best.error
+                    accumulators[h].insert(images, best.pose.rotmat, best.pose.shift_angst / pixel_size[:, None],
+                                           pixel_size, ctf)
+            new = Pose(rotmat=rotmat, shift_angst=shift)
             change = None if pose is None else float(_angle_deg(pose.rotmat, new.rotmat).median())
             pose = new
-            current = accumulator.volume(settings.wiener_eps)
+            half_maps = [a.volume(settings.wiener_eps) for a in accumulators]
+            half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
+            references = [VoxelFourierVolume.from_real(fsc_weighted(m, half_fsc.curve), pad_factor=2)
+                          for m in half_maps]
+            current = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
             record = RefineRound(round=r, global_shells=global_shells, local_shells=local_shells,
-                                 mean_error=total_error / len(rows), elapsed_s=time.monotonic() - start,
-                                 pose_change_median_deg=change)
+                                 mean_error=float(error.mean()), elapsed_s=time.monotonic() - start,
+                                 pose_change_median_deg=change,
+                                 half_map_fsc=half_fsc)
             history.append(record)
             bar.update(1)
             if on_round is not None:

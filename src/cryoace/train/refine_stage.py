@@ -4,7 +4,8 @@ After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run
 map (already written as ``volume.mrc``; renamed ``volume_decoder.mrc`` when the stage ends) and runs
 :func:`cryoace.reconstruct.refine.refine` on the same normalized images, so the map's units match.
 Each round writes ``volume_refine_RR.mrc``, a ``refine`` record in metrics.jsonl (bands, mean error,
-median pose change since the last round, wall time counted on from the training time, coverage and —
+median pose change since the last round, the half maps' FSC-0.143 resolution, wall time counted on
+from the training time, coverage and —
 when the particle file has poses — the errors against them with the aligning rotation, as the
 training's ``poses`` records) and redraws ``refine.png`` (pose change and error per round). At the end the
 refined map becomes ``volume.mrc`` (and ``volume.png``); the caller writes the refined poses to
@@ -44,16 +45,19 @@ def refine_run(trainer, dataset, log: Callable[[str], None], progress: bool = Tr
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
         write_mrc(run_dir / f"volume_refine_{record.round:02d}.mrc", volume.float().cpu().numpy(), pixel_size)
+        gold = record.half_map_fsc.resolution(0.143)
+        half_map = {"half_fsc0143_px": gold.px, "half_fsc0143_angst": gold.angstrom}
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
         trainer._record({"kind": "refine", "step": trainer.step, "round": record.round,
                          "elapsed_s": trainer.elapsed_s + record.elapsed_s, "global_shells": record.global_shells,
                          "local_shells": record.local_shells, "mean_error": record.mean_error,
-                         "pose_change_median_deg": record.pose_change_median_deg, **summary})
+                         "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
         errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
         moved = "" if record.pose_change_median_deg is None else f", poses moved {record.pose_change_median_deg:.2f}° (median)"
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
-            f"{record.mean_error:.4g}{moved}{errors} ({record.elapsed_s:.0f} s)")
+            f"{record.mean_error:.4g}{moved}, half maps FSC-0.143 {gold.angstrom:.2f} Å{errors} "
+            f"({record.elapsed_s:.0f} s)")
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
     log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
