@@ -135,6 +135,8 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     if tuple(volume.shape) != (size, size, size):
         raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³")
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+    if len(rows) < 2:
+        raise ValueError(f"refinement needs at least 2 particles (two half sets), got {len(rows)}")
     use_ctf = bool(use_ctf and dataset.has_ctf)
     rotations = so3_grid(settings.global_step_deg, device=device)
     global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)

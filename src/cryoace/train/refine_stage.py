@@ -29,12 +29,16 @@ from .monitor import PoseMonitor
 __all__ = ["refine_run"]
 
 
-def refine_run(trainer, dataset, log: Callable[[str], None], progress: bool = True) -> Pose:
-    """Refine the poses and map of ``trainer``'s run (see the module docstring); returns the poses."""
+def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True) -> Pose:
+    """Refine the poses and map of ``trainer``'s run (see the module docstring); returns the refined
+    poses (``predicted``, the encoder's, where there is nothing to refine)."""
     from ..evaluate.plots import plot_refinement, read_metrics
     from .export import decoder_volume, plot_volume
 
     cfg = trainer.config.refine
+    if len(dataset) < 2:  # two half sets are needed
+        log("refinement skipped: it needs at least 2 particles")
+        return predicted
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
     decoder_map = decoder_volume(trainer.decoder, trainer.image_size, trainer.config.volume_chunk)

@@ -207,7 +207,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
             from .refine_stage import refine_run
 
             write_poses_star(run_dir / "poses_encoder.star", table, pose)
-            pose = refine_run(trainer, dataset, log, progress)
+            pose = refine_run(trainer, dataset, pose, log, progress)
         write_poses_star(poses_path, table, pose)
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
