@@ -18,7 +18,7 @@ from cryoace.io.mrc import read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.physics.band import HalfDiscGrid
 from cryoace.physics.forward import VoxelFourierVolume, render_images, render_spectra
-from cryoace.physics.rotations import random_rotmat
+from cryoace.physics.rotations import geodesic_angle, random_rotmat
 from cryoace.reconstruct.pose_search import (global_search, local_offsets, local_search, search_band,
                                              shift_grid, so3_grid)
 from cryoace.reconstruct.refine import RefineSettings, refine
@@ -36,8 +36,7 @@ def _rows(ctf, rows):
 
 
 def _angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    cos = ((a.transpose(-1, -2).double() @ b.double()).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+    return torch.rad2deg(geodesic_angle(a.double(), b.double()))
 
 
 @pytest.fixture(scope="module")

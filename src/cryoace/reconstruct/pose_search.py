@@ -11,8 +11,7 @@ images' (B·J, K) rows (J shifts) with the slices' (K, R) columns, so millions o
 cost a few GEMMs; slices are computed once per rotation, not per image.
 
 **Global search** (:func:`global_search`): rotations of :func:`so3_grid` (Fibonacci-sphere viewing
-directions × uniform in-plane angles, about ``step`` degrees apart), shifts on a small grid around a
-given centre (e.g. the encoder's predicted shift). **Local search** (:func:`local_search`): each
+directions × uniform in-plane angles, about ``step`` degrees apart) × shifts on a small grid. **Local search** (:func:`local_search`): each
 image's own rotation turned by every element of a small cube of rotation vectors (:func:`local_offsets`)
 and its shift moved on a small grid; repeated with halving steps and growing band (coarse to fine).
 
@@ -106,21 +105,19 @@ def _image_rows(band: HalfDiscGrid, images, ctf_values, shift_px) -> tuple[torch
 
 
 def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.Tensor, band: HalfDiscGrid,
-                  rotations: torch.Tensor, ctf: CTFParams | None = None, center_px: torch.Tensor | None = None,
+                  rotations: torch.Tensor, ctf: CTFParams | None = None,
                   shifts_px: torch.Tensor | None = None, rotation_chunk: int = 4096, top_k: int = 1) -> SearchResult:
     """The best of ``rotations`` (R, 3, 3) × shifts for each image (B, L, L).
 
     pixel_size : (B,) Å/px; ctf : (B,) or None.
-    center_px  : (B, 2) shift (px) each image's shift grid is centred on (zero if None).
-    shifts_px  : (J, 2) offsets from that centre (:func:`shift_grid`; just zero if None).
+    shifts_px  : (J, 2) shifts (px) tried for every image (:func:`shift_grid`; just zero if None).
     top_k      : keep the ``top_k`` best candidates per image (pose and error gain a dimension k after
                  the batch, best first) instead of the single best.
     """
     batch, device = images.shape[0], images.device
     dtype = band.freq.dtype
     offsets = torch.zeros(1, 2, dtype=dtype, device=device) if shifts_px is None else shifts_px.to(dtype)
-    centre = torch.zeros(batch, 2, dtype=dtype, device=device) if center_px is None else center_px.to(dtype)
-    candidates = centre[:, None, :] + offsets[None]                     # (B, J, 2)
+    candidates = offsets[None].expand(batch, -1, -1)                    # (B, J, 2)
     rows, energy_rows, power = _image_rows(band, images, _ctf_values(band, ctf, pixel_size, batch), candidates)
     n_shift = rows.shape[1]
     lhs = torch.cat([rows.real, -rows.imag], -1).reshape(batch * n_shift, -1)  # Re(a·s) = aᵣsᵣ − aᵢsᵢ

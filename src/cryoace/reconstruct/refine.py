@@ -37,6 +37,7 @@ import torch
 from ..evaluate.fsc import FSCResult, fsc
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
+from ..physics.rotations import geodesic_angle
 from ..types import Pose
 from .backproject import FourierAccumulator
 from .pose_search import SearchResult, global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
@@ -54,7 +55,7 @@ class RefineSettings:
                       ``global_max_shells`` (the grid's spacing limits what higher frequencies add).
     start_shells, shells_per_round : band of the local search at round r: start + r·step, at most L/2.
     local_steps_deg : angular steps of the successive local searches (3×3×3 rotation-vector cubes).
-    shift_range_px, shift_step_px : global shift grid ±range in steps (around 0 or the given shifts);
+    shift_range_px, shift_step_px : global shift grid ±range in steps of step (px) around 0;
     local_shift_step_px : local shift grid ±1 step.
     wiener_eps      : Wiener constant of the reconstruction (relative to the mean summed CTF²).
     batch_size      : images per search batch.
@@ -110,12 +111,6 @@ def fsc_weighted(volume: torch.Tensor, fsc_curve) -> torch.Tensor:
     shells = radial_shell_index(size, 3, device=volume.device).clamp(max=len(curve) - 1)
     spectrum = fft3_centered(volume.to(torch.float64)) * weight[shells]
     return ifft3_centered(spectrum).real.to(volume.dtype)
-
-
-def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Angles (°) of the rotations aᵀb (N,)."""
-    cos = ((a.double().transpose(-1, -2) @ b.double()).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
 
 
 def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None, rows: np.ndarray | None = None,
@@ -187,7 +182,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                     accumulators[h].insert(images, best.pose.rotmat, best.pose.shift_angst / pixel_size[:, None],
                                            pixel_size, ctf)
             new = Pose(rotmat=rotmat, shift_angst=shift)
-            change = None if pose is None else float(_angle_deg(pose.rotmat, new.rotmat).median())
+            change = None if pose is None else float(torch.rad2deg(geodesic_angle(pose.rotmat, new.rotmat)).median())
             pose = new
             half_maps = [a.volume(settings.wiener_eps) for a in accumulators]
             half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))

@@ -20,8 +20,9 @@ import os
 from typing import Callable
 
 import numpy as np
+import torch
 
-from ..io.mrc import write_mrc
+from ..io.mrc import read_volume, write_mrc
 from ..reconstruct.refine import RefineRound, RefineSettings, refine
 from ..types import Pose
 from .monitor import PoseMonitor
@@ -33,7 +34,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     """Refine the poses and map of ``trainer``'s run (see the module docstring); returns the refined
     poses (``predicted``, the encoder's, where there is nothing to refine)."""
     from ..evaluate.plots import plot_refinement, read_metrics
-    from .export import decoder_volume, plot_volume
+    from .export import plot_volume
 
     cfg = trainer.config.refine
     if len(dataset) < 2:  # two half sets are needed
@@ -41,7 +42,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         return predicted
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
-    decoder_map = decoder_volume(trainer.decoder, trainer.image_size, trainer.config.volume_chunk)
+    decoder_map = torch.as_tensor(read_volume(run_dir / "volume.mrc").data.copy())  # Trainer.finalize wrote it
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
                               batch_size=cfg.batch_size)
     n = len(dataset)
@@ -68,8 +69,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     result = refine(dataset, decoder_map, settings, use_ctf=trainer.use_ctf, device=trainer.device,
                     progress=progress, on_round=on_round)
     volume = result.volume.float()
-    if (run_dir / "volume.mrc").is_file():  # until here volume.mrc is the decoder's (an interrupted stage leaves it)
-        os.replace(run_dir / "volume.mrc", run_dir / "volume_decoder.mrc")
+    # until here volume.mrc is the decoder's (an interrupted stage leaves it)
+    os.replace(run_dir / "volume.mrc", run_dir / "volume_decoder.mrc")
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {len(result.rounds)} refinement rounds "
