@@ -273,7 +273,7 @@ CASES = [
     ("nan_pixel", _poisoned_stack(np.nan), "NaN or Inf"),
     ("inf_pixel", _poisoned_stack(np.inf), "NaN or Inf"),
     ("non_numeric_angle", non_numeric_angle, "column rlnAngleRot has a non-numeric"),
-    ("ragged_row", ragged_row, "missing value nan at particle row 99"),
+    ("ragged_row", ragged_row, "has 12 values but data_particles has 15 columns"),
     ("zero_pixel_size", zero_pixel_size, "pixel size is zero, negative or undefined (0 Å"),
     ("no_pixel_size", no_pixel_size, "no pixel size"),
     ("garbage_star", garbage_star, "STAR file"),

@@ -51,7 +51,7 @@ def make_run(truth_dir, run_dir, flip: bool, q=Q, offset_px=None, shuffle=True, 
     rot = h @ table.pose.rotmat @ q @ h
     shift = table.pose.shift_angst.clone()
     d = torch.zeros(3, dtype=torch.float64) if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float64)
-    shift += (table.pose.rotmat[:, :2, :] @ d) * torch.as_tensor(table.pixel_size)[:, None]
+    shift += (table.pose.rotmat[:, :2, :] @ d) * torch.tensor(table.pixel_size)[:, None]
     pred = dataclasses.replace(table, pose=Pose(rotmat=rot, shift_angst=shift))
     if not names:
         pred = dataclasses.replace(pred, image_paths=None, image_indices=None)

@@ -69,7 +69,7 @@ def test_pose_convention(particles_dir):
     table = read_cs(path)
     for i in (0, 1, 1000, 2018):
         expected = rodrigues(raw["alignments3D/pose"][i].astype(np.float64)).T
-        np.testing.assert_allclose(table.pose.rotmat[i].numpy(), expected, atol=1e-12)
+        np.testing.assert_allclose(table.pose.rotmat[i].numpy(), expected, atol=1e-6)  # float32 angles
     np.testing.assert_allclose(table.pose.shift_angst.numpy(), raw["alignments3D/shift"] * 2.95, rtol=1e-6)
     np.testing.assert_allclose(table.pose.shift_angst[0].numpy(), [11.334375 * 2.95, -1.828125 * 2.95],
                                rtol=1e-6)

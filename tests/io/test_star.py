@@ -43,6 +43,11 @@ def num(df, col):
     return df[col].astype(float).to_numpy()
 
 
+def F32(x: float) -> float:
+    """``x`` as the table stores it (float32)."""
+    return float(np.float32(x))
+
+
 R31 = "relion31_cryodrgn"
 
 # file, count, pixel size of row 0, has_ctf, has_pose, image size (None = not in file)
@@ -78,7 +83,8 @@ def test_read_every_star(particles_dir, name, count, psize, has_ctf, has_pose, b
         assert (table.image_size == box).all()
     assert table.image_paths is not None and len(table.image_paths) == count
     assert all(Path(p).is_absolute() for p in table.stack_paths)
-    assert table.ctf.defocus_u.dtype == torch.float64 and table.ctf.defocus_u.shape == (count,)
+    # stored compactly: CTF in float32, poses as float32 angles; table.pose computes float64 matrices
+    assert table.ctf.defocus_u.dtype == torch.float32 and table.ctf.defocus_u.shape == (count,)
     if has_pose:
         assert table.pose.rotmat.shape == (count, 3, 3) and table.pose.rotmat.dtype == torch.float64
 
@@ -91,7 +97,7 @@ def test_empiar_relion30_pixel_size_and_ctf(particles_dir):
     np.testing.assert_allclose(table.ctf.defocus_u.numpy(), num(text, "rlnDefocusU"))
     np.testing.assert_allclose(table.ctf.defocus_v.numpy(), num(text, "rlnDefocusV"))
     np.testing.assert_allclose(table.ctf.defocus_angle.numpy(), np.deg2rad(num(text, "rlnDefocusAngle")))
-    assert table.ctf.defocus_u[2].item() == 15150.7 and table.ctf.defocus_v[2].item() == 14766.0
+    assert table.ctf.defocus_u[2].item() == F32(15150.7) and table.ctf.defocus_v[2].item() == 14766.0
     np.testing.assert_allclose(table.ctf.voltage_kv.numpy(), 300.0)
     np.testing.assert_allclose(table.ctf.cs_mm.numpy(), 2.7)
     np.testing.assert_allclose(table.ctf.amplitude_contrast.numpy(), 0.07)
@@ -111,7 +117,7 @@ def test_relion31_against_text(particles_dir, name):
     np.testing.assert_allclose(table.ctf.defocus_u.numpy(), num(text, "rlnDefocusU"))
     np.testing.assert_allclose(table.ctf.defocus_v.numpy(), num(text, "rlnDefocusV"))
     np.testing.assert_allclose(table.ctf.defocus_angle.numpy(), np.deg2rad(num(text, "rlnDefocusAngle")))
-    assert table.ctf.defocus_u[0].item() == 13108.082418
+    assert table.ctf.defocus_u[0].item() == F32(13108.082418)
     np.testing.assert_allclose(table.ctf.defocus_angle[0].item(), np.deg2rad(-160.39))
     np.testing.assert_allclose(table.ctf.cs_mm.numpy(), 0.01)
     np.testing.assert_allclose(table.ctf.amplitude_contrast.numpy(), 0.1)
@@ -119,7 +125,7 @@ def test_relion31_against_text(particles_dir, name):
     rot = torch.from_numpy(np.deg2rad(num(text, "rlnAngleRot")))
     tilt = torch.from_numpy(np.deg2rad(num(text, "rlnAngleTilt")))
     psi = torch.from_numpy(np.deg2rad(num(text, "rlnAnglePsi")))
-    torch.testing.assert_close(table.pose.rotmat, euler_relion_to_rotmat(rot, tilt, psi))
+    torch.testing.assert_close(table.pose.rotmat, euler_relion_to_rotmat(rot, tilt, psi), atol=1e-6, rtol=0)
     shift = np.stack([num(text, "rlnOriginXAngst"), num(text, "rlnOriginYAngst")], -1)
     np.testing.assert_allclose(table.pose.shift_angst.numpy(), shift)
     assert table.stack_paths == [str(particles_dir / R31 / "relion31.mrcs")]
@@ -143,7 +149,7 @@ def test_six_optics_groups(particles_dir):
         np.testing.assert_allclose(got, expected)
     # the groups really differ: 1.24 / 1.25 Å, Cs 2.6 in group 4, 200 kV everywhere
     assert set(np.round(table.pixel_size, 3)) == {1.24, 1.25}
-    assert set(np.round(table.ctf.cs_mm.numpy(), 3)) == {2.6, 2.7}
+    assert set(np.round(table.ctf.cs_mm.double().numpy(), 3)) == {2.6, 2.7}
     np.testing.assert_allclose(table.ctf.voltage_kv.numpy(), 200.0)
     np.testing.assert_allclose(table.ctf.defocus_u.numpy(), num(parts, "rlnDefocusU"))
     np.testing.assert_allclose(table.ctf.phase_shift.numpy(), np.deg2rad(num(parts, "rlnPhaseShift")))
@@ -159,7 +165,7 @@ def test_relion5_and_trpv1_ctf_spot_checks(particles_dir):
     np.testing.assert_allclose(t5.pixel_size, 0.89)
     np.testing.assert_allclose(t5.ctf.voltage_kv.numpy(), 100.0)
     np.testing.assert_allclose(t5.ctf.cs_mm.numpy(), 1.6)
-    assert t5.ctf.defocus_u[0].item() == 11949.061330 and t5.ctf.defocus_v[1].item() == 11814.936842
+    assert t5.ctf.defocus_u[0].item() == F32(11949.061330) and t5.ctf.defocus_v[1].item() == F32(11814.936842)
     np.testing.assert_allclose(t5.ctf.defocus_angle[0].item(), np.deg2rad(49.059993))
     np.testing.assert_allclose(t5.pose.shift_angst[1].numpy(), [1.259694, 2.626956])
     assert len(t5.stack_paths) == 2  # toy_images_a / toy_images_b
@@ -175,7 +181,7 @@ def test_relion5_and_trpv1_ctf_spot_checks(particles_dir):
     np.testing.assert_allclose(tt.ctf.defocus_angle.numpy(), np.deg2rad(53.749996))
     shift = np.stack([num(text, "rlnOriginXAngst"), num(text, "rlnOriginYAngst")], -1)
     np.testing.assert_allclose(tt.pose.shift_angst.numpy(), shift)
-    assert tt.pose.shift_angst[0, 0].item() == -8.149219
+    assert tt.pose.shift_angst[0, 0].item() == F32(-8.149219)
     assert (tt.extra["rlnOpticsGroup"] == 7).all()
 
 

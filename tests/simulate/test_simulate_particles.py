@@ -79,10 +79,10 @@ def test_written_images_are_the_forward_model_of_the_written_metadata(adk32, tmp
     volume = VoxelFourierVolume.from_real(torch.from_numpy(adk32), pad_factor=2)
     expected = render_images(volume, batch.pose, batch.pixel_size, 32, batch.ctf)
     assert torch.allclose(batch.images, expected, atol=1e-4 * float(expected.abs().max()))
-    # and the metadata are the truth drawn from the recorded seeds
+    # and the metadata are the truth drawn from the recorded seeds (up to the table's float32 storage)
     truth = sim.draw_poses(40, 3.0, sim.spawn_seeds(3))
-    assert torch.allclose(table.pose.rotmat, truth.rotmat, atol=1e-9)
-    assert torch.allclose(table.pose.shift_angst, truth.shift_angst, atol=1e-9)
+    assert torch.allclose(table.pose.rotmat, truth.rotmat, atol=1e-6)
+    assert torch.allclose(table.pose.shift_angst, truth.shift_angst, atol=1e-6)
     record = yaml.safe_load(res.config_yaml.read_text())
     assert {k: record["seeds"][k] for k in sim.SEED_PURPOSES} == sim.spawn_seeds(3)
     with mrcfile.open(res.volume, permissive=True) as m:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import CryoaceInputError
-from .particles import ParticleDataset, _as_row_indices, _BatchIterable
+from .particles import ParticleDataset, _BatchIterable
+from .table import as_row_indices
 
 __all__ = ["PRELOAD_MODES", "choose_preload", "dataset_nbytes", "available_ram_bytes", "free_gpu_bytes",
            "PreloadedDataset", "prepare_dataset", "prefetch"]
@@ -118,7 +119,7 @@ class PreloadedDataset:
 
     def __getitem__(self, key):
         single = isinstance(key, (int, np.integer))
-        rows = _as_row_indices([key] if single else key, len(self))
+        rows = as_row_indices([key] if single else key, len(self))
         index = torch.from_numpy(rows).to(self.images.device, non_blocking=True)
         batch = self.base.make_batch(rows, self.images.index_select(0, index))
         return batch[0] if single else batch
