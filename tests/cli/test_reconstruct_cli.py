@@ -84,6 +84,19 @@ def test_tiny_run_writes_every_output(particles, tmp_path, capsys):
     again = read_particles(pred)
     assert torch.allclose(again.pose.rotmat, table.pose.rotmat, atol=1e-5)
     assert torch.allclose(again.pose.shift_angst, table.pose.shift_angst, atol=1e-4)
+    # predicted and written in chunks of ~7 particles: the same poses, every input column and value kept
+    chunked = tmp_path / "pred7.star"
+    assert cli(["predict-poses", str(run), str(particles), "-o", str(chunked), "--device", "cpu", "--quiet",
+                "--batch-size", "64", "--chunk-rows", "7"]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # atomic: no temp left
+    small = read_particles(chunked)
+    assert torch.allclose(small.pose.rotmat, again.pose.rotmat, atol=1e-5)
+    given = starfile.read(particles, always_dict=True)["particles"]
+    written = starfile.read(chunked, always_dict=True)["particles"]
+    assert set(given.columns) <= set(written.columns)
+    for col in ("rlnRandomSubset", "rlnDefocusU", "rlnDefocusAngle"):
+        assert written[col].tolist() == given[col].tolist(), col
+    assert list(small.image_paths) == list(source.image_paths)
 
 
 def test_resume_via_cli_equals_uninterrupted(particles, tmp_path):
@@ -131,6 +144,8 @@ def test_bad_input_is_one_line_exit_2(particles, tmp_path, capsys):
     assert not out.exists()  # nothing left behind
     _one_line_error(capsys, ["predict-poses", str(tmp_path), str(particles), "-o", str(tmp_path / "p.star")],
                     "no checkpoint")
+    _one_line_error(capsys, ["predict-poses", str(tmp_path), str(particles), "-o", str(tmp_path / "p.star"),
+                             "--chunk-rows", "0"], "--chunk-rows must be positive")
     # an existing run: a new run refuses it, a resume must keep its settings
     (out / "checkpoints").mkdir(parents=True)
     _one_line_error(capsys, [*base, "--preset", "tiny"], "already holds a run")

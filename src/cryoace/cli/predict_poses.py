@@ -6,7 +6,8 @@ pixel size must match), runs the encoder over every particle in batches without 
 a run trained with the symmetric loss — keeps, per image, the pose of the better of the direct and
 the 180°-rotated path (as 'cryoace reconstruct' does for its poses.star). Writes a RELION 3.1 star
 file with rlnAngleRot/Tilt/Psi (degrees) and rlnOriginX/YAngst (Å), keeping every input column, that
-'cryoace backproject', RELION and cryoSPARC read.
+'cryoace backproject', RELION and cryoSPARC read. Particles are predicted and written chunk by chunk
+(--chunk-rows at a time), so memory stays flat with millions of particles.
 
 Example:
   cryoace predict-poses run1 particles.star -o poses.star
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from ..io.columns import CHUNK_ROWS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +33,23 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--invert-contrast", action="store_true", default=None,
                         help="for stacks with dark particles (default: as the run was trained)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
+                        help=f"particles predicted and written at once (default {CHUNK_ROWS})")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..io.particles import read_particles
-    from ..runtime import resolve_device
-    from ..train.predict import load_run, open_particles, predict_poses, write_poses_star
+    from tqdm.auto import tqdm
 
-    if args.batch_size <= 0:
-        raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
+    from ..io.particles import read_particles
+    from ..io.star import write_star
+    from ..runtime import resolve_device
+    from ..train.predict import load_run, open_particles, predict_poses
+
+    for name in ("batch_size", "chunk_rows"):
+        if getattr(args, name) <= 0:
+            raise CryoaceInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.output.is_dir():
         raise CryoaceInputError("output is a directory; give a file name such as poses.star", args.output)
     if args.output.suffix.lower() != ".star":
@@ -52,11 +60,19 @@ def main(args: argparse.Namespace) -> int:
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
     symmetric = run.config.loss == "symmetric"
-    pose = predict_poses(run.encoder, run.decoder, dataset, symmetric=symmetric,
-                         use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
-                         progress=not args.quiet,
-                         radius_cyc_px=run.config.band_shells(run.step, run.data.image_size) / run.data.image_size)
-    write_poses_star(args.output, table, pose)
+    radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
+    bar = tqdm(total=len(table), desc="predicting poses", unit="particle", disable=True if args.quiet else None)
+
+    def poses(rows):
+        """The poses of the table rows ``rows``, predicted when the writer reaches them."""
+        pose = predict_poses(run.encoder, run.decoder, dataset.subset(rows), symmetric=symmetric,
+                             use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
+                             radius_cyc_px=radius)
+        bar.update(len(rows))
+        return pose
+
+    with bar:
+        write_star(args.output, table, pose=poses, chunk_rows=args.chunk_rows)
     print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
           f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
     return 0
