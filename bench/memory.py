@@ -6,15 +6,19 @@ reference those images over and over (a 10⁶-row star file with 10⁴ distinct 
 times each). Simulating 10⁶ particles would take ~19 min here; the reading code is exactly the same
 (memory-mapped stacks, one fancy index per stack and batch), only the page cache is smaller.
 
-Each measurement runs in a fresh process (peak RSS = ``getrusage(RUSAGE_SELF).ru_maxrss`` of that
-process):
+Each measurement runs in a fresh process; its peak RSS is the kernel's high-water mark of that
+process's own memory (``VmHWM`` in /proc/self/status). Not ``getrusage().ru_maxrss``: Linux carries
+the parent's high-water mark over ``fork``/``vfork`` + ``exec`` into the child's ``ru_maxrss``, so a
+child started by this script (which holds a 10⁶-row DataFrame while writing the star file) would
+report the parent's peak instead of its own.
 
 (a) ``iterate``: read the star file, open the normalized ``ParticleDataset``, iterate one shuffled
     pass in batches of 256 (``--iterate-limit`` caps the images read). Reported: the whole process's
     peak, the RSS after opening (metadata + torch), and the peak during iteration alone (the kernel's
     high-water mark reset via /proc/self/clear_refs after opening).
-(b) ``predict``: ``cryoace predict-poses`` of a tiny trained run over all N particles (streams the
-    images in batches; the output table is the only O(N) structure).
+(b) ``predict``: ``cryoace predict-poses`` of a tiny trained run over all N particles (predicts and
+    writes chunk by chunk; the compact particle table is the only O(N) structure). Its peak holds the
+    mapped pages of every distinct image read, so compare sizes of at least ``--base`` particles.
 
 On CUDA, the training step's peak GPU memory (``max_memory_allocated``) is measured per batch size.
 Writes bench/results/memory_<device>.json.
@@ -39,7 +43,7 @@ from common import write_result  # noqa: E402
 
 # Runs in the child process: prints one JSON line with the measurement.
 ITERATE = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 
 def status(key):
@@ -51,7 +55,7 @@ t0 = time.perf_counter()
 from cryoace.io.particles import ParticleDataset, read_particles
 star, limit = sys.argv[1], int(sys.argv[2])
 dataset = ParticleDataset(read_particles(star), normalize=True)
-opened_mib, open_s = status("VmRSS"), time.perf_counter() - t0
+opened_mib, open_s, open_peak = status("VmRSS"), time.perf_counter() - t0, status("VmHWM")
 try:  # reset the peak-RSS mark so the iteration's own peak can be read (Linux >= 4.0)
     open("/proc/self/clear_refs", "w").write("5")
     reset = True
@@ -62,22 +66,23 @@ for batch in dataset.batches(256, shuffle=True, generator=0):
     seen += len(batch.index)
     if seen >= limit:
         break
+iteration_peak = status("VmHWM")
 print(json.dumps({"n": len(dataset), "images_read": seen, "open_s": open_s,
                   "images_per_s": seen / (time.perf_counter() - t1),
-                  "rss_after_open_mib": opened_mib,
-                  "iteration_peak_mib": status("VmHWM") if reset else None,
+                  "rss_after_open_mib": opened_mib, "open_peak_mib": open_peak,
+                  "iteration_peak_mib": iteration_peak if reset else None,
                   "rss_anon_end_mib": status("RssAnon"), "rss_file_end_mib": status("RssFile"),
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": max(open_peak, iteration_peak)}))
 """
 
 PREDICT = r"""
-import json, resource, sys, time
+import json, sys, time
 from cryoace.cli.main import main
 t0 = time.perf_counter()
 code = main(["predict-poses", sys.argv[1], sys.argv[2], "-o", sys.argv[3], "--device", "cpu",
              "--batch-size", "512", "--quiet"])
-print(json.dumps({"rc": code, "seconds": time.perf_counter() - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"rc": code, "seconds": time.perf_counter() - t0, "peak_rss_mib": hwm / 1024}))
 """
 
 
@@ -155,7 +160,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 1000000])
     parser.add_argument("--iterate-limit", type=int, default=None, help="images read per pass (default: all)")
     parser.add_argument("--predict-sizes", type=int, nargs="+", default=None,
-                        help="N for predict-poses (default: --sizes; a CPU predicts only a few hundred images/s)")
+                        help="N for predict-poses (default: --sizes; a CPU predicts only a few hundred images/s). "
+                             "Compare sizes >= --base: below it fewer distinct images (memory-mapped pages) are read")
     parser.add_argument("--predict-loss", choices=("symmetric", "l2"), default="symmetric",
                         help="the tiny run's loss: symmetric predictions also render the decoder per image")
     parser.add_argument("--no-predict", action="store_true")
@@ -181,13 +187,14 @@ def main() -> None:
         for n in sorted(set(args.sizes) | predict_sizes):
             big = repeated_star(star, n, star.parent / f"particles_{n}.star")  # stack paths are relative
             if n in args.sizes:
-                row = child(ITERATE, str(big), str(args.iterate_limit or n))
+                row = {**child(ITERATE, str(big), str(args.iterate_limit or n)), "distinct_images": min(n, args.base)}
                 result["iterate"].append(row)
                 print(f"iterate N={n:>8}: peak RSS {row['peak_rss_mib']:.0f} MiB (after opening "
                       f"{row['rss_after_open_mib']:.0f}, iteration peak {row['iteration_peak_mib']:.0f}), "
                       f"{row['images_per_s']:.0f} images/s")
             if not args.no_predict and n in predict_sizes:
-                row = {"n": n, **child(PREDICT, str(work / "run"), str(big), str(work / f"poses_{n}.star"))}
+                row = {"n": n, "distinct_images": min(n, args.base),  # each one's pages end up mapped
+                       **child(PREDICT, str(work / "run"), str(big), str(work / f"poses_{n}.star"))}
                 result["predict"].append(row)
                 print(f"predict N={n:>8}: peak RSS {row['peak_rss_mib']:.0f} MiB, {n / row['seconds']:.0f} images/s")
             big.unlink()
