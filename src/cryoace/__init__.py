@@ -1,6 +1,7 @@
 """cryoace — amortized ab initio cryo-EM reconstruction (cryoAI, ACE-EM) in PyTorch.
 
-Subpackages: ``physics`` (image formation), ``io`` (file formats), ``reconstruct`` (backprojection),
+Subpackages: ``physics`` (image formation), ``io`` (file formats), ``reconstruct`` (backprojection, ab initio,
+projection-matching refinement),
 ``evaluate`` (FSC and metrics), ``cli`` (the ``cryoace`` command). The most used names are also
 available here, e.g. ``cryoace.read_particles``, ``cryoace.ParticleDataset``, ``cryoace.fsc``
 (imported on first use, so ``import cryoace`` stays fast).
@@ -26,6 +27,7 @@ _LAZY = {
     "render_images": ".physics.forward", "render_spectra": ".physics.forward",
     "VoxelFourierVolume": ".physics.forward", "project_real_space": ".physics.projector",
     "FourierAccumulator": ".reconstruct.backproject",
+    "ab_initio": ".reconstruct.ab_initio", "refine": ".reconstruct.refine",
     "fsc": ".evaluate.fsc", "FSCResult": ".evaluate.fsc",
     "masked_fsc": ".evaluate.fsc", "align_maps": ".evaluate.map_align", "make_mask": ".evaluate.mask",
     "check_contrast": ".io.contrast", "write_report": ".evaluate.report",

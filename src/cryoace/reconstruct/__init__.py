@@ -1,1 +1,2 @@
-"""Reconstruction from known poses: direct Fourier inversion with CTF (Wiener) weighting."""
+"""Reconstruction without a network: direct Fourier inversion with CTF (Wiener) weighting, pose
+search, stochastic-EM ab initio and projection-matching refinement."""

@@ -83,26 +83,39 @@ class FourierAccumulator:
         self.count = 0
 
     def insert(self, images: torch.Tensor, rotmat: torch.Tensor, shift_px: torch.Tensor,
-               pixel_size: torch.Tensor | float, ctf: CTFParams | None = None) -> None:
-        """Insert a batch: images (B, L, L) real, rotmat (B, 3, 3), shift_px (B, 2) pose shifts in px."""
+               pixel_size: torch.Tensor | float, ctf: CTFParams | None = None, weight: torch.Tensor | None = None,
+               max_freq_cyc_px: float = 0.5) -> None:
+        """Insert a batch: images (B, L, L) real, rotmat (B, 3, 3), shift_px (B, 2) pose shifts in px.
+
+        Several poses per image: rotmat (B, K, 3, 3), shift_px (B, K, 2) and ``weight`` (B, K) (e.g.
+        pose probabilities, summing to 1 per image) insert each image K times, weighting both its data
+        and its CTF² sums (an expectation over poses, as in maximum-likelihood refinement); each image's
+        spectrum and CTF are computed once.
+        weight          : (B,) or (B, K) optional weights.
+        max_freq_cyc_px : insert only frequencies up to this radius (cycles/px of the images) — a
+                          low-resolution map costs a fraction of a full insertion.
+        """
+        batch = images.shape[0]
         images = images.to(self.device, self.dtype)
-        rotmat = rotmat.to(self.device, self.dtype)
-        shift_px = shift_px.to(self.device, self.dtype)
-        spectra = fft2_centered(_pad_images(images, self.padded_size))
-        spectra = spectra * phase_ramp(self.freq, -shift_px)  # centre the particles
+        rotmat = rotmat.to(self.device, self.dtype).reshape(batch, -1, 3, 3)          # (B, K, 3, 3)
+        shift_px = shift_px.to(self.device, self.dtype).reshape(batch, -1, 2)         # (B, K, 2)
+        keep = self.in_disc if max_freq_cyc_px >= 0.5 else (self.freq.norm(dim=-1) <= max_freq_cyc_px).reshape(-1)
+        freq = self.freq.reshape(-1, 2)[keep]                                          # (Q, 2)
+        spectra = fft2_centered(_pad_images(images, self.padded_size)).reshape(batch, -1)[:, keep]
         if ctf is not None:
-            ctf_values = compute_ctf(ctf.to(self.device, self.dtype), self.freq,
+            ctf_values = compute_ctf(ctf.to(self.device, self.dtype), freq,
                                      torch.as_tensor(pixel_size, dtype=self.dtype, device=self.device))
         else:
             ctf_values = torch.ones(spectra.shape, dtype=self.dtype, device=self.device)
-        numerator = spectra * ctf_values
-        values = torch.stack([numerator.real, numerator.imag, ctf_values * ctf_values], -1)
-        values = values.reshape(images.shape[0], -1, 3)[:, self.in_disc].reshape(-1, 3)
-        coords = central_slice_coords(rotmat, self.freq).reshape(images.shape[0], -1, 3)
-        coords = coords[:, self.in_disc].reshape(-1, 3)
-        index = coords * self.padded_size + (self.padded_size // 2 + 1)  # +1: the margin
-        splat_trilinear(self.grid, self.grid_size, index, values)
-        self.count += images.shape[0]
+        # centre the particles: un-apply each pose's shift
+        numerator = (spectra * ctf_values)[:, None] * phase_ramp(freq, -shift_px)   # (B, K, Q)
+        values = torch.stack([numerator.real, numerator.imag, (ctf_values * ctf_values)[:, None].expand_as(numerator.real)], -1)
+        if weight is not None:
+            values = values * weight.to(self.device, self.dtype).reshape(batch, -1, 1, 1)
+        coords = central_slice_coords(rotmat, freq)                                     # (B, K, Q, 3)
+        index = coords.reshape(-1, 3) * self.padded_size + (self.padded_size // 2 + 1)  # +1: the margin
+        splat_trilinear(self.grid, self.grid_size, index, values.reshape(-1, 3))
+        self.count += batch
 
     def merged(self, other: "FourierAccumulator") -> "FourierAccumulator":
         """A new accumulator holding both this one's and ``other``'s data (e.g. two half sets)."""
