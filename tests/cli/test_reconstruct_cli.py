@@ -206,8 +206,9 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     run = tmp_path / "run"
     assert cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "10",
                 "--quiet", "--device", "cpu", "--volume-every", "0", "--refine", "--refine-rounds", "2",
-                "--refine-step", "15"]) == 0
-    for name in ("volume.mrc", "volume_decoder.mrc", "volume_refine_00.mrc", "volume_refine_01.mrc"):
+                "--refine-step", "15", "--ab-initio-iterations", "4"]) == 0
+    for name in ("volume.mrc", "volume_decoder.mrc", "volume_abinitio.mrc", "volume_refine_00.mrc",
+                 "volume_refine_01.mrc"):
         mrc = open_mrc(run / name, mmap=False)
         assert mrc.data.shape == (32, 32, 32) and np.isfinite(mrc.data).all() and mrc.voxel_size == pytest.approx(3.0)
     assert np.allclose(open_mrc(run / "volume.mrc", mmap=False).data, open_mrc(run / "volume_refine_01.mrc", mmap=False).data)
@@ -215,6 +216,12 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
     assert [r["round"] for r in read_metrics(run / "metrics.jsonl", kind="refine")] == [0, 1]  # same step, both kept
+    # the ab initio stage ran (4 iterations, each recorded) and the start map was chosen by search error
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl", kind="ab_initio")] == [0, 1, 2, 3]
+    (seed,) = [r for r in records if r["kind"] == "refine_seed"]
+    errors = {k: seed[f"search_error_{k}"] for k in ("decoder", "ab_initio")}
+    assert all(np.isfinite(v) and v > 0 for v in errors.values()) and seed["chosen"] == min(errors, key=errors.get)
+    assert rounds[0]["elapsed_s"] > seed["elapsed_s"]  # the rounds' clock includes the ab initio stage
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
     assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0
     assert all(2.0 <= r["half_fsc0143_px"] <= 32 and r["half_fsc0143_angst"] == pytest.approx(3 * r["half_fsc0143_px"])
@@ -222,6 +229,7 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert matplotlib.image.imread(run / "refine.png").ndim == 3
     config, _ = load_config(run / "config.yaml")
     assert config.refine.enabled and config.refine.rounds == 2 and config.refine.global_step_deg == 15
+    assert config.refine.ab_initio and config.refine.ab_initio_iterations == 4
     truth = read_particles(particles)
     encoder, refined = read_particles(run / "poses_encoder.star"), read_particles(run / "poses.star")
     assert len(encoder) == len(refined) == 200
@@ -229,3 +237,26 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     from cryoace.evaluate.truth import evaluate_poses
 
     assert evaluate_poses(refined, truth).errors.median_angle_deg < evaluate_poses(encoder, truth).errors.median_angle_deg
+
+
+def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
+    """A run stopped after refinement round 1 and resumed (with the round count raised) goes on from
+    the saved state: no second ab initio, no repeated round, and the same map and poses as a run
+    that was never interrupted (CPU runs are deterministic)."""
+    common = ["--preset", "tiny", "--steps", "10", "--quiet", "--device", "cpu", "--volume-every", "0",
+              "--refine", "--refine-step", "15", "--ab-initio-iterations", "3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli(["reconstruct", str(particles), "-o", str(full), *common, "--refine-rounds", "2"]) == 0
+    assert cli(["reconstruct", str(particles), "-o", str(cut), *common, "--refine-rounds", "1"]) == 0
+    assert (cut / "checkpoints" / "refine.pt").is_file()
+    assert cli(["reconstruct", str(particles), "-o", str(cut), "--resume", "--refine-rounds", "2", "--quiet"]) == 0
+    records = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "ab_initio"] == [0, 1, 2]
+    assert [r["round"] for r in records if r["kind"] == "refine"] == [0, 1]
+    refine_times = [r["elapsed_s"] for r in records if r["kind"] == "refine"]
+    assert refine_times[1] > refine_times[0]  # the stage's clock went on from the saved state
+    assert np.allclose(open_mrc(cut / "volume.mrc", mmap=False).data, open_mrc(full / "volume.mrc", mmap=False).data,
+                       atol=1e-6)
+    resumed, uninterrupted = read_particles(cut / "poses.star"), read_particles(full / "poses.star")
+    assert torch.allclose(resumed.pose.rotmat, uninterrupted.pose.rotmat, atol=1e-5)
+    assert torch.allclose(resumed.pose.shift_angst, uninterrupted.pose.shift_angst, atol=1e-4)

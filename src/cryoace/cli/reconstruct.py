@@ -131,6 +131,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-max-time", metavar="T", help="stop refining after the round that passes T")
     g.add_argument("--refine-step", type=float, metavar="DEG", help="SO(3) grid spacing of the global search "
                    "(default 8°)")
+    g.add_argument("--ab-initio", action=argparse.BooleanOptionalAction, default=None,
+                   help="before refining, build a low-resolution map from a featureless blob by stochastic "
+                   "EM over poses (robust at low SNR); refinement starts from it or the decoder's map, "
+                   "whichever explains the images better (default: on)")
+    g.add_argument("--ab-initio-iterations", type=int, metavar="N",
+                   help="stochastic EM iterations of --ab-initio (default 30)")
     g = parser.add_argument_group("gold standard (half sets)")
     g.add_argument("--halves", action="store_true", default=None,
                    help="train two independent models on two halves of the particles (rlnRandomSubset when "
@@ -207,6 +213,10 @@ def _refinement(args, config) -> None:
         config.refine.max_time_s = parse_duration(args.refine_max_time)
     if args.refine_step is not None:
         config.refine.global_step_deg = args.refine_step
+    if args.ab_initio is not None:
+        config.refine.ab_initio = args.ab_initio
+    if args.ab_initio_iterations is not None:
+        config.refine.ab_initio_iterations = args.ab_initio_iterations
 
 
 def build_config(args: argparse.Namespace):

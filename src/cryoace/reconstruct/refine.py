@@ -42,7 +42,7 @@ from ..types import Pose
 from .backproject import FourierAccumulator
 from .pose_search import SearchResult, global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "refine", "fsc_weighted"]
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted"]
 
 
 @dataclasses.dataclass
@@ -101,6 +101,18 @@ class RefineResult:
     rounds: list[RefineRound]
 
 
+@dataclasses.dataclass
+class RefineState:
+    """Everything the next round needs: the last completed ``round``, the poses found in it, the two
+    FSC-weighted half maps (2, L, L, L) that serve as the next round's references and the full map.
+    Saved after each round, it lets an interrupted refinement go on where it stopped."""
+
+    round: int
+    pose: Pose
+    half_references: torch.Tensor
+    volume: torch.Tensor
+
+
 def fsc_weighted(volume: torch.Tensor, fsc_curve) -> torch.Tensor:
     """``volume`` with each Fourier shell scaled by √(2·FSC/(1 + FSC)) (0 where FSC ≤ 0): the
     expected correlation of a half map with the truth (Rosenthal & Henderson 2003), which damps the
@@ -115,12 +127,17 @@ def fsc_weighted(volume: torch.Tensor, fsc_curve) -> torch.Tensor:
 
 def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None, rows: np.ndarray | None = None,
            use_ctf: bool = True, device: torch.device | str = "cpu", progress: bool = True,
-           on_round: Callable[[RefineRound, Pose, torch.Tensor], None] | None = None) -> RefineResult:
+           on_round: Callable[[RefineRound, Pose, torch.Tensor], None] | None = None,
+           resume: RefineState | None = None, on_state: Callable[[RefineState], None] | None = None
+           ) -> RefineResult:
     """Refine poses and map of the particles ``rows`` (default all) of ``dataset`` from the map ``volume``
     (L³ real, same box and pixel size as the dataset's images, in the images' units — e.g. a decoder's
     map trained on the same normalized images, or a reconstruction from them).
 
-    ``on_round(round, pose, volume)`` is called after each round (e.g. to save or score it).
+    ``on_round(round, pose, volume)`` is called after each round (e.g. to save or score it), then
+    ``on_state(state)`` with what a later call needs to go on from there (``resume=state``: rounds
+    ``state.round + 1`` … ``settings.rounds − 1`` are run, ``volume`` is not used; the result's
+    ``rounds`` lists only the rounds of this call).
     """
     from tqdm.auto import tqdm
 
@@ -138,16 +155,26 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
     offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
     finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
-    seed = volume.to(device=device, dtype=torch.float32)
-    references = [VoxelFourierVolume.from_real(seed, pad_factor=2)] * 2  # searched by half 1, half 0
     halves = [np.arange(h, len(rows), 2) for h in (0, 1)]  # positions in ``rows``
     n = len(rows)
+    if resume is None:
+        first, pose, current = 0, None, volume.to(device=device, dtype=torch.float32)
+        references = [VoxelFourierVolume.from_real(current, pad_factor=2)] * 2  # searched by half 1, half 0
+    else:
+        if resume.pose.rotmat.shape[0] != n or tuple(resume.volume.shape) != (size, size, size):
+            raise ValueError(f"the saved refinement state is for {resume.pose.rotmat.shape[0]} particles and a "
+                             f"{tuple(resume.volume.shape)} map, not {n} particles of {size}³")
+        first = resume.round + 1
+        pose = Pose(resume.pose.rotmat.to(device), resume.pose.shift_angst.to(device))
+        current = resume.volume.to(device=device, dtype=torch.float32)
+        references = [VoxelFourierVolume.from_real(m.to(device=device, dtype=torch.float32), pad_factor=2)
+                      for m in resume.half_references]
     start = time.monotonic()
     history: list[RefineRound] = []
-    pose, current = None, seed
-    bar = tqdm(total=settings.rounds, unit="round", desc="refining", disable=None if progress else True)
+    bar = tqdm(total=max(0, settings.rounds - first), unit="round", desc="refining",
+               disable=None if progress else True)
     try:
-        for r in range(settings.rounds):
+        for r in range(first, settings.rounds):
             local_shells = min(size // 2, settings.start_shells + r * settings.shells_per_round)
             global_shells = min(settings.global_max_shells, settings.global_shells + 2 * r, local_shells)
             gband = search_band(size, global_shells, device=device)
@@ -186,8 +213,8 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             pose = new
             half_maps = [a.volume(settings.wiener_eps) for a in accumulators]
             half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
-            references = [VoxelFourierVolume.from_real(fsc_weighted(m, half_fsc.curve), pad_factor=2)
-                          for m in half_maps]
+            weighted = torch.stack([fsc_weighted(m, half_fsc.curve) for m in half_maps])
+            references = [VoxelFourierVolume.from_real(m, pad_factor=2) for m in weighted]
             current = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
             record = RefineRound(round=r, global_shells=global_shells, local_shells=local_shells,
                                  mean_error=float(error.mean()), elapsed_s=time.monotonic() - start,
@@ -197,6 +224,8 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             bar.update(1)
             if on_round is not None:
                 on_round(record, pose, current)
+            if on_state is not None:
+                on_state(RefineState(round=r, pose=pose, half_references=weighted, volume=current))
             if settings.max_time_s is not None and record.elapsed_s >= settings.max_time_s:
                 break
     finally:

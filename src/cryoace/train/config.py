@@ -139,9 +139,15 @@ class RefineConfig:
     """Projection-matching refinement after the amortized training (:mod:`cryoace.reconstruct.refine`):
     poses searched against the decoder's map (global over SO(3) on a ``global_step_deg`` grid, then
     local), the map rebuilt from them, for ``rounds`` rounds with a growing band, or until
-    ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``."""
+    ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``.
+
+    With ``ab_initio``, a low-resolution map is first built from a featureless blob by
+    ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`); the refinement
+    starts from whichever of it and the decoder's map explains the images better (lower search error)."""
 
     enabled: bool = False
+    ab_initio: bool = True
+    ab_initio_iterations: int = 30
     rounds: int = 10
     max_time_s: float | None = None
     global_step_deg: float = 8.0
@@ -251,6 +257,7 @@ class TrainConfig:
         positive("--refine-rounds", self.refine.rounds)
         positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
+        positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("refine batch size", self.refine.batch_size)
         if self.pip.weight < 0 or self.pip.warmup_steps < 0:
             raise CryoaceInputError("--pip-weight and --pip-warmup must be >= 0")
