@@ -126,5 +126,5 @@ def write_poses_star(path: str | os.PathLike, table, pose: Pose) -> None:
     """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept)."""
     from ..io.star import write_star
 
-    write_star(path, dataclasses.replace(table, pose=Pose(rotmat=pose.rotmat.double(),
-                                                          shift_angst=pose.shift_angst.double())))
+    # the poses go to write_star directly: it streams the table's other columns chunk by chunk
+    write_star(path, table, pose=Pose(rotmat=pose.rotmat.double(), shift_angst=pose.shift_angst.double()))
