@@ -172,6 +172,8 @@ def main() -> None:
                                     "N-row star file references them repeatedly (index@stack.mrcs, row i -> image "
                                     f"i mod {args.base}); same reading code as distinct images, smaller page cache",
                     "iterate": [], "predict": []}
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()

@@ -159,6 +159,22 @@ def test_extra_columns_are_read_when_asked(particles_dir, tmp_path):
     assert fresh.extra["rlnMicrographName"].str.startswith("Motion/").all()
 
 
+def test_one_extra_column_is_read_alone(particles_dir):
+    """extra_column reads one column (as numbers where it can) without loading the others, and
+    agrees with the whole table of extra columns; a missing column is None."""
+    from cryoace.io.starloop import LoopColumns
+
+    table = read_star(particles_dir / SIX)
+    subset = table.extra_column("rlnRandomSubset")
+    names = table.extra_column("rlnMicrographName")
+    assert isinstance(table._extra, LoopColumns)  # still in the file
+    assert subset.dtype.kind in "if" and set(np.unique(subset).tolist()) == {1, 2} and len(subset) == len(table)
+    assert table.extra_column("rlnNoSuchColumn") is None
+    frame = read_star(particles_dir / SIX).extra
+    assert np.array_equal(subset, pd.to_numeric(frame["rlnRandomSubset"]).to_numpy())
+    assert list(names) == list(frame["rlnMicrographName"])
+
+
 @pytest.mark.parametrize("rows", [None, np.arange(0, 139, 3), np.array([100, 3, 57, 3, 0])])
 def test_write_streams_the_extra_text(particles_dir, tmp_path, rows):
     """Extra columns still in the source file are copied as their text: in order, in chunks, or

@@ -201,7 +201,7 @@ def test_half_map_resolution_agrees_with_the_fsc_against_the_truth(run, sim):
     truth = read_volume(sim.volume).data
     average = read_volume(run_dir / "volume.mrc").data
     alignment = align_maps(average, truth, 3.0, 3.0)
-    vs_truth = fsc(torch.from_numpy(truth), alignment.aligned, voxel_size=3.0)
+    vs_truth = fsc(torch.from_numpy(np.array(truth)), alignment.aligned, voxel_size=3.0)
     res_05, res_0143 = vs_truth.resolution(0.5).angstrom, vs_truth.resolution(0.143).angstrom
     half = result.resolution_angst
     assert res_0143 / 1.5 <= half <= res_05 * 1.5, (half, res_0143, res_05)

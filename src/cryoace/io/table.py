@@ -271,6 +271,15 @@ class ParticleTable:
         extra = self._extra
         return list(extra.names if isinstance(extra, LoopColumns) else extra.columns)
 
+    def extra_column(self, name: str) -> np.ndarray | None:
+        """The values of one extra column (numbers where all parse as numbers, else its text), or None
+        when the table has no such column; reads only that column (chunk by chunk)."""
+        if name not in self.extra_columns:
+            return None
+        values = pd.concat([chunk[name] for chunk in self.extra_frames([name])], ignore_index=True)
+        numeric = pd.to_numeric(values, errors="coerce")
+        return (numeric if numeric.notna().all() else values).to_numpy()
+
     def extra_frames(self, columns: Sequence[str] | None = None,
                      chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
         """The extra columns (``columns``, default all) in consecutive chunks of rows, each indexed by

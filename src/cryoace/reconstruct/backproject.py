@@ -161,9 +161,9 @@ def accumulate(dataset: "ParticleDataset", rows: np.ndarray, accumulator: Fourie
 def split_half_sets(table: "ParticleTable", rows: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Gold-standard halves of ``rows``: RELION's ``rlnRandomSubset`` (1/2) when the file has it,
     otherwise a seeded random split into two halves of (nearly) equal size."""
-    extra = table.extra
-    if extra is not None and "rlnRandomSubset" in extra.columns:
-        subset = extra["rlnRandomSubset"].to_numpy()[rows]
+    subset = table.extra_column("rlnRandomSubset")
+    if subset is not None:
+        subset = subset[rows]
         if set(np.unique(subset).tolist()) <= {1, 2}:
             return rows[subset == 1], rows[subset == 2]
     perm = np.random.default_rng(seed).permutation(len(rows))

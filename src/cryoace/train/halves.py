@@ -80,7 +80,7 @@ def split_particles(table, seed: int, log: Callable[[str], None] | None = None
 
     rows = np.arange(len(table), dtype=np.int64)
     a, b = split_half_sets(table, rows, seed)
-    column = table.extra["rlnRandomSubset"].to_numpy() if "rlnRandomSubset" in table.extra.columns else None
+    column = table.extra_column("rlnRandomSubset")
     if column is not None and (len(a) == 0 or len(b) == 0):
         if log is not None:
             log("warning: rlnRandomSubset puts every particle in one half; splitting at random instead")
