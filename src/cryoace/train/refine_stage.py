@@ -68,7 +68,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
         trainer._record({"kind": "refine", "step": trainer.step, "round": record.round,
-                         "elapsed_s": trainer.elapsed_s + (time.monotonic() - stage_start), "global_shells": record.global_shells,
+                         "elapsed_s": clock(), "global_shells": record.global_shells,
                          "local_shells": record.local_shells, "mean_error": record.mean_error,
                          "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
         errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
@@ -80,7 +80,10 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
 
     checkpoint = run_dir / "checkpoints" / "refine.pt"
     resume, stage_elapsed = _load_state(checkpoint, trainer.step, n, log)
-    stage_start = time.monotonic() - stage_elapsed  # the records' wall time goes on from the training's
+    stage_start = time.monotonic() - stage_elapsed
+
+    def clock() -> float:  # the records' wall time goes on from the training's
+        return trainer.elapsed_s + (time.monotonic() - stage_start)
 
     def on_state(state: RefineState) -> None:
         with atomic_path(checkpoint) as tmp:
@@ -89,7 +92,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                         "volume": state.volume.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
 
     if resume is None:
-        seed_map = _ab_initio_seed(trainer, dataset, decoder_map, log, progress) if cfg.ab_initio else decoder_map
+        seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map
         log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
@@ -107,20 +110,20 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     return result.pose
 
 
-def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, log: Callable[[str], None],
-                    progress: bool) -> torch.Tensor:
-    """The ab initio map or the decoder's, whichever has the lower search error (see the module doc)."""
+def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable[[], float],
+                    log: Callable[[str], None], progress: bool) -> torch.Tensor:
+    """The ab initio map or the decoder's, whichever has the lower search error (see the module doc);
+    ``clock()`` is the run's wall time for the records."""
     cfg = trainer.config.refine
     settings = AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed)
 
     def on_iteration(record: AbInitioIteration, volume) -> None:
         trainer._record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
-                         "elapsed_s": trainer.elapsed_s + record.elapsed_s, **{
+                         "elapsed_s": clock(), **{
                              k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
 
     log(f"ab initio: {settings.iterations} iterations of stochastic EM over poses from a blob "
         f"(band {settings.start_shells}→{settings.end_shells} shells, SO(3) grid {settings.step_deg:g}°)")
-    started = trainer.elapsed_s
     built = ab_initio(dataset, None, settings, use_ctf=trainer.use_ctf, device=trainer.device,
                       progress=progress, on_iteration=on_iteration)
     write_mrc(trainer.run_dir / "volume_abinitio.mrc", built.volume.float().numpy(), trainer.pixel_size)
@@ -128,8 +131,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, log: Callable[[
                                       use_ctf=trainer.use_ctf, device=trainer.device, seed=trainer.config.seed)
               for name, volume in (("decoder", decoder_map), ("ab_initio", built.volume))}
     chosen = min(errors, key=errors.get)
-    elapsed = built.iterations[-1].elapsed_s if built.iterations else 0.0
-    trainer._record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": started + elapsed,
+    trainer._record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
                      "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
     log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
         f"error {errors['ab_initio']:.5g} ab initio vs {errors['decoder']:.5g} decoder, "
