@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
                                 "poses and CTF", args.particles)
     else:
         table = read_particles(args.particles, datadir=args.datadir, pixel_size=args.pixel_size)
-    if table.pose is None:
+    if not table.has_pose:
         raise CryoaceInputError("the file has no poses (need rlnAngleRot/Tilt/Psi or alignments3D/pose); "
                                 "backprojection needs known orientations", args.particles)
     dataset = ParticleDataset(table, downsample=args.downsample, invert_contrast=args.invert_contrast,

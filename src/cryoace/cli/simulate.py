@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
                 table = read_particles(args.poses_from, pixel_size=float(pixel_size))
             except CryoaceInputError:
                 raise first_error from None
-        if table.pose is None:
+        if not table.has_pose:
             raise CryoaceInputError("the file has no poses (rlnAngleRot/Tilt/Psi)", args.poses_from)
         poses = table.pose
         n = len(table) if n is None else n

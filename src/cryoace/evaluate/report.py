@@ -260,7 +260,7 @@ def _coverage(run_dir: Path) -> str:
     if not path.is_file():
         return _missing("No poses.star in this run directory (it is written at the end of a run).")
     table = read_particles(path)
-    if table.pose is None:
+    if not table.has_pose:
         return _missing("poses.star holds no angles.")
     rotmat = table.pose.rotmat
     return _png(lambda f: plot_viewing_directions(rotmat, f), "viewing directions (Mollweide projection)")

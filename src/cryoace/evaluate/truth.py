@@ -155,7 +155,7 @@ def evaluate_poses(pred: ParticleTable, truth: ParticleTable, hands: str = "both
     pixels with the truth's pixel size.
     """
     for table, what in ((pred, "predicted poses"), (truth, "truth")):
-        if table.pose is None:
+        if not table.has_pose:
             raise CryoaceInputError(f"the {what} file has no angles (rlnAngleRot/Tilt/Psi)", table.source)
     match = match_particles(pred, truth)
     ip, it = torch.as_tensor(match.pred), torch.as_tensor(match.truth)
