@@ -16,6 +16,7 @@ import starfile
 import torch
 
 from cryoace.errors import CryoaceInputError
+from cryoace.io.columns import row_chunks
 from cryoace.io.particles import ParticleDataset
 from cryoace.io.star import OWNED_COLUMNS, read_star, write_star
 from cryoace.io.starloop import iter_loop, scan_star
@@ -159,6 +160,22 @@ def test_extra_columns_are_read_when_asked(particles_dir, tmp_path):
     assert fresh.extra["rlnMicrographName"].str.startswith("Motion/").all()
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 139, 1000])
+@pytest.mark.parametrize("rows", [None, np.arange(2, 139, 2), np.array([100, 3, 57, 3, 0])])
+def test_extra_frames_come_in_exact_chunks(particles_dir, chunk_rows, rows):
+    """Whatever sizes the file is read in, the extra columns come in the chunks of row_chunks, and
+    together they are the whole extra table."""
+    table = read_star(particles_dir / SIX)
+    if rows is not None:
+        table = table.subset(rows)
+    chunks = list(table.extra_frames(chunk_rows=chunk_rows))
+    assert [(c.index[0], c.index[-1] + 1) for c in chunks] == list(row_chunks(len(table), chunk_rows))
+    source = pd.DataFrame([line.split() for line in _lines(particles_dir / SIX)[_first_row_line(
+        particles_dir / SIX):] if line.strip()], columns=list(scan_star(particles_dir / SIX)["particles"].labels))
+    picked = source if rows is None else source.iloc[rows].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.concat(chunks), picked[table.extra_columns])  # the file's text
+
+
 def test_one_extra_column_is_read_alone(particles_dir):
     """extra_column reads one column (as numbers where it can) without loading the others, and
     agrees with the whole table of extra columns; a missing column is None."""
@@ -207,7 +224,10 @@ def test_write_poses_from_a_function_chunk_by_chunk(particles_dir, tmp_path):
                     shift_angst=torch.from_numpy(np.stack([rows, -rows], -1).astype(np.float64)))
 
     write_star(tmp_path / "p.star", table, pose=poses, chunk_rows=64)
-    assert len(calls) > 5 and np.array_equal(np.concatenate(calls), np.arange(len(table)))
+    # exactly the row_chunks blocks (64, 64, ..., 52), not the reader's byte-sized blocks: a pose
+    # predictor called per chunk then always runs the same batch shapes
+    assert [(c[0], c[-1] + 1, len(c)) for c in calls] == [(a, b, b - a) for a, b in row_chunks(len(table), 64)]
+    assert np.array_equal(np.concatenate(calls), np.arange(len(table)))
     back = read_star(tmp_path / "p.star")
     torch.testing.assert_close(back.pose.rotmat, torch.eye(3, dtype=torch.float64).expand(500, 3, 3))
     np.testing.assert_array_equal(back.pose.shift_angst[:, 0].numpy(), np.arange(500))

@@ -282,11 +282,13 @@ class ParticleTable:
 
     def extra_frames(self, columns: Sequence[str] | None = None,
                      chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-        """The extra columns (``columns``, default all) in consecutive chunks of rows, each indexed by
-        row number; columns still in a star file come as their text. At least one (maybe empty) chunk."""
+        """The extra columns (``columns``, default all) in consecutive chunks of exactly ``chunk_rows``
+        rows (the last one fewer: the chunks of :func:`~cryoace.io.columns.row_chunks`), each indexed
+        by row number; columns still in a star file come as their text. At least one (maybe empty)
+        chunk."""
         extra = self._extra
         if isinstance(extra, LoopColumns):
-            chunks = extra.frames(columns, chunk_rows)
+            chunks = _exact_chunks(extra.frames(columns, chunk_rows), chunk_rows)
         else:
             frame = extra if columns is None else extra[list(columns)]
             chunks = (frame.iloc[a:b].set_axis(pd.RangeIndex(a, b)) for a, b in row_chunks(len(self), chunk_rows))
@@ -328,6 +330,25 @@ class ParticleTable:
         return ParticleTable(self.source, pd.Categorical.from_codes(old, uniques), self.image_indices,
                              self.pixel_size, self.ctf, self.has_ctf, self._pose, self.image_size,
                              self.optics, self._extra)
+
+
+def _exact_chunks(chunks: Iterator[pd.DataFrame], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Consecutive row-indexed ``chunks`` of any sizes regrouped into chunks of exactly ``chunk_rows``
+    rows (the last one fewer). Fixed sizes matter downstream: a pose source called per chunk then
+    always runs the same batch shapes, which keeps the C allocator from fragmenting (and the peak
+    memory of predicting millions of poses flat)."""
+    pending: list[pd.DataFrame] = []
+    held = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        held += len(chunk)
+        while held >= chunk_rows:
+            whole = pending[0] if len(pending) == 1 else pd.concat(pending)
+            yield whole.iloc[:chunk_rows]
+            rest = whole.iloc[chunk_rows:]
+            pending, held = ([rest] if len(rest) else []), len(rest)
+    if held:
+        yield pending[0] if len(pending) == 1 else pd.concat(pending)
 
 
 def _int32_indices(values, source: Path) -> np.ndarray:
