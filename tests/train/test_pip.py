@@ -156,7 +156,7 @@ def test_pose_monitor_errors_vanish_for_globally_rotated_truth():
     g = torch.Generator().manual_seed(5)
     truth = random_rotmat(300, g, F64)
     q = random_rotmat(1, g, F64)[0]
-    monitor = PoseMonitor(window=200, device="cpu", truth_rotmat=truth)
+    monitor = PoseMonitor(window=200, device="cpu", truth_rotmat_of=lambda rows: truth[rows])
     rows = torch.randperm(300, generator=g)[:250]
     for chunk in rows.split(64):  # more poses than the window: the oldest are dropped
         monitor.update(chunk.numpy(), (truth[chunk] @ q).float())
@@ -167,6 +167,6 @@ def test_pose_monitor_errors_vanish_for_globally_rotated_truth():
     assert summary["rot_median_deg"] < 0.01 and summary["rot_mean_sq_frob"] < 1e-8
     from cryoace.evaluate.pose_metrics import expected_uniform_coverage
     assert summary["coverage"] == pytest.approx(expected_uniform_coverage(200), rel=0.25)
-    scrambled = PoseMonitor(window=200, device="cpu", truth_rotmat=truth)
+    scrambled = PoseMonitor(window=200, device="cpu", truth_rotmat_of=lambda rows: truth[rows])
     scrambled.update(rows[:200].numpy(), random_rotmat(200, g).float())
     assert scrambled.summary()["rot_median_deg"] > 30

@@ -11,6 +11,8 @@ median angle after the global alignment over both hands (:func:`cryoace.evaluate
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -23,18 +25,21 @@ __all__ = ["PoseMonitor"]
 class PoseMonitor:
     """Ring buffer of recent training poses and the metrics over them.
 
-    n_particles : dataset size (rows index ``truth_rotmat``).
-    window      : poses kept.
-    truth_rotmat: (N, 3, 3) reference rotations (RELION's matrix) or None.
+    window         : poses kept.
+    truth_rotmat_of: dataset rows (int64 array) → their (n, 3, 3) reference rotations (RELION's
+                     matrix), or None. A function, not an (N, 3, 3) array, so that the reference
+                     costs nothing per particle: only the rows held are turned into matrices, at
+                     :meth:`summary` (e.g. ``lambda rows: table.pose_rows(rows).rotmat``).
     """
 
-    def __init__(self, window: int, device, truth_rotmat: torch.Tensor | None = None):
+    def __init__(self, window: int, device,
+                 truth_rotmat_of: Callable[[np.ndarray], torch.Tensor] | None = None):
         self.window = int(window)
         self.rotmat = torch.zeros(self.window, 3, 3, device=device)
         self.rows = torch.full((self.window,), -1, dtype=torch.long, device=device)
         self.position = 0
         self.filled = 0
-        self.truth = None if truth_rotmat is None else truth_rotmat.detach().to(torch.float64).cpu()
+        self.truth_rotmat_of = truth_rotmat_of
 
     def update(self, rows, rotmat: torch.Tensor) -> None:
         """Record the predicted rotations (B, 3, 3) of dataset rows (B,) (no host sync)."""
@@ -62,8 +67,8 @@ class PoseMonitor:
             return {}
         rows, rotmat = self.poses()
         out = {"coverage": float(pose_coverage(rotmat)), "poses": int(self.filled)}
-        if self.truth is not None:
-            truth = self.truth[torch.as_tensor(rows)]
+        if self.truth_rotmat_of is not None:
+            truth = torch.as_tensor(self.truth_rotmat_of(rows)).detach().to(torch.float64).cpu()
             alignment = align_rotations(rotmat, truth, hands="both")
             errors = rotation_errors(alignment.aligned, truth)
             out.update(rot_mean_sq_frob=float(errors.mean_sq_frobenius),

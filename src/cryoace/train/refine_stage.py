@@ -59,7 +59,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
                               batch_size=cfg.batch_size)
     n = len(dataset)
-    monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat())
+    monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
         write_mrc(run_dir / f"volume_refine_{record.round:02d}.mrc", volume.float().cpu().numpy(), pixel_size)

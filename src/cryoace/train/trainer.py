@@ -204,7 +204,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self._check_optimizer_covers_models()
         self.pip_noise_std = self._pip_noise_std()
-        self.monitor = PoseMonitor(config.pose_window, self.device, self._truth_rotmat())
+        self.monitor = PoseMonitor(config.pose_window, self.device, self._truth_rotmat_of())
         self._grids: dict[int, HalfDiscGrid] = {}
         self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
         self._compile = bool(config.compile)
@@ -257,10 +257,13 @@ class Trainer:
         rows = np.linspace(0, self.n_particles - 1, min(512, self.n_particles)).astype(np.int64)
         return background_noise_std(self.dataset[np.unique(rows)].images)
 
-    def _truth_rotmat(self) -> torch.Tensor | None:
-        """Rotations in the particle file (simulated truth or an earlier refinement), if any."""
-        pose = getattr(getattr(self.dataset, "table", None), "pose", None)
-        return None if pose is None else pose.rotmat
+    def _truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
+        """rows → the rotations the particle file gives them (simulated truth or an earlier
+        refinement), or None when it has no angles. Matrices are made only for the rows asked."""
+        table = getattr(self.dataset, "table", None)
+        if table is None or not table.has_pose:
+            return None
+        return lambda rows: table.pose_rows(rows).rotmat
 
     # -- structure checks ---------------------------------------------------------------------
     def _check_optimizer_covers_models(self) -> None:
