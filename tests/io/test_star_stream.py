@@ -60,6 +60,12 @@ def _first_row_line(path: Path, block: str = "particles") -> int:
     return loop.first_line - 1
 
 
+def _loop_text(path: Path, block: str = "particles") -> pd.DataFrame:
+    """The rows of ``data_<block>`` as the file's text, split on whitespace."""
+    return pd.DataFrame([line.split() for line in _lines(path)[_first_row_line(path, block):] if line.strip()],
+                        columns=list(scan_star(path)[block].labels))
+
+
 # --------------------------------------------------------------------------------------------
 # Chunked reading
 # --------------------------------------------------------------------------------------------
@@ -170,8 +176,7 @@ def test_extra_frames_come_in_exact_chunks(particles_dir, chunk_rows, rows):
         table = table.subset(rows)
     chunks = list(table.extra_frames(chunk_rows=chunk_rows))
     assert [(c.index[0], c.index[-1] + 1) for c in chunks] == list(row_chunks(len(table), chunk_rows))
-    source = pd.DataFrame([line.split() for line in _lines(particles_dir / SIX)[_first_row_line(
-        particles_dir / SIX):] if line.strip()], columns=list(scan_star(particles_dir / SIX)["particles"].labels))
+    source = _loop_text(particles_dir / SIX)
     picked = source if rows is None else source.iloc[rows].reset_index(drop=True)
     pd.testing.assert_frame_equal(pd.concat(chunks), picked[table.extra_columns])  # the file's text
 
@@ -203,11 +208,7 @@ def test_write_streams_the_extra_text(particles_dir, tmp_path, rows):
     write_star(tmp_path / "a.star", table, chunk_rows=7)
     write_star(tmp_path / "b.star", table)
     assert (tmp_path / "a.star").read_text() == (tmp_path / "b.star").read_text()
-    source = pd.DataFrame([line.split() for line in _lines(src)[_first_row_line(src):] if line.strip()],
-                          columns=list(scan_star(src)["particles"].labels))
-    written = pd.DataFrame([line.split() for line in _lines(tmp_path / "a.star")[
-        _first_row_line(tmp_path / "a.star"):] if line.strip()], columns=list(scan_star(tmp_path / "a.star")[
-            "particles"].labels))
+    source, written = _loop_text(src), _loop_text(tmp_path / "a.star")
     picked = source if rows is None else source.iloc[rows].reset_index(drop=True)
     for col in ("rlnMicrographName", "rlnCoordinateX", "rlnGroupNumber", "rlnOpticsGroup"):
         assert written[col].tolist() == picked[col].tolist(), col
