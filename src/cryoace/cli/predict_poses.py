@@ -34,7 +34,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="for stacks with dark particles (default: as the run was trained)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
-                        help=f"particles predicted and written at once (default {CHUNK_ROWS})")
+                        help=f"particles predicted and written at once (default {CHUNK_ROWS}; every chunk but "
+                             "the last has exactly this many, so its batches have the same shapes each time)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -185,7 +185,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource =
 
     pose       : poses to write instead of the table's — a Pose of every row, or a function from row
                  numbers (an int64 array of consecutive rows) to the Pose of those rows, called once
-                 per chunk in order (so predictions can be made and written chunk by chunk).
+                 per chunk in order (so predictions can be made and written chunk by chunk); the
+                 chunks are ``row_chunks(len(table), chunk_rows)``, all of one size but the last.
     chunk_rows : rows formatted at once (bounds the memory used while writing).
     """
     path = Path(path)
