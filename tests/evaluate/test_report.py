@@ -127,3 +127,16 @@ def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch):
     messages = []
     _write_report(tmp_path, messages.append)  # logs, does not raise
     assert len(messages) == 1 and "no plots today" in messages[0] and "cryoace report" in messages[0]
+
+
+def test_coverage_of_many_poses_plots_an_even_sample(run_dir, tmp_path, monkeypatch):
+    """Beyond COVERAGE_SAMPLE poses the map is made from evenly spaced rows, and the caption says so."""
+    import cryoace.evaluate.report as report
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    monkeypatch.setattr(report, "COVERAGE_SAMPLE", 10)
+    section = _section(write_report(copy).read_text(encoding="utf-8"), "coverage")
+    assert "10 evenly spaced particles of 64" in section and len(PNG_URI.findall(section)) == 1
+    monkeypatch.setattr(report, "COVERAGE_SAMPLE", 64)
+    assert "evenly spaced" not in _section(write_report(copy).read_text(encoding="utf-8"), "coverage")
