@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
     from ..io.particles import read_particles
     from ..io.star import write_star
     from ..runtime import resolve_device
-    from ..train.predict import load_run, open_particles, predict_poses
+    from ..train.predict import load_run, open_particles, pose_predictor
 
     for name in ("batch_size", "chunk_rows"):
         if getattr(args, name) <= 0:
@@ -63,15 +63,10 @@ def main(args: argparse.Namespace) -> int:
     symmetric = run.config.loss == "symmetric"
     radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
     bar = tqdm(total=len(table), desc="predicting poses", unit="particle", disable=True if args.quiet else None)
-
-    def poses(rows):
-        """The poses of the table rows ``rows``, predicted when the writer reaches them."""
-        pose = predict_poses(run.encoder, run.decoder, dataset.subset(rows), symmetric=symmetric,
-                             use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
-                             radius_cyc_px=radius)
-        bar.update(len(rows))
-        return pose
-
+    # predicted when the writer reaches each chunk of rows
+    poses = pose_predictor(run.encoder, run.decoder, dataset, on_rows=bar.update, symmetric=symmetric,
+                           use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
+                           radius_cyc_px=radius)
     with bar:
         write_star(args.output, table, pose=poses, chunk_rows=args.chunk_rows)
     print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from .config import TrainConfig, load_config
 from .losses import HalfDiscGrid, compute_loss
 from .trainer import DataInfo, build_models, load_checkpoint_file
 
-__all__ = ["TrainedRun", "load_run", "predict_poses", "write_poses_star", "open_particles"]
+__all__ = ["TrainedRun", "load_run", "predict_poses", "pose_predictor", "write_poses_star", "open_particles"]
 
 
 @dataclasses.dataclass
@@ -122,9 +123,28 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
     return Pose(rotmat=rotmat, shift_angst=shift)
 
 
-def write_poses_star(path: str | os.PathLike, table, pose: Pose) -> None:
-    """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept)."""
+def pose_predictor(encoder: torch.nn.Module, decoder, dataset, on_rows: Callable[[int], None] | None = None,
+                   **options) -> Callable[[np.ndarray], Pose]:
+    """rows → the :func:`predict_poses` poses of those rows of ``dataset`` (``options`` as there).
+
+    For :func:`write_poses_star`, which calls it chunk by chunk while writing, so the poses of
+    millions of particles are never all in memory. ``on_rows(n)`` is called after each chunk (a
+    progress bar's ``update``)."""
+    def predict(rows: np.ndarray) -> Pose:
+        pose = predict_poses(encoder, decoder, dataset.subset(rows), **options)
+        if on_rows is not None:
+            on_rows(len(rows))
+        return pose
+
+    return predict
+
+
+def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.ndarray], Pose]) -> None:
+    """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept):
+    a Pose of every row, or a function of row chunks such as :func:`pose_predictor`'s."""
     from ..io.star import write_star
 
     # the poses go to write_star directly: it streams the table's other columns chunk by chunk
-    write_star(path, table, pose=Pose(rotmat=pose.rotmat.double(), shift_angst=pose.shift_angst.double()))
+    if isinstance(pose, Pose):
+        pose = Pose(rotmat=pose.rotmat.double(), shift_angst=pose.shift_angst.double())
+    write_star(path, table, pose=pose)

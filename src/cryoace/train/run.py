@@ -130,7 +130,9 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     from ..io.particles import read_particles
     from ..io.preload import prepare_dataset
     from . import distributed
-    from .predict import predict_poses, write_poses_star
+    from tqdm.auto import tqdm
+
+    from .predict import pose_predictor, predict_poses, write_poses_star
     from .trainer import DataInfo, Trainer, load_checkpoint_file
 
     wall0 = time.monotonic()
@@ -200,15 +202,19 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     poses_path = run_dir / "poses.star"
     if ctx.is_main:
         log(f"predicting the poses of {len(dataset)} particles")
-        pose = predict_poses(trainer.encoder, trainer.decoder, dataset, symmetric=trainer.symmetric,
-                             use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
-                             progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
+        options = dict(symmetric=trainer.symmetric, use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size,
+                       device=device, radius_cyc_px=trainer.band_shells() / trainer.image_size)
         if config.refine.enabled:  # projection matching from the decoder's map (train.refine_stage)
             from .refine_stage import refine_run
 
+            pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
             write_poses_star(run_dir / "poses_encoder.star", table, pose)
-            pose = refine_run(trainer, dataset, pose, log, progress)
-        write_poses_star(poses_path, table, pose)
+            write_poses_star(poses_path, table, refine_run(trainer, dataset, pose, log, progress))
+        else:  # amortized to the end: predicted chunk by chunk as poses.star is written
+            with tqdm(total=len(dataset), desc="predicting poses", unit="particle",
+                      disable=None if progress else True) as bar:
+                write_poses_star(poses_path, table, pose_predictor(trainer.encoder, trainer.decoder, dataset,
+                                                                    on_rows=bar.update, **options))
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
