@@ -284,3 +284,27 @@ def test_assigned_image_paths_and_poses_are_stored_compactly(particles_dir):
     table.pose = Pose(rotmat=pose.rotmat, shift_angst=pose.shift_angst * 0)
     assert isinstance(table.pose_angles, EulerPoses) and table.pose_angles.shift_x.stride() == (0,)
     torch.testing.assert_close(table.pose.rotmat, pose.rotmat, atol=1e-6, rtol=0)
+
+
+def test_write_columns_replace_or_add_extra_columns(particles_dir, tmp_path):
+    """``columns`` replaces an extra column in place (streamed, chunk by chunk) or adds one; columns
+    the table itself represents, or a wrong length, are refused."""
+    table = read_star(particles_dir / SIX)
+    n = len(table)
+    subset = (np.arange(n) % 2 + 1).astype(np.int8)[::-1].copy()
+    score = np.linspace(0.0, 1.0, n)
+    write_star(tmp_path / "c.star", table, chunk_rows=7, columns={"rlnRandomSubset": subset, "rlnMyScore": score})
+    write_star(tmp_path / "plain.star", table)
+    labels = list(scan_star(tmp_path / "plain.star")["particles"].labels)
+    written = list(scan_star(tmp_path / "c.star")["particles"].labels)
+    assert [c for c in written if c != "rlnMyScore"] == labels  # replaced in place
+    assert written.index("rlnMyScore") == labels.index("rlnImageName")  # added after the extra columns
+    back = starfile.read(tmp_path / "c.star", always_dict=True)["particles"]
+    assert back["rlnRandomSubset"].tolist() == subset.tolist()
+    np.testing.assert_allclose(back["rlnMyScore"].to_numpy(), score, rtol=1e-11)  # 12 digits
+    assert back["rlnMicrographName"].tolist() == _loop_text(particles_dir / SIX)["rlnMicrographName"].tolist()
+    with pytest.raises(ValueError, match="rlnDefocusU"):
+        write_star(tmp_path / "d.star", table, columns={"rlnDefocusU": score})
+    with pytest.raises(ValueError, match="values for"):
+        write_star(tmp_path / "d.star", table, columns={"rlnMyScore": score[:-1]})
+    assert not (tmp_path / "d.star").exists()

@@ -177,6 +177,34 @@ def test_run_writes_halves_records_and_every_output(run, sim):
     assert not torch.allclose(table.pose.rotmat, source.pose.rotmat, atol=1e-3)
 
 
+def test_poses_star_holds_each_particles_pose_from_its_own_half(run, sim):
+    """poses.star (written chunk by chunk) gives every particle the pose its own half's model predicts
+    for it — half 2's carried into half 1's frame with the last recorded alignment."""
+    from cryoace.train.predict import load_run, open_particles, predict_poses
+
+    run_dir, _ = run
+    table = read_particles(run_dir / "poses.star")
+    subset = table.extra_column("rlnRandomSubset")
+    saved = json.loads((run_dir / "metrics.json").read_text())["halves"]["alignment"]
+    alignment = MapAlignment(rotation=torch.tensor(saved["rotation"], dtype=torch.float64),
+                             flip_hand=saved["flip_hand"], shift_px=torch.tensor(saved["shift_px"], dtype=torch.float64),
+                             voxel_size=saved["voxel_size"], correlation=saved["correlation"],
+                             correlation_other_hand=None, aligned=torch.zeros(1))
+    for k, name in enumerate(HALF_NAMES):
+        half = load_run(run_dir / name)
+        rows = np.flatnonzero(subset == k + 1)
+        assert len(rows) == 80
+        size = half.data.image_size
+        pose = predict_poses(half.encoder, half.decoder, open_particles(sim.star, half.data).subset(rows),
+                             symmetric=half.config.loss == "symmetric", use_ctf=half.data.use_ctf,
+                             radius_cyc_px=half.config.band_shells(half.step, size) / size)
+        if k == 1:
+            pose = pose_in_reference_frame(pose, alignment)
+        written = table.pose_rows(rows)
+        torch.testing.assert_close(written.rotmat, pose.rotmat, atol=1e-5, rtol=0)
+        torch.testing.assert_close(written.shift_angst, pose.shift_angst, atol=1e-4, rtol=0)
+
+
 def test_two_independent_halves(run):
     run_dir, _ = run
     configs = [load_config(run_dir / n / "config.yaml")[0] for n in HALF_NAMES]

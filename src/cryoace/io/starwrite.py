@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -158,10 +158,13 @@ def _pose_columns(table: ParticleTable, pose: PoseSource, rows: np.ndarray) -> d
 
 
 def _particle_rows(table: ParticleTable, extra: pd.DataFrame, plan: _OpticsPlan, names: np.ndarray | None,
-                   pose: PoseSource) -> pd.DataFrame:
-    """The particle table rows of ``extra``'s rows: extra columns, then the ones the table represents."""
+                   pose: PoseSource, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The particle table rows of ``extra``'s rows: extra columns (``columns`` replacing or added),
+    then the ones the table represents."""
     rows = extra.index.to_numpy().astype(np.int64)
     frame = extra.drop(columns=[c for c in extra.columns if c in OWNED_COLUMNS or c == "rlnOpticsGroup"])
+    for name, values in columns.items():
+        frame[name] = values[rows]
     if names is not None:
         index = pd.Series(table.image_indices[rows].astype(np.int64) + 1).astype(str).str.zfill(6)
         stacks = pd.Series(names[table.image_paths.codes[rows]], dtype=object).astype(str)
@@ -180,7 +183,7 @@ def _particle_rows(table: ParticleTable, extra: pd.DataFrame, plan: _OpticsPlan,
 
 
 def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource = None,
-               chunk_rows: int = CHUNK_ROWS) -> None:
+               chunk_rows: int = CHUNK_ROWS, columns: Mapping[str, np.ndarray] | None = None) -> None:
     """Write ``table`` as a RELION 3.1 star file (optics + particles), atomically and chunk by chunk.
 
     pose       : poses to write instead of the table's — a Pose of every row, or a function from row
@@ -188,8 +191,16 @@ def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource =
                  per chunk in order (so predictions can be made and written chunk by chunk); the
                  chunks are ``row_chunks(len(table), chunk_rows)``, all of one size but the last.
     chunk_rows : rows formatted at once (bounds the memory used while writing).
+    columns    : {star label: (N,) values} written in place of the table's extra column of that name,
+                 or added after them (e.g. ``rlnRandomSubset``); not a column the table represents.
     """
     path = Path(path)
+    columns = dict(columns or {})
+    for name, values in columns.items():
+        if name in OWNED_COLUMNS or name == "rlnOpticsGroup":
+            raise ValueError(f"{name} is written from the table itself; change the table instead")
+        if len(values) != len(table):
+            raise ValueError(f"column {name} has {len(values)} values for {len(table)} particles")
     plan = _OpticsPlan(table, chunk_rows)
     names = None if table.image_paths is None else _relative_names(
         [str(p) for p in table.image_paths.categories], path.parent)
@@ -199,7 +210,7 @@ def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource =
             write_loop(fh, "optics", plan.optics)
             header = False
             for extra in table.extra_frames(chunk_rows=chunk_rows):
-                frame = _particle_rows(table, extra, plan, names, pose)
+                frame = _particle_rows(table, extra, plan, names, pose, columns)
                 if not header:
                     write_loop_header(fh, "particles", [str(c) for c in frame.columns])
                     header = True

@@ -275,7 +275,9 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     from ..runtime import resolve_device
     from . import distributed
     from .export import plot_volume
-    from .predict import predict_poses, write_poses_star
+    from tqdm.auto import tqdm
+
+    from .predict import pose_predictor, write_poses_star
 
     wall0 = time.monotonic()
     log = log or (lambda m: None)
@@ -350,23 +352,33 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
 
     # every particle's pose from the model of its own half, half 2's in half 1's frame
     log(f"predicting the poses of {len(dataset)} particles")
-    rotmat = torch.empty(len(table), 3, 3, dtype=torch.float64)
-    shift = torch.empty(len(table), 2, dtype=torch.float64)
-    for k, (trainer, half_rows) in enumerate(zip(trainers, rows)):
-        pose = predict_poses(trainer.encoder, trainer.decoder, trainer.dataset, symmetric=trainer.symmetric,
-                             use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
-                             progress=progress, radius_cyc_px=trainer.band_shells() / trainer.image_size)
-        if k == 1:
-            pose = pose_in_reference_frame(pose, last.result.alignment)
-        index = torch.from_numpy(half_rows)
-        rotmat[index], shift[index] = pose.rotmat, pose.shift_angst
-    out_table = table.subset(np.arange(len(table)))  # a copy: the half each particle was in goes with it
-    subset = np.zeros(len(table), dtype=np.int64)
+    subset = np.zeros(len(table), dtype=np.int8)  # the half each particle was in (rlnRandomSubset 1/2)
+    local = np.zeros(len(table), dtype=np.int64)  # its row in that half's dataset
     for k, half_rows in enumerate(rows):
         subset[half_rows] = k + 1
-    out_table.extra["rlnRandomSubset"] = subset
+        local[half_rows] = np.arange(len(half_rows))
+    predictors = [pose_predictor(trainer.encoder, trainer.decoder, trainer.dataset, symmetric=trainer.symmetric,
+                                 use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
+                                 radius_cyc_px=trainer.band_shells() / trainer.image_size) for trainer in trainers]
+
+    def poses(chunk: np.ndarray) -> Pose:
+        """The poses of table rows ``chunk``, each from the model of its half (half 2's in half 1's frame)."""
+        rotmat = torch.empty(len(chunk), 3, 3, dtype=torch.float64)
+        shift = torch.empty(len(chunk), 2, dtype=torch.float64)
+        for k, predict in enumerate(predictors):
+            where = np.flatnonzero(subset[chunk] == k + 1)
+            if len(where):
+                pose = predict(local[chunk[where]])
+                if k == 1:
+                    pose = pose_in_reference_frame(pose, last.result.alignment)
+                index = torch.from_numpy(where)
+                rotmat[index], shift[index] = pose.rotmat, pose.shift_angst
+        bar.update(len(chunk))
+        return Pose(rotmat=rotmat, shift_angst=shift)
+
     poses_path = run_dir / "poses.star"
-    write_poses_star(poses_path, out_table, Pose(rotmat=rotmat, shift_angst=shift))
+    with tqdm(total=len(table), desc="predicting poses", unit="particle", disable=None if progress else True) as bar:
+        write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset})
     _write_report(run_dir, log)
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]

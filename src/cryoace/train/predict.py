@@ -139,12 +139,14 @@ def pose_predictor(encoder: torch.nn.Module, decoder, dataset, on_rows: Callable
     return predict
 
 
-def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.ndarray], Pose]) -> None:
+def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.ndarray], Pose],
+                     columns: dict[str, np.ndarray] | None = None) -> None:
     """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept):
-    a Pose of every row, or a function of row chunks such as :func:`pose_predictor`'s."""
+    a Pose of every row, or a function of row chunks such as :func:`pose_predictor`'s. ``columns``:
+    per-particle columns to write too (see :func:`cryoace.io.star.write_star`)."""
     from ..io.star import write_star
 
     # the poses go to write_star directly: it streams the table's other columns chunk by chunk
     if isinstance(pose, Pose):
         pose = Pose(rotmat=pose.rotmat.double(), shift_angst=pose.shift_angst.double())
-    write_star(path, table, pose=pose)
+    write_star(path, table, pose=pose, columns=columns)
