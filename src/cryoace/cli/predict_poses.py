@@ -6,8 +6,9 @@ pixel size must match), runs the encoder over every particle in batches without 
 a run trained with the symmetric loss — keeps, per image, the pose of the better of the direct and
 the 180°-rotated path (as 'cryoace reconstruct' does for its poses.star). Writes a RELION 3.1 star
 file with rlnAngleRot/Tilt/Psi (degrees) and rlnOriginX/YAngst (Å), keeping every input column, that
-'cryoace backproject', RELION and cryoSPARC read. Particles are predicted and written chunk by chunk
-(--chunk-rows at a time), so memory stays flat with millions of particles.
+'cryoace backproject', RELION and cryoSPARC read. Particles are predicted chunk by chunk (--chunk-rows
+at a time) into a temporary file next to the output (88 bytes per particle, removed at the end), then
+written chunk by chunk, so memory stays flat with millions of particles.
 
 Example:
   cryoace predict-poses run1 particles.star -o poses.star
@@ -34,7 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="for stacks with dark particles (default: as the run was trained)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
-                        help=f"particles predicted and written at once (default {CHUNK_ROWS}; every chunk but "
+                        help=f"particles predicted (and written) at once (default {CHUNK_ROWS}; every chunk but "
                              "the last has exactly this many, so its batches have the same shapes each time)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,9 +45,8 @@ def main(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..io.particles import read_particles
-    from ..io.star import write_star
     from ..runtime import resolve_device
-    from ..train.predict import load_run, open_particles, pose_predictor
+    from ..train.predict import load_run, open_particles, pose_predictor, write_poses_star
 
     for name in ("batch_size", "chunk_rows"):
         if getattr(args, name) <= 0:
@@ -63,12 +63,11 @@ def main(args: argparse.Namespace) -> int:
     symmetric = run.config.loss == "symmetric"
     radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
     bar = tqdm(total=len(table), desc="predicting poses", unit="particle", disable=True if args.quiet else None)
-    # predicted when the writer reaches each chunk of rows
     poses = pose_predictor(run.encoder, run.decoder, dataset, on_rows=bar.update, symmetric=symmetric,
                            use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
                            radius_cyc_px=radius)
     with bar:
-        write_star(args.output, table, pose=poses, chunk_rows=args.chunk_rows)
+        write_poses_star(args.output, table, poses, chunk_rows=args.chunk_rows)
     print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
           f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
     return 0
