@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device, args.checkpoint)
     table = read_particles(args.particles, datadir=args.datadir)
+    table.pose = None  # the file's own angles are replaced, not read: 20 bytes per particle less to hold
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
     symmetric = run.config.loss == "symmetric"
