@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,8 @@ def main() -> None:
                 "--device", "cpu", "--no-tensorboard", "--quiet", "--volume-every", "0")
         predict_sizes = set(args.sizes if args.predict_sizes is None else args.predict_sizes)
         result["predict_loss"] = args.predict_loss
+        # glibc malloc settings change the heap's fragmentation, so they are part of the measurement
+        result["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         for n in sorted(set(args.sizes) | predict_sizes):
             big = repeated_star(star, n, star.parent / f"particles_{n}.star")  # stack paths are relative
             if n in args.sizes:
