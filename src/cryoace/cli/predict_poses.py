@@ -42,8 +42,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from ..io.particles import read_particles
     from ..runtime import resolve_device
     from ..train.predict import load_run, open_particles, pose_predictor, write_poses_star
@@ -63,12 +61,9 @@ def main(args: argparse.Namespace) -> int:
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
     symmetric = run.config.loss == "symmetric"
     radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
-    bar = tqdm(total=len(table), desc="predicting poses", unit="particle", disable=True if args.quiet else None)
-    poses = pose_predictor(run.encoder, run.decoder, dataset, on_rows=bar.update, symmetric=symmetric,
-                           use_ctf=run.data.use_ctf, batch_size=args.batch_size, device=device,
-                           radius_cyc_px=radius)
-    with bar:
-        write_poses_star(args.output, table, poses, chunk_rows=args.chunk_rows)
+    poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
+                           batch_size=args.batch_size, device=device, radius_cyc_px=radius)
+    write_poses_star(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
     print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
           f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
     return 0

@@ -275,8 +275,6 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     from ..runtime import resolve_device
     from . import distributed
     from .export import plot_volume
-    from tqdm.auto import tqdm
-
     from .predict import pose_predictor, write_poses_star
 
     wall0 = time.monotonic()
@@ -373,12 +371,10 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
                     pose = pose_in_reference_frame(pose, last.result.alignment)
                 index = torch.from_numpy(where)
                 rotmat[index], shift[index] = pose.rotmat, pose.shift_angst
-        bar.update(len(chunk))
         return Pose(rotmat=rotmat, shift_angst=shift)
 
     poses_path = run_dir / "poses.star"
-    with tqdm(total=len(table), desc="predicting poses", unit="particle", disable=None if progress else True) as bar:
-        write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset})
+    write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset}, progress=progress)
     _write_report(run_dir, log)
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]

@@ -126,20 +126,12 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
     return Pose(rotmat=rotmat, shift_angst=shift)
 
 
-def pose_predictor(encoder: torch.nn.Module, decoder, dataset, on_rows: Callable[[int], None] | None = None,
-                   **options) -> Callable[[np.ndarray], Pose]:
+def pose_predictor(encoder: torch.nn.Module, decoder, dataset, **options) -> Callable[[np.ndarray], Pose]:
     """rows → the :func:`predict_poses` poses of those rows of ``dataset`` (``options`` as there).
 
     For :func:`write_poses_star`, which calls it chunk by chunk, so the poses of millions of
-    particles are never all in memory. ``on_rows(n)`` is called after each chunk (a progress bar's
-    ``update``)."""
-    def predict(rows: np.ndarray) -> Pose:
-        pose = predict_poses(encoder, decoder, dataset.subset(rows), **options)
-        if on_rows is not None:
-            on_rows(len(rows))
-        return pose
-
-    return predict
+    particles are never all in memory."""
+    return lambda rows: predict_poses(encoder, decoder, dataset.subset(rows), **options)
 
 
 _SPOOL_COLUMNS = 11  # rotmat (9) and shift_angst (2), float64
@@ -147,22 +139,28 @@ _SPOOL_COLUMNS = 11  # rotmat (9) and shift_angst (2), float64
 
 @contextlib.contextmanager
 def spooled_poses(pose_of_rows: Callable[[np.ndarray], Pose], n: int, chunk_rows: int = CHUNK_ROWS,
-                  directory: str | os.PathLike | None = None) -> Iterator[Callable[[np.ndarray], Pose]]:
-    """Run ``pose_of_rows`` over every chunk of ``row_chunks(n, chunk_rows)`` first, keeping the poses
-    in an anonymous temporary file in ``directory`` (88 bytes per particle, float64: exact), then
-    give a function that reads the poses of consecutive rows back.
+                  directory: str | os.PathLike | None = None,
+                  progress: bool = False) -> Iterator[Callable[[np.ndarray], Pose]]:
+    """Run ``pose_of_rows`` over every chunk of ``row_chunks(n, chunk_rows)`` first (a progress bar
+    of particles with ``progress``), keeping the poses in an anonymous temporary file in
+    ``directory`` (88 bytes per particle, float64: exact), then give a function that reads the poses
+    of consecutive rows back.
 
     Why: predicting a chunk of poses allocates large, short-lived tensors; formatting star text in
     between (the writer's chunks) leaves small long-lived objects among them, and the C heap then
     fragments and grows with the number of chunks (+25 % peak RSS over 10⁶ particles). Predicting
     everything first, then writing, keeps the peak flat in the number of particles."""
+    from tqdm.auto import tqdm
+
     with tempfile.TemporaryFile(dir=directory, prefix=".cryoace-poses-") as spool:
-        for start, stop in row_chunks(n, chunk_rows):
-            pose = pose_of_rows(np.arange(start, stop, dtype=np.int64))
-            if len(pose.rotmat) != stop - start:
-                raise ValueError(f"the pose source gave {len(pose.rotmat)} poses for {stop - start} rows")
-            block = torch.cat([pose.rotmat.reshape(-1, 9), pose.shift_angst.reshape(-1, 2)], dim=1)
-            spool.write(block.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        with tqdm(total=n, desc="predicting poses", unit="particle", disable=None if progress else True) as bar:
+            for start, stop in row_chunks(n, chunk_rows):
+                pose = pose_of_rows(np.arange(start, stop, dtype=np.int64))
+                if len(pose.rotmat) != stop - start:
+                    raise ValueError(f"the pose source gave {len(pose.rotmat)} poses for {stop - start} rows")
+                block = torch.cat([pose.rotmat.reshape(-1, 9), pose.shift_angst.reshape(-1, 2)], dim=1)
+                spool.write(block.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+                bar.update(stop - start)
         spool.flush()
         width = _SPOOL_COLUMNS * 8
 
@@ -179,11 +177,13 @@ def spooled_poses(pose_of_rows: Callable[[np.ndarray], Pose], n: int, chunk_rows
 
 
 def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.ndarray], Pose],
-                     columns: dict[str, np.ndarray] | None = None, chunk_rows: int = CHUNK_ROWS) -> None:
+                     columns: dict[str, np.ndarray] | None = None, chunk_rows: int = CHUNK_ROWS,
+                     progress: bool = False) -> None:
     """Write ``table`` with its poses replaced by ``pose`` (RELION 3.1, every other column kept,
     atomically): a Pose of every row, or a function of row chunks such as :func:`pose_predictor`'s,
-    which is run over every chunk before the file is written (:func:`spooled_poses`). ``columns``:
-    per-particle columns to write too (see :func:`cryoace.io.star.write_star`)."""
+    which is run over every chunk before the file is written (:func:`spooled_poses`; ``progress``:
+    a progress bar of that). ``columns``: per-particle columns to write too (see
+    :func:`cryoace.io.star.write_star`)."""
     from ..io.star import write_star
 
     # the poses go to write_star directly: it streams the table's other columns chunk by chunk
@@ -192,5 +192,5 @@ def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.n
                    columns=columns, chunk_rows=chunk_rows)
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)  # the spool lives beside the output
-    with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent) as spooled:
+    with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent, progress=progress) as spooled:
         write_star(path, table, pose=spooled, columns=columns, chunk_rows=chunk_rows)

@@ -130,8 +130,6 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     from ..io.particles import read_particles
     from ..io.preload import prepare_dataset
     from . import distributed
-    from tqdm.auto import tqdm
-
     from .predict import pose_predictor, predict_poses, write_poses_star
     from .trainer import DataInfo, Trainer, load_checkpoint_file
 
@@ -210,11 +208,9 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
             pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
             write_poses_star(run_dir / "poses_encoder.star", table, pose)
             write_poses_star(poses_path, table, refine_run(trainer, dataset, pose, log, progress))
-        else:  # amortized to the end: predicted chunk by chunk as poses.star is written
-            with tqdm(total=len(dataset), desc="predicting poses", unit="particle",
-                      disable=None if progress else True) as bar:
-                write_poses_star(poses_path, table, pose_predictor(trainer.encoder, trainer.decoder, dataset,
-                                                                    on_rows=bar.update, **options))
+        else:  # amortized to the end: predicted chunk by chunk, then poses.star written chunk by chunk
+            write_poses_star(poses_path, table, pose_predictor(trainer.encoder, trainer.decoder, dataset, **options),
+                             progress=progress)
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
