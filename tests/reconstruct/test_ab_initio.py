@@ -12,7 +12,8 @@ import torch
 from cryoace.evaluate.align import align_rotations
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.physics.rotations import geodesic_angle, random_rotmat
-from cryoace.reconstruct.ab_initio import AbInitioSettings, ab_initio, mean_search_error, pose_posterior
+from cryoace.reconstruct.ab_initio import AbInitioSettings, ab_initio, mean_search_error
+from cryoace.reconstruct.pose_search import pose_posterior
 from cryoace.reconstruct.backproject import FourierAccumulator
 from cryoace.reconstruct.refine import RefineSettings, refine
 from cryoace.types import map_tensors

@@ -106,4 +106,6 @@ def main(args: argparse.Namespace) -> int:
         return status
     print(f"open in ChimeraX: {run_dir / 'volume_aligned.mrc'} (the reconstruction in the truth's frame) "
           f"over {data_dir / 'volume.mrc'} (the true map); raw map: {result.volume}")
-    return 0
+    from .reconstruct import report_gold_standard
+
+    return report_gold_standard(result)  # what the data alone say, to compare with the truth above

@@ -35,6 +35,17 @@ Gold standard: --halves trains two independent models on two halves of the parti
 half2) and reports the FSC-0.143 resolution of their aligned maps as training goes; RUN_DIR then holds
 volume_half1.mrc, volume_half2.mrc, their average volume.mrc, fsc.png and poses.star in half 1's frame.
 
+Resolution you can trust: the refinement (--refine, on in the cpu preset) keeps two half sets apart
+(rlnRandomSubset when the file has it), each aligned against its own half map from a common start
+low-passed to --refine-start-resolution (12 px). RUN_DIR gets volume_half1.mrc, volume_half2.mrc,
+volume_mask.mrc, gold_standard.json and fsc.png (unmasked, masked and phase-randomization corrected
+curves); poses.star gets rlnRandomSubset and rlnMaxValueProbDistribution (each particle's pose
+confidence). When the half maps agree no further than the start's low-pass, or most poses are
+unresolved, no resolution is claimed: the last lines say NOT RESOLVED and why.
+
+Exit status: 0 done; 2 bad input; 3 the run finished but resolved nothing (NOT RESOLVED above);
+130 interrupted (continue with --resume).
+
 Several GPUs: launch with torchrun (one process per GPU; --batch-size is the global batch, split
 evenly over the processes; rank 0 writes every file). See README.md for several nodes (SLURM).
 """
@@ -131,6 +142,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-max-time", metavar="T", help="stop refining after the round that passes T")
     g.add_argument("--refine-step", type=float, metavar="DEG", help="SO(3) grid spacing of the global search "
                    "(default 8°)")
+    g.add_argument("--refine-start-resolution", type=float, metavar="PX",
+                   help="gold standard: the two half sets are refined apart from the seed map low-passed to "
+                   "this resolution (px per cycle); no resolution at or below it is claimed (default 12)")
     g.add_argument("--ab-initio", action=argparse.BooleanOptionalAction, default=None,
                    help="before refining, build a low-resolution map from a featureless blob by stochastic "
                    "EM over poses (robust at low SNR); refinement starts from it or the decoder's map, "
@@ -213,6 +227,8 @@ def _refinement(args, config) -> None:
         config.refine.max_time_s = parse_duration(args.refine_max_time)
     if args.refine_step is not None:
         config.refine.global_step_deg = args.refine_step
+    if args.refine_start_resolution is not None:
+        config.refine.start_resolution_px = args.refine_start_resolution
     if args.ab_initio is not None:
         config.refine.ab_initio = args.ab_initio
     if args.ab_initio_iterations is not None:
@@ -293,7 +309,25 @@ def main(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps ({result.epochs:.2f} epochs) in {result.train_time_s:.0f} s{loss}")
     print(f"wrote {result.volume} ({result.image_size}³ voxels, {result.voxel_size:.4g} Å/voxel), "
           f"{result.poses} and {result.run_dir}/volume.png, loss.png, config.yaml, checkpoints/")
+    return report_gold_standard(result)
+
+
+def report_gold_standard(result) -> int:
+    """Print the run's resolution verdict (its last lines) and return the exit status: 0, or
+    :data:`~cryoace.evaluate.gold_standard.UNRESOLVED_EXIT_CODE` when the refinement resolved nothing."""
+    from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
+
+    gold = result.gold_standard
+    if gold is not None:
+        print(f"half maps {result.run_dir}/volume_half1.mrc, volume_half2.mrc and their mask volume_mask.mrc "
+              "(cryoace fsc volume_half1.mrc volume_half2.mrc --mask volume_mask.mrc gives the same FSC); "
+              "fsc.png, gold_standard.json")
+        for line in gold.summary():
+            print(line)
+        return 0 if gold.resolved else UNRESOLVED_EXIT_CODE
     if result.resolution_angst is not None:  # --halves
         print(f"half-map FSC 0.143 resolution {result.resolution_angst:.2f} Å; wrote {result.run_dir}/"
               "volume_half1.mrc, volume_half2.mrc, fsc.png, resolution.png, metrics.json and half1/, half2/")
+    else:
+        print("no resolution is reported: no independent half maps (the networks alone saw every particle)")
     return 0

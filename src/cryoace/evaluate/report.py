@@ -4,7 +4,9 @@ Sections (each an HTML ``<section>`` with a fixed id): ``timings`` (steps, train
 final loss, from ``metrics.jsonl`` and ``config.yaml``), ``loss`` (the loss curve), ``fsc`` (FSC
 against the truth from ``cryoace evaluate``'s ``evaluation.json``, FSC JSON files of ``cryoace fsc``
 in the run directory, and the latest half-map FSC that training records in ``metrics.jsonl`` as
-``"kind": "halves"``), ``resolution`` (the half-map FSC-0.143 resolution over training time),
+``"kind": "halves"``; first of all, the refinement's gold standard from ``gold_standard.json``: its
+verdict — the resolution, or "not resolved" and why — and its unmasked, masked, phase-randomized and
+corrected curves), ``resolution`` (the half-map FSC-0.143 resolution over training time),
 ``coverage`` (a Mollweide histogram of the viewing directions in ``poses.star``), ``map`` (central
 slices and projections of ``volume.mrc``) and ``config`` (``config.yaml`` verbatim). A section whose
 inputs are missing says so in one sentence instead of disappearing.
@@ -34,6 +36,9 @@ from .fsc import DEFAULT_THRESHOLDS, FSCResult
 
 __all__ = ["write_report", "build_report", "SECTIONS", "fsc_from_halves_record"]
 
+#: the refinement's gold standard (:class:`~cryoace.evaluate.gold_standard.GoldStandard`) in a run directory
+GOLD_STANDARD_FILE = "gold_standard.json"
+
 #: poses plotted at most in the coverage section (evenly spaced rows of poses.star beyond that)
 COVERAGE_SAMPLE = 200_000
 
@@ -61,6 +66,7 @@ th { background: #f5f5f5; }
 img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 pre { background: #f7f7f7; border: 1px solid #e3e3e3; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .missing { color: #8a6d3b; font-style: italic; }
+.unresolved { color: #a94442; background: #f2dede; border: 1px solid #ebccd1; padding: 0.6em; }
 """
 
 
@@ -116,6 +122,8 @@ def _fsc_json_files(run_dir: Path) -> dict[str, FSCResult]:
             continue
         if not isinstance(data, dict):
             continue
+        if path.name == GOLD_STANDARD_FILE:
+            continue  # its own part of the section (_gold_standard)
         if path.name == "evaluation.json":
             data, label = data.get("fsc_vs_truth"), "vs ground truth (cryoace evaluate)"
         else:
@@ -206,11 +214,62 @@ def _loss(metrics: Path, train: list[dict]) -> str:
     return _png(lambda f: plot_loss(metrics, f), "training loss against step")
 
 
+def _gold_standard(run_dir: Path) -> tuple[str, bool]:
+    """The gold-standard part of the FSC section (verdict, curves with the 0.143 line, table) and
+    whether the run has one."""
+    from .gold_standard import GoldStandard
+    from .plots import plot_fsc
+
+    path = run_dir / GOLD_STANDARD_FILE
+    if not path.is_file():
+        return "", False
+    try:
+        gold = GoldStandard.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _missing(f"The gold-standard FSC ({GOLD_STANDARD_FILE}) could not be read ({exc})."), False
+    if gold.resolved:
+        verdict = (f"<p>Gold-standard resolution (half maps refined apart, FSC 0.143, masked and "
+                   f"phase-randomization corrected): <strong>{html.escape(_res_text(gold.resolution()))}</strong>; "
+                   f"unmasked {html.escape(_res_text(gold.resolution(masked=False)))}.</p>")
+    else:
+        verdict = ('<p class="unresolved"><strong>NOT RESOLVED — no resolution is claimed.</strong> '
+                   + html.escape("; ".join(gold.reasons)) + ".</p>")
+    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
+    if gold.fsc.randomized is not None:
+        curves.update({"masked": gold.fsc.masked, "phase-randomized (Chen et al. 2013)": gold.fsc.randomized})
+    where = ("no phase randomization was needed" if gold.fsc.randomize_from_shell is None else
+             f"phases randomized from shell {gold.fsc.randomize_from_shell}")
+    rows = [("half maps", "volume_half1.mrc, volume_half2.mrc (mask volume_mask.mrc)"),
+            ("start low-pass", f"{gold.start_resolution_px:.2f} px"),
+            ("median pose confidence", "—" if gold.confidence_median is None else f"{gold.confidence_median:.2f}"),
+            ("mask correction", where)]
+    rows += [(f"FSC 0.143, {label}", _res_text(curve.resolution(0.143))) for label, curve in curves.items()]
+    plot = _png(lambda f: plot_fsc(curves, f, thresholds=(0.143,), title="gold-standard FSC of the half maps"),
+                "gold-standard FSC curves")
+    return verdict + plot + _table(rows), True
+
+
+def _verdict_banner(run_dir: Path) -> str:
+    """A line above the sections with the run's gold-standard verdict ("" without one)."""
+    from .gold_standard import GoldStandard
+
+    try:
+        gold = GoldStandard.from_dict(json.loads((run_dir / GOLD_STANDARD_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if gold.resolved:
+        return (f"<p><strong>Result:</strong> gold-standard resolution "
+                f"{html.escape(_res_text(gold.resolution()))} (FSC 0.143 of independent half maps).</p>\n")
+    return ('<p class="unresolved"><strong>Result: NOT RESOLVED.</strong> No resolution is claimed: '
+            + html.escape("; ".join(gold.reasons)) + ".</p>\n")
+
+
 def _fsc(run_dir: Path, halves: list[dict], pixel_size: float | None) -> str:
     from .plots import plot_fsc
 
     curves = _fsc_json_files(run_dir)
-    parts = []
+    gold, has_gold = _gold_standard(run_dir)
+    parts = [gold]
     if halves:
         last = halves[-1]
         try:
@@ -222,14 +281,16 @@ def _fsc(run_dir: Path, halves: list[dict], pixel_size: float | None) -> str:
             parts.append(f"<p>Half-map resolution (FSC 0.143) at step {int(last['step']):,}: "
                          f"<strong>{float(res):.2f} Å</strong>.</p>")
     if not curves:
-        parts.append(_missing("No FSC curves: no half-map FSC records (training with --halves) and no "
-                              "FSC against a true map (cryoace evaluate --truth-map) in this run directory."))
+        if not has_gold:
+            parts.append(_missing("No FSC curves: no gold-standard half maps (--refine), no half-map FSC "
+                                  "records (training with --halves) and no FSC against a true map (cryoace "
+                                  "evaluate --truth-map) in this run directory."))
         return "".join(parts)
     rows = [(label, "; ".join(f"FSC {t:g}: {_res_text(r.resolution(t))}" for t in DEFAULT_THRESHOLDS))
             for label, r in curves.items()]
-    parts.insert(0, _png(lambda f: plot_fsc(curves, f, title="Fourier shell correlation"), "FSC curves"))
+    parts.insert(1, _png(lambda f: plot_fsc(curves, f, title="Fourier shell correlation"), "FSC curves"))
     parts.append(_table(rows))
-    if not halves:
+    if not halves and not has_gold:
         parts.append(_missing("No half-map FSC records in metrics.jsonl (training with --halves writes them)."))
     if not any(label.startswith("vs ground truth") for label in curves):
         parts.append(_missing("No FSC against a true map (run cryoace evaluate --truth-map to add one)."))
@@ -323,6 +384,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
         "config": _config(run_dir),
     }
     name = html.escape(run_dir.resolve().name)
+    banner = _verdict_banner(run_dir)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = " ".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS.items())
     sections = "\n".join(f'<section id="{key}">\n<h2>{html.escape(SECTIONS[key])}</h2>\n{bodies[key]}\n</section>'
@@ -331,7 +393,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
             f"<title>cryoace run report: {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             f"<h1>cryoace run report: {name}</h1>\n"
             f'<p class="meta">{html.escape(str(run_dir.resolve()))} · made {now} by cryoace '
-            f"{html.escape(__version__)}</p>\n<nav>{nav}</nav>\n{sections}\n</body>\n</html>\n")
+            f"{html.escape(__version__)}</p>\n{banner}<nav>{nav}</nav>\n{sections}\n</body>\n</html>\n")
 
 
 def write_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:

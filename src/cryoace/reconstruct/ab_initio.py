@@ -36,9 +36,9 @@ import torch
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import radial_distance
 from .backproject import FourierAccumulator
-from .pose_search import global_search, search_band, shift_grid, so3_grid
+from .pose_search import band_coefficients, global_search, pose_posterior, search_band, shift_grid, so3_grid
 
-__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "pose_posterior", "mean_search_error"]
+__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "mean_search_error"]
 
 
 @dataclasses.dataclass
@@ -93,17 +93,6 @@ class AbInitioResult:
     iterations: list[AbInitioIteration]
 
 
-def pose_posterior(error: torch.Tensor, coefficients: float, temperature: float = 1.0) -> torch.Tensor:
-    """Posterior probabilities (B, K) of candidate poses from their errors (B, K), best first.
-
-    Under white Gaussian noise of power E_min/K per Fourier coefficient (E_min: the best candidate's
-    error, K = ``coefficients`` in the band, counting both Hermitian halves), the log-likelihood of a
-    candidate is −E·K/(2·E_min) up to a constant; ``temperature`` > 1 flattens it."""
-    best = error[..., :1].clamp(min=torch.finfo(error.dtype).tiny)
-    logits = -(error - best) * (coefficients / (2 * best * temperature))
-    return torch.softmax(logits, dim=-1)
-
-
 def _blob(size: int, device) -> torch.Tensor:
     """A featureless start: a Gaussian of σ = L/8 px at the box centre (the first iteration's poses
     are then nearly uniform, and its map is the data's rotational average)."""
@@ -147,7 +136,7 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
             shells = round(settings.start_shells + (settings.end_shells - settings.start_shells) * i / last)
             temperature = float(settings.start_temperature) ** (1 - i / last)
             band = search_band(size, shells, device=device)
-            coefficients = float(band.weights.sum()) * size ** 4  # points of the full disc
+            coefficients = band_coefficients(band)
             reference = VoxelFourierVolume.from_real(current, pad_factor=2)
             batch = dataset[np.sort(generator.choice(rows, batch_size, replace=False))]
             images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)

@@ -29,13 +29,13 @@ import torch
 
 from ..physics.ctf import compute_ctf
 from ..physics.band import HalfDiscGrid
-from ..physics.rotations import axis_angle_to_rotmat, euler_relion_to_rotmat
+from ..physics.rotations import axis_angle_to_rotmat, euler_relion_to_rotmat, geodesic_angle
 from ..physics.shift import phase_ramp
 from ..physics.slicing import central_slice_coords
 from ..types import CTFParams, Pose
 
 __all__ = ["SearchResult", "search_band", "so3_grid", "local_offsets", "shift_grid", "global_search",
-           "local_search"]
+           "local_search", "pose_posterior", "pose_confidence"]
 
 FourierVolume = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,13 +106,16 @@ def _image_rows(band: HalfDiscGrid, images, ctf_values, shift_px) -> tuple[torch
 
 def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.Tensor, band: HalfDiscGrid,
                   rotations: torch.Tensor, ctf: CTFParams | None = None,
-                  shifts_px: torch.Tensor | None = None, rotation_chunk: int = 4096, top_k: int = 1) -> SearchResult:
+                  shifts_px: torch.Tensor | None = None, rotation_chunk: int = 4096, top_k: int = 1,
+                  distinct_rotations: bool = False) -> SearchResult:
     """The best of ``rotations`` (R, 3, 3) × shifts for each image (B, L, L).
 
     pixel_size : (B,) Å/px; ctf : (B,) or None.
     shifts_px  : (J, 2) shifts (px) tried for every image (:func:`shift_grid`; just zero if None).
     top_k      : keep the ``top_k`` best candidates per image (pose and error gain a dimension k after
                  the batch, best first) instead of the single best.
+    distinct_rotations : the ``top_k`` candidates are ``top_k`` different rotations, each with its best
+                 shift (else a rotation may come back with several shifts).
     """
     batch, device = images.shape[0], images.device
     dtype = band.freq.dtype
@@ -130,10 +133,16 @@ def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch
             slices = volume(central_slice_coords(rot, band.freq)).to(rows.dtype)  # (r, K)
             cross = lhs @ torch.cat([slices.real, slices.imag], -1).T              # (B·J, r)
             energy = energy_rows @ (slices.real ** 2 + slices.imag ** 2).T         # (B, r)
-            err = (energy[:, None, :] - 2 * cross.reshape(batch, n_shift, -1)).reshape(batch, -1)
-            chunk_err, chunk_arg = err.topk(min(top_k, err.shape[1]), dim=-1, largest=False)
+            err = energy[:, None, :] - 2 * cross.reshape(batch, n_shift, -1)  # (B, J, r)
             r = rot.shape[0]
-            chunk_flat = (chunk_arg // r) * n_rot + start + chunk_arg % r
+            if distinct_rotations:  # each rotation once, at its best shift
+                err, best_shift = err.min(1)
+                chunk_err, chunk_arg = err.topk(min(top_k, r), dim=-1, largest=False)
+                chunk_flat = best_shift.gather(1, chunk_arg) * n_rot + start + chunk_arg
+            else:
+                err = err.reshape(batch, -1)
+                chunk_err, chunk_arg = err.topk(min(top_k, err.shape[1]), dim=-1, largest=False)
+                chunk_flat = (chunk_arg // r) * n_rot + start + chunk_arg % r
             both_err = torch.cat([best_err, chunk_err], -1)
             both_flat = torch.cat([best_flat, chunk_flat], -1)
             best_err, pick = both_err.topk(top_k, dim=-1, largest=False)
@@ -170,3 +179,36 @@ def local_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.
     best_rotmat = trial[index, arg % n_rot]
     shift_px = candidates[index, arg // n_rot]
     return SearchResult(Pose(rotmat=best_rotmat, shift_angst=shift_px * pixel_size[:, None].to(dtype)), best_err)
+
+
+def pose_posterior(error: torch.Tensor, coefficients: float, temperature: float = 1.0) -> torch.Tensor:
+    """Posterior probabilities (B, K) of candidate poses from their errors (B, K), best first.
+
+    Under white Gaussian noise of power E_min/K per Fourier coefficient (E_min: the best candidate's
+    error, K = ``coefficients`` in the band, counting both Hermitian halves), the log-likelihood of a
+    candidate is −E·K/(2·E_min) up to a constant; ``temperature`` > 1 flattens it."""
+    best = error[..., :1].clamp(min=torch.finfo(error.dtype).tiny)
+    logits = -(error - best) * (coefficients / (2 * best * temperature))
+    return torch.softmax(logits, dim=-1)
+
+
+def band_coefficients(band: HalfDiscGrid) -> float:
+    """Fourier coefficients of an image inside ``band``, both Hermitian halves (the weights are the
+    half-grid multiplicities / L⁴)."""
+    return float(band.weights.sum()) * band.size ** 4
+
+
+def pose_confidence(candidates: SearchResult, radius_deg: float) -> torch.Tensor:
+    """Each image's pose confidence (B,) in [0, 1]: the fraction of its ``top_k`` best rotations (a
+    :func:`global_search` with ``distinct_rotations``) that lie within ``radius_deg`` of the best one.
+
+    When the data single out a pose, the next-best rotations are its neighbours in the basin around
+    it (confidence near 1); when they do not (noise, a wrong map), the best rotations are scattered
+    over SO(3) (confidence near 1/k). Unlike the white-noise posterior of the candidates
+    (:func:`pose_posterior`), which puts most of its mass on the best candidate even for pure noise
+    images (the chance correlations of a high-dimensional reference), this needs no noise model."""
+    if candidates.error.ndim != 2:
+        raise ValueError("pose_confidence needs the top_k > 1 candidates of a global search")
+    rotmat = candidates.pose.rotmat
+    angle = torch.rad2deg(geodesic_angle(rotmat[:, :1].expand_as(rotmat), rotmat))
+    return (angle <= radius_deg).to(candidates.error.dtype).mean(-1)

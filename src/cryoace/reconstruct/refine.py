@@ -10,14 +10,24 @@ Seeded by a map (e.g. the decoder's volume after amortized training), each round
 2. reconstructs the map from the new poses by CTF-weighted direct Fourier inversion
    (:class:`~cryoace.reconstruct.backproject.FourierAccumulator`).
 
-**Two halves.** The particles (alternate positions in ``rows``) form two half sets with a map each;
-every image is searched against the *other* half's map. Matching an image against a map that holds
-its own noise at its previous pose would pull it back there (with noisy images this locks wrong
-poses in); against the other half's map it cannot. The two maps share one frame because each half is
-aligned to the other's, and the reported map is the reconstruction from all particles. Their FSC
-(``half_map_fsc``) weights each half map's shells by √(2·FSC/(1 + FSC)) (:func:`fsc_weighted`) before
-it serves as the next round's reference, so noise-dominated shells hardly steer the search. (It is
-not a gold-standard estimate: the halves are aligned to each other, so shared noise can correlate.)
+**Gold standard.** The particles form two half sets (``half_sets``: RELION's ``rlnRandomSubset`` in a
+run, alternate positions by default), and each half is refined against **its own** half map only,
+as RELION's auto-refine does: after the common start, no image of one half ever influences the poses
+or the map of the other. The common start is the seed map low-passed to ``start_resolution_px``
+(a raised-cosine edge that ends there), so whatever the two halves share lies below that frequency;
+beyond it, their agreement can only come from the data. Both halves start from the same map, so they
+stay in one frame, and their FSC (``half_map_fsc``, computed between the unweighted half maps
+written by the run) is a gold-standard resolution estimate. Before a half map serves as its half's
+next reference, its shells are weighted by √(2·FSC/(1 + FSC)) (:func:`fsc_weighted`), so
+noise-dominated shells hardly steer the search. The reported map is the reconstruction from all
+particles. A resolution no better than the start's low-pass means nothing was resolved beyond what
+the two halves were given (:attr:`RefineResult.resolved_beyond_start`).
+
+**Pose confidence.** The global search keeps each image's ``confidence_candidates`` best rotations;
+the fraction of them within two grid steps of the best one is the particle's pose confidence
+(:func:`~cryoace.reconstruct.pose_search.pose_confidence`): near 1 when the data single out one
+pose, near ``1/confidence_candidates`` when the best rotations are scattered over SO(3) (noise, a
+wrong map).
 
 Starting every round with the global search lets particles leave a wrong basin once the map has
 improved; the growing band is what lets the map improve round after round from a blurry start.
@@ -40,9 +50,11 @@ from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 from ..physics.rotations import geodesic_angle
 from ..types import Pose
 from .backproject import FourierAccumulator
-from .pose_search import SearchResult, global_search, local_offsets, local_search, search_band, shift_grid, so3_grid
+from .pose_search import (SearchResult, global_search, local_offsets, local_search, pose_confidence, search_band,
+                          shift_grid, so3_grid)
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted"]
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted", "lowpass",
+           "scale_shells", "alternate_half_sets"]
 
 
 @dataclasses.dataclass
@@ -60,6 +72,10 @@ class RefineSettings:
     wiener_eps      : Wiener constant of the reconstruction (relative to the mean summed CTF²).
     batch_size      : images per search batch.
     max_time_s      : stop after the round that passes this wall time (None = all rounds).
+    start_resolution_px : the common start map of the two halves is low-passed to this resolution
+                      (px per cycle; the cosine edge ends there): the two halves share nothing finer,
+                      so their FSC can only claim better resolutions from the data.
+    confidence_candidates : best global-search rotations per image for the pose confidence.
     """
 
     rounds: int = 10
@@ -75,13 +91,16 @@ class RefineSettings:
     wiener_eps: float = 1e-2
     batch_size: int = 128
     max_time_s: float | None = None
+    start_resolution_px: float = 12.0
+    confidence_candidates: int = 10
 
 
 @dataclasses.dataclass
 class RefineRound:
     """What one round did: its bands (shells), the mean per-image error (the loss), the median angle (°)
     by which the particles' rotations moved since the last round (None in round 0; near 0 once the
-    refinement has converged), the wall time, and the FSC between the two half maps."""
+    refinement has converged), the wall time, the gold-standard FSC between the two half maps and
+    the median pose confidence (see the module docstring)."""
 
     round: int
     global_shells: int
@@ -90,49 +109,92 @@ class RefineRound:
     elapsed_s: float
     pose_change_median_deg: float | None = None
     half_map_fsc: FSCResult | None = None
+    confidence_median: float | None = None
 
 
 @dataclasses.dataclass
 class RefineResult:
-    """Final poses (rotmat, shift in Å, per particle row), map (L³, real, the images' units), rounds."""
+    """Final poses (rotmat, shift in Å, per particle row), map (L³, real, the images' units, from all
+    particles), the two half maps (2, L, L, L; each from its half set alone), the rows of each half
+    set, each particle's pose confidence (N,), the start's low-pass (px) and the rounds of this call."""
 
     pose: Pose
     volume: torch.Tensor
     rounds: list[RefineRound]
+    half_volumes: torch.Tensor
+    half_rows: tuple[np.ndarray, np.ndarray]
+    confidence: torch.Tensor
+    start_resolution_px: float
+    half_map_fsc: FSCResult
+
+    @property
+    def resolved_beyond_start(self) -> bool:
+        """Whether the halves agree (FSC 0.143) clearly beyond the start's low-pass — 25 % further
+        in frequency. When they do not, the run has resolved nothing the start did not already hold."""
+        return self.half_map_fsc.resolution(0.143).px * 1.25 <= self.start_resolution_px
 
 
 @dataclasses.dataclass
 class RefineState:
     """Everything the next round needs: the last completed ``round``, the poses found in it, the two
-    FSC-weighted half maps (2, L, L, L) that serve as the next round's references and the full map.
-    Saved after each round, it lets an interrupted refinement go on where it stopped."""
+    FSC-weighted half maps (2, L, L, L) that serve as each half's next reference, the full map, the
+    two unweighted half maps and the pose confidences. Saved after each round, it lets an
+    interrupted refinement go on where it stopped."""
 
     round: int
     pose: Pose
     half_references: torch.Tensor
     volume: torch.Tensor
+    half_volumes: torch.Tensor | None = None
+    confidence: torch.Tensor | None = None
+
+
+def scale_shells(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``volume`` (L³ real) with Fourier shell s scaled by ``weight[s]`` (shells beyond the last
+    weight take the last one)."""
+    size = volume.shape[-1]
+    weight = torch.as_tensor(weight, dtype=torch.float64, device=volume.device)
+    shells = radial_shell_index(size, 3, device=volume.device).clamp(max=len(weight) - 1)
+    spectrum = fft3_centered(volume.to(torch.float64)) * weight[shells]
+    return ifft3_centered(spectrum).real.to(volume.dtype)
 
 
 def fsc_weighted(volume: torch.Tensor, fsc_curve) -> torch.Tensor:
     """``volume`` with each Fourier shell scaled by √(2·FSC/(1 + FSC)) (0 where FSC ≤ 0): the
     expected correlation of a half map with the truth (Rosenthal & Henderson 2003), which damps the
     shells that hold mostly noise before they are used as a search reference."""
-    size = volume.shape[-1]
     curve = torch.as_tensor(np.asarray(fsc_curve), dtype=torch.float64, device=volume.device).clamp(min=0.0)
-    weight = torch.sqrt(2 * curve / (1 + curve))
-    shells = radial_shell_index(size, 3, device=volume.device).clamp(max=len(curve) - 1)
-    spectrum = fft3_centered(volume.to(torch.float64)) * weight[shells]
-    return ifft3_centered(spectrum).real.to(volume.dtype)
+    return scale_shells(volume, torch.sqrt(2 * curve / (1 + curve)))
+
+
+def lowpass(volume: torch.Tensor, resolution_px: float, edge_shells: float = 2.0) -> torch.Tensor:
+    """``volume`` (L³) low-passed to ``resolution_px`` (px per cycle): shells up to
+    ``L/resolution_px − edge_shells`` kept, a raised-cosine fall to 0 at ``L/resolution_px``, nothing
+    beyond (shell index = round(|k|·L), as :func:`~cryoace.physics.fourier.radial_shell_index`)."""
+    size = volume.shape[-1]
+    cutoff = size / float(resolution_px)
+    shell = torch.arange(size, dtype=torch.float64, device=volume.device)
+    ramp = ((cutoff - shell) / max(edge_shells, 1e-9)).clamp(0.0, 1.0)
+    return scale_shells(volume, 0.5 - 0.5 * torch.cos(torch.pi * ramp))
+
+
+def alternate_half_sets(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0, 2, 4, … and 1, 3, 5, … of ``n`` particles: the default half sets."""
+    return np.arange(0, n, 2), np.arange(1, n, 2)
 
 
 def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None, rows: np.ndarray | None = None,
            use_ctf: bool = True, device: torch.device | str = "cpu", progress: bool = True,
            on_round: Callable[[RefineRound, Pose, torch.Tensor], None] | None = None,
-           resume: RefineState | None = None, on_state: Callable[[RefineState], None] | None = None
-           ) -> RefineResult:
+           resume: RefineState | None = None, on_state: Callable[[RefineState], None] | None = None,
+           half_sets: tuple[np.ndarray, np.ndarray] | None = None) -> RefineResult:
     """Refine poses and map of the particles ``rows`` (default all) of ``dataset`` from the map ``volume``
     (L³ real, same box and pixel size as the dataset's images, in the images' units — e.g. a decoder's
     map trained on the same normalized images, or a reconstruction from them).
+
+    ``half_sets``: the two half sets as positions in ``rows`` (disjoint, together every position;
+    default :func:`alternate_half_sets`). Each half is refined against its own half map only, from
+    ``volume`` low-passed to ``settings.start_resolution_px`` (module docstring).
 
     ``on_round(round, pose, volume)`` is called after each round (e.g. to save or score it), then
     ``on_state(state)`` with what a later call needs to go on from there (``resume=state``: rounds
@@ -147,19 +209,26 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     if tuple(volume.shape) != (size, size, size):
         raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³")
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
-    if len(rows) < 2:
-        raise ValueError(f"refinement needs at least 2 particles (two half sets), got {len(rows)}")
+    n = len(rows)
+    halves = alternate_half_sets(n) if half_sets is None else tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
+    if len(halves) != 2 or min(len(h) for h in halves) == 0:
+        raise ValueError(f"refinement needs two non-empty half sets, got sizes {[len(h) for h in halves]}")
+    if not np.array_equal(np.sort(np.concatenate(halves)), np.arange(n)):
+        raise ValueError("the half sets must be disjoint and hold every particle position once")
     use_ctf = bool(use_ctf and dataset.has_ctf)
     rotations = so3_grid(settings.global_step_deg, device=device)
     global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)
     local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
     offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
     finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
-    halves = [np.arange(h, len(rows), 2) for h in (0, 1)]  # positions in ``rows``
-    n = len(rows)
+    confidence_radius_deg = 2 * settings.global_step_deg
     if resume is None:
-        first, pose, current = 0, None, volume.to(device=device, dtype=torch.float32)
-        references = [VoxelFourierVolume.from_real(current, pad_factor=2)] * 2  # searched by half 1, half 0
+        first, pose = 0, None
+        current = volume.to(device=device, dtype=torch.float32)
+        start = lowpass(current, settings.start_resolution_px)
+        references = [VoxelFourierVolume.from_real(start, pad_factor=2)] * 2  # one common start
+        half_maps = torch.stack([start, start]).cpu()
+        confidence = torch.zeros(n)
     else:
         if resume.pose.rotmat.shape[0] != n or tuple(resume.volume.shape) != (size, size, size):
             raise ValueError(f"the saved refinement state is for {resume.pose.rotmat.shape[0]} particles and a "
@@ -169,7 +238,9 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
         current = resume.volume.to(device=device, dtype=torch.float32)
         references = [VoxelFourierVolume.from_real(m.to(device=device, dtype=torch.float32), pad_factor=2)
                       for m in resume.half_references]
-    start = time.monotonic()
+        half_maps = resume.half_references if resume.half_volumes is None else resume.half_volumes
+        confidence = torch.zeros(n) if resume.confidence is None else resume.confidence
+    clock0 = time.monotonic()
     history: list[RefineRound] = []
     bar = tqdm(total=max(0, settings.rounds - first), unit="round", desc="refining",
                disable=None if progress else True)
@@ -182,9 +253,10 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             rotmat = torch.empty(n, 3, 3, device=device)
             shift = torch.empty(n, 2, device=device)
             error = torch.empty(n, device=device)
+            confidence = torch.empty(n, device=device)
             accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
             for h, positions in enumerate(halves):
-                reference = references[1 - h]  # the other half's map: no image meets its own noise
+                reference = references[h]  # its own half map: the halves never meet (gold standard)
                 for at in range(0, len(positions), settings.batch_size):
                     where = positions[at:at + settings.batch_size]
                     batch = dataset[rows[where]]
@@ -192,8 +264,11 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                     pixel_size = batch.pixel_size.to(device)
                     ctf = batch.ctf.to(device=device) if use_ctf else None
                     search = (reference, images, pixel_size, lband)
-                    found = global_search(reference, images, pixel_size, gband, rotations, ctf,
-                                          shifts_px=global_shifts).pose
+                    candidates = global_search(reference, images, pixel_size, gband, rotations, ctf,
+                                               shifts_px=global_shifts, top_k=max(2, settings.confidence_candidates),
+                                               distinct_rotations=True)
+                    confidence[where] = pose_confidence(candidates, confidence_radius_deg).to(device)
+                    found = Pose(candidates.pose.rotmat[:, 0], candidates.pose.shift_angst[:, 0])
                     for offset in offsets:
                         found = local_search(*search, found, offset, local_shifts, ctf).pose
                     best = local_search(*search, found, finest, local_shifts, ctf)
@@ -211,23 +286,28 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             new = Pose(rotmat=rotmat, shift_angst=shift)
             change = None if pose is None else float(torch.rad2deg(geodesic_angle(pose.rotmat, new.rotmat)).median())
             pose = new
-            half_maps = [a.volume(settings.wiener_eps) for a in accumulators]
-            half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
-            weighted = torch.stack([fsc_weighted(m, half_fsc.curve) for m in half_maps])
+            unweighted = [a.volume(settings.wiener_eps) for a in accumulators]
+            half_fsc = fsc(unweighted[0], unweighted[1], voxel_size=float(dataset.pixel_size))
+            weighted = torch.stack([fsc_weighted(m, half_fsc.curve) for m in unweighted])
             references = [VoxelFourierVolume.from_real(m, pad_factor=2) for m in weighted]
+            half_maps = torch.stack(unweighted).cpu()
             current = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
             record = RefineRound(round=r, global_shells=global_shells, local_shells=local_shells,
-                                 mean_error=float(error.mean()), elapsed_s=time.monotonic() - start,
-                                 pose_change_median_deg=change,
-                                 half_map_fsc=half_fsc)
+                                 mean_error=float(error.mean()), elapsed_s=time.monotonic() - clock0,
+                                 pose_change_median_deg=change, half_map_fsc=half_fsc,
+                                 confidence_median=float(confidence.median()))
             history.append(record)
             bar.update(1)
             if on_round is not None:
                 on_round(record, pose, current)
             if on_state is not None:
-                on_state(RefineState(round=r, pose=pose, half_references=weighted, volume=current))
+                on_state(RefineState(round=r, pose=pose, half_references=weighted, volume=current,
+                                     half_volumes=half_maps, confidence=confidence.cpu()))
             if settings.max_time_s is not None and record.elapsed_s >= settings.max_time_s:
                 break
     finally:
         bar.close()
-    return RefineResult(pose=pose, volume=current.cpu(), rounds=history)
+    return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
+                        half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
+                        start_resolution_px=float(settings.start_resolution_px),
+                        half_map_fsc=fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)))

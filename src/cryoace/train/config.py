@@ -143,7 +143,11 @@ class RefineConfig:
 
     With ``ab_initio``, a low-resolution map is first built from a featureless blob by
     ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`); the refinement
-    starts from whichever of it and the decoder's map explains the images better (lower search error)."""
+    starts from whichever of it and the decoder's map explains the images better (lower search error).
+
+    Gold standard: the two half sets are refined apart, each against its own half map, from the seed
+    map low-passed to ``start_resolution_px`` (px per cycle); their FSC claims a resolution only
+    beyond it (:mod:`cryoace.evaluate.gold_standard`)."""
 
     enabled: bool = False
     ab_initio: bool = True
@@ -152,6 +156,7 @@ class RefineConfig:
     max_time_s: float | None = None
     global_step_deg: float = 8.0
     batch_size: int = 128
+    start_resolution_px: float = 12.0
 
 
 @dataclasses.dataclass
@@ -259,6 +264,9 @@ class TrainConfig:
         positive("--refine-step", self.refine.global_step_deg)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("refine batch size", self.refine.batch_size)
+        if not self.refine.start_resolution_px >= 2.0:
+            raise CryoaceInputError(f"--refine-start-resolution must be at least 2 px (Nyquist), got "
+                                    f"{self.refine.start_resolution_px}")
         if self.pip.weight < 0 or self.pip.warmup_steps < 0:
             raise CryoaceInputError("--pip-weight and --pip-warmup must be >= 0")
         if self.warmup_label_steps < 0 or self.shift_l1 < 0 or self.gsym_views < 0:

@@ -18,6 +18,18 @@ training's ``poses`` records) and redraws ``refine.png`` (pose change and error 
 refined map becomes ``volume.mrc`` (and ``volume.png``); the caller writes the refined poses to
 ``poses.star`` (the encoder's own predictions go to ``poses_encoder.star``).
 
+**Gold standard.** The refinement keeps two half sets apart (RELION's ``rlnRandomSubset`` when the
+particle file has it, else a seeded random split; :func:`~cryoace.reconstruct.backproject.split_half_sets`):
+each half is refined against its own half map from the seed map low-passed to
+``refine.start_resolution_px``. At the end the stage writes ``volume_half1.mrc``,
+``volume_half2.mrc`` (each from its half set alone), ``volume_mask.mrc`` (the soft mask of their
+average), ``gold_standard.json`` (:class:`~cryoace.evaluate.gold_standard.GoldStandard`: unmasked and
+masked, phase-randomization corrected FSCs and the verdict), ``fsc.png``, and a ``gold_standard``
+record in metrics.jsonl; ``cryoace fsc volume_half1.mrc volume_half2.mrc [--mask volume_mask.mrc]``
+gives the same numbers. Each particle's half set (``rlnRandomSubset``) and pose confidence
+(``rlnMaxValueProbDistribution``: the posterior mass near its best pose) go to ``poses.star``.
+When the verdict is "not resolved" the run prints no resolution and says why.
+
 After each round the stage saves its state to ``checkpoints/refine.pt`` (atomically): a resumed run
 whose training is over goes on from the last completed round (ab initio and earlier rounds are not
 repeated); a checkpoint from another training step (the training went on) is ignored.
@@ -33,38 +45,58 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..evaluate.gold_standard import GoldStandard, assess
 from ..io.atomic import atomic_path
 from ..io.mrc import read_volume, write_mrc
 from ..reconstruct.ab_initio import AbInitioIteration, AbInitioSettings, ab_initio, mean_search_error
-from ..reconstruct.refine import RefineRound, RefineSettings, RefineState, refine
+from ..reconstruct.backproject import split_half_sets
+from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, refine
 from ..types import Pose
 from .monitor import PoseMonitor
 
-__all__ = ["refine_run"]
+__all__ = ["refine_run", "RefineOutcome"]
 
 
-def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True) -> Pose:
-    """Refine the poses and map of ``trainer``'s run (see the module docstring); returns the refined
-    poses (``predicted``, the encoder's, where there is nothing to refine)."""
+@dataclasses.dataclass
+class RefineOutcome:
+    """What the stage gives the run: the poses for poses.star, the per-particle columns to write with
+    them (``rlnRandomSubset``, ``rlnMaxValueProbDistribution``; empty when nothing was refined) and
+    the gold standard (None when nothing was refined)."""
+
+    pose: Pose
+    columns: dict[str, np.ndarray]
+    gold: GoldStandard | None = None
+
+
+def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True,
+               table=None) -> RefineOutcome:
+    """Refine the poses and map of ``trainer``'s run (see the module docstring); the outcome holds the
+    refined poses (``predicted``, the encoder's, where there is nothing to refine). ``table`` (the
+    run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``."""
     from ..evaluate.plots import plot_refinement, read_metrics
     from .export import plot_volume
 
     cfg = trainer.config.refine
-    if len(dataset) < 2:  # two half sets are needed
-        log("refinement skipped: it needs at least 2 particles")
-        return predicted
+    if len(dataset) < 4:  # two half sets of at least two particles are needed
+        log("refinement skipped: it needs at least 4 particles (two half sets)")
+        return RefineOutcome(predicted, {})
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
     decoder_map = torch.as_tensor(read_volume(run_dir / "volume.mrc").data.copy())  # Trainer.finalize wrote it
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
-                              batch_size=cfg.batch_size)
+                              batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px)
     n = len(dataset)
+    half_sets = _half_sets(table, n, trainer.config.seed)
+    if min(len(h) for h in half_sets) < 2:
+        log("refinement skipped: a half set has fewer than 2 particles")
+        return RefineOutcome(predicted, {})
     monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
         write_mrc(run_dir / f"volume_refine_{record.round:02d}.mrc", volume.float().cpu().numpy(), pixel_size)
         gold = record.half_map_fsc.resolution(0.143)
-        half_map = {"half_fsc0143_px": gold.px, "half_fsc0143_angst": gold.angstrom}
+        half_map = {"half_fsc0143_px": gold.px, "half_fsc0143_angst": gold.angstrom,
+                    "confidence_median": record.confidence_median}
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
         trainer._record({"kind": "refine", "step": trainer.step, "round": record.round,
@@ -74,7 +106,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
         moved = "" if record.pose_change_median_deg is None else f", poses moved {record.pose_change_median_deg:.2f}° (median)"
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
-            f"{record.mean_error:.4g}{moved}, half maps FSC-0.143 {gold.angstrom:.2f} Å{errors} "
+            f"{record.mean_error:.4g}{moved}, gold-standard half maps FSC-0.143 {gold.angstrom:.2f} Å, median "
+            f"pose confidence {record.confidence_median:.2f}{errors} "
             f"({record.elapsed_s:.0f} s)")
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
@@ -89,7 +122,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         with atomic_path(checkpoint) as tmp:
             torch.save({"step": trainer.step, "round": state.round, "rotmat": state.pose.rotmat.cpu(),
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
-                        "volume": state.volume.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
+                        "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
+                        "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
 
     if resume is None:
         seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map
@@ -98,16 +132,66 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         seed_map = decoder_map  # not used: the saved state holds the references
         log(f"resuming the refinement after round {resume.round + 1} of {cfg.rounds}")
     result = refine(dataset, seed_map, settings, use_ctf=trainer.use_ctf, device=trainer.device,
-                    progress=progress, on_round=on_round, resume=resume, on_state=on_state)
+                    progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=half_sets)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
     volume = result.volume.float()
+    gold = _write_gold_standard(trainer, result, clock, log)
     # until here volume.mrc is the decoder's (an interrupted stage leaves it)
     os.replace(run_dir / "volume.mrc", run_dir / "volume_decoder.mrc")
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {rounds_done} refinement rounds "
                       f"({trainer.image_size}³, {pixel_size:.4g} Å/voxel)")
-    return result.pose
+    subset = np.zeros(n, dtype=np.int64)
+    subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
+    columns = {"rlnRandomSubset": subset, "rlnMaxValueProbDistribution": result.confidence.double().numpy()}
+    return RefineOutcome(result.pose, columns, gold)
+
+
+def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The refinement's two half sets (row positions): the table's ``rlnRandomSubset`` when it has one
+    that splits the particles, else a seeded random split."""
+    rows = np.arange(n, dtype=np.int64)
+    if table is None:
+        perm = np.random.default_rng(seed).permutation(n)
+        return np.sort(perm[: (n + 1) // 2]), np.sort(perm[(n + 1) // 2:])
+    a, b = split_half_sets(table, rows, seed)
+    if len(a) == 0 or len(b) == 0:  # rlnRandomSubset puts everything in one half
+        perm = np.random.default_rng(seed).permutation(n)
+        a, b = np.sort(perm[: (n + 1) // 2]), np.sort(perm[(n + 1) // 2:])
+    return a, b
+
+
+def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], float],
+                         log: Callable[[str], None]) -> GoldStandard:
+    """Write the half maps, their mask, gold_standard.json and fsc.png; record and log the verdict."""
+    import json
+
+    from ..evaluate.gold_standard import mask_from_half_maps
+    from ..evaluate.plots import plot_fsc
+
+    run_dir, pixel_size = trainer.run_dir, trainer.pixel_size
+    halves = result.half_volumes.float()
+    for h, name in enumerate(("volume_half1.mrc", "volume_half2.mrc")):
+        write_mrc(run_dir / name, halves[h].numpy(), pixel_size)
+    try:
+        mask = mask_from_half_maps(halves[0], halves[1], pixel_size)
+        write_mrc(run_dir / "volume_mask.mrc", mask.numpy(), pixel_size)
+    except ValueError:  # nothing above the threshold in the average: FSC without a mask
+        mask = torch.ones_like(halves[0])
+    gold = assess(halves[0], halves[1], result.start_resolution_px, pixel_size, result.confidence, mask=mask)
+    with atomic_path(run_dir / "gold_standard.json") as tmp:
+        tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
+    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
+    if gold.fsc.randomized is not None:
+        curves.update({"masked": gold.fsc.masked, "phase-randomized": gold.fsc.randomized})
+    plot_fsc(curves, run_dir / "fsc.png", title="gold-standard FSC of the half maps"
+             + ("" if gold.resolved else " (NOT RESOLVED)"))
+    record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
+    trainer._record({"kind": "gold_standard", "step": trainer.step, "elapsed_s": clock(), **record})
+    for line in gold.summary():
+        log(line)
+    return gold
 
 
 def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable[[], float],
@@ -147,7 +231,8 @@ def _load_state(path, step: int, n: int, log: Callable[[str], None]) -> tuple[Re
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = RefineState(round=int(saved["round"]), pose=Pose(saved["rotmat"], saved["shift_angst"]),
-                            half_references=saved["half_references"], volume=saved["volume"])
+                            half_references=saved["half_references"], volume=saved["volume"],
+                            half_volumes=saved.get("half_volumes"), confidence=saved.get("confidence"))
     except Exception as exc:  # a damaged file: start the stage afresh rather than fail the run
         log(f"ignoring the refinement checkpoint {path} ({type(exc).__name__}: {exc})")
         return None, 0.0

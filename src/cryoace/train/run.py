@@ -41,7 +41,9 @@ class RunResult:
     final_loss: float | None
     voxel_size: float
     image_size: int
-    resolution_angst: float | None = None  # --halves: the final half-map FSC-0.143 resolution (Å)
+    resolution_angst: float | None = None  # the final gold-standard FSC-0.143 resolution (Å), if claimed
+    #: the refinement's gold standard (:class:`~cryoace.evaluate.gold_standard.GoldStandard`), None without one
+    gold_standard: object | None = None
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -198,6 +200,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
         distributed.cleanup()
     paths = trainer.finalize()
     poses_path = run_dir / "poses.star"
+    gold = None
     if ctx.is_main:
         log(f"predicting the poses of {len(dataset)} particles")
         options = dict(symmetric=trainer.symmetric, use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size,
@@ -207,13 +210,19 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
 
             pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
             write_poses_star(run_dir / "poses_encoder.star", table, pose)
-            write_poses_star(poses_path, table, refine_run(trainer, dataset, pose, log, progress))
+            refined = refine_run(trainer, dataset, pose, log, progress, table=table)
+            write_poses_star(poses_path, table, refined.pose, columns=refined.columns or None)
+            gold = refined.gold
         else:  # amortized to the end: predicted chunk by chunk, then poses.star written chunk by chunk
             write_poses_star(poses_path, table, pose_predictor(trainer.encoder, trainer.decoder, dataset, **options),
                              progress=progress)
+            log("no resolution is reported: the networks were trained on all particles together, so no "
+                "independent half maps exist (use --refine, or --halves, for a gold-standard FSC)")
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
                      steps=trainer.step, epochs=trainer.step / trainer.steps_per_epoch,
                      train_time_s=trainer.elapsed_s, wall_time_s=time.monotonic() - wall0,
-                     final_loss=final, voxel_size=trainer.pixel_size, image_size=trainer.image_size)
+                     final_loss=final, voxel_size=trainer.pixel_size, image_size=trainer.image_size,
+                     resolution_angst=gold.resolution().angstrom if gold is not None and gold.resolved else None,
+                     gold_standard=gold)

@@ -1,0 +1,162 @@
+"""The gold-standard resolution of a run's two independent half maps, and whether to believe it.
+
+A refinement that keeps its two half sets apart (:mod:`cryoace.reconstruct.refine`) ends with two
+half maps that share nothing finer than their common start's low-pass. :func:`assess` turns them
+into what a user needs to judge the result, computed the way ``cryoace fsc`` computes it so anyone
+can check it from the files:
+
+* the **unmasked FSC** of the half maps (``cryoace fsc volume_half1.mrc volume_half2.mrc``);
+* the **masked FSC with the phase-randomization correction** (Chen et al. 2013) inside a soft mask
+  made from the average of the half maps (``cryoace fsc volume_half1.mrc volume_half2.mrc --mask
+  volume_mask.mrc``), which is the resolution reported, as RELION's post-processing does;
+* a **verdict**: the resolution is only claimed when the data resolved something. It is withheld
+  (``resolved`` False, with the reasons in words) when
+
+  - the half maps agree no further than the start's low-pass (FSC 0.143 not at least
+    ``MIN_GAIN_OVER_START`` = 25 % further in frequency): nothing beyond what both halves were given
+    was found — what pure noise gives;
+  - most particles' poses are unresolved: the median pose confidence (posterior mass near the best
+    pose, :func:`cryoace.reconstruct.pose_search.pose_confidence`) is below
+    ``MIN_MEDIAN_CONFIDENCE``.
+
+The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
+and read back by the run report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .fsc import DEFAULT_THRESHOLDS, FSCResult, MaskedFSC, masked_fsc
+
+__all__ = ["GoldStandard", "assess", "MIN_GAIN_OVER_START", "MIN_MEDIAN_CONFIDENCE", "mask_from_half_maps",
+           "UNRESOLVED_EXIT_CODE"]
+
+#: the half maps must agree this much further in frequency than the start's low-pass
+MIN_GAIN_OVER_START = 1.25
+#: below this median pose confidence most poses are taken as unresolved
+MIN_MEDIAN_CONFIDENCE = 0.3
+#: exit status of a command whose run finished but resolved nothing (documented in the CLI help)
+UNRESOLVED_EXIT_CODE = 3
+
+
+@dataclasses.dataclass
+class GoldStandard:
+    """The half maps' FSCs and the verdict (module docstring).
+
+    fsc                 : the masked FSC with its phase-randomization correction (``fsc.corrected`` is
+                          the reported curve; ``fsc.unmasked`` the plain one).
+    start_resolution_px : the common start's low-pass (px per cycle).
+    confidence_median   : the particles' median pose confidence (None if not measured).
+    reasons             : why the resolution is withheld (empty when it is not).
+    """
+
+    fsc: MaskedFSC
+    start_resolution_px: float
+    confidence_median: float | None
+    reasons: list[str]
+
+    @property
+    def resolved(self) -> bool:
+        return not self.reasons
+
+    @property
+    def pixel_size(self) -> float | None:
+        return self.fsc.unmasked.voxel_size
+
+    def resolution(self, masked: bool = True):
+        """The FSC-0.143 resolution (:class:`~cryoace.evaluate.fsc.Resolution`) of the corrected masked
+        curve, or of the unmasked one."""
+        return (self.fsc.corrected if masked else self.fsc.unmasked).resolution(0.143)
+
+    def summary(self) -> list[str]:
+        """The lines a run prints at its end (the verdict first)."""
+        unmasked, masked = self.resolution(masked=False), self.resolution(masked=True)
+        curves = (f"half maps FSC-0.143: masked (phase-randomization corrected) {_text(masked)}, unmasked "
+                  f"{_text(unmasked)}")
+        if self.resolved:
+            return [f"gold-standard resolution {_text(masked)} ({curves}; independent half sets from a start "
+                    f"low-passed to {_text_px(self.start_resolution_px, self.pixel_size)})"]
+        return [f"NOT RESOLVED: no resolution is claimed: {'; '.join(self.reasons)}",
+                f"({curves} — not a resolution: the poses or the map are not determined by the data)"]
+
+    def to_dict(self, thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS) -> dict[str, Any]:
+        """JSON-ready: the verdict, the resolutions (px, Å) and every curve."""
+        unmasked, masked = self.resolution(masked=False), self.resolution(masked=True)
+        return {"resolved": self.resolved, "reasons": list(self.reasons),
+                "resolution_px": masked.px, "resolution_angst": masked.angstrom,
+                "unmasked_resolution_px": unmasked.px, "unmasked_resolution_angst": unmasked.angstrom,
+                "start_resolution_px": self.start_resolution_px, "confidence_median": self.confidence_median,
+                "fsc": self.fsc.to_dict(thresholds)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GoldStandard":
+        """Inverse of :meth:`to_dict` (raises KeyError / TypeError / ValueError on a malformed dict)."""
+        curves = data["fsc"]
+        randomization = curves["phase_randomization"]
+        corrected = FSCResult.from_dict({k: v for k, v in curves.items() if k != "phase_randomization"})
+        randomized = randomization.get("randomized")
+        masked = MaskedFSC(corrected=corrected, unmasked=FSCResult.from_dict(randomization["unmasked"]),
+                           masked=FSCResult.from_dict(randomization["masked"]),
+                           randomized=None if randomized is None else FSCResult.from_dict(randomized),
+                           randomize_from_shell=randomization.get("randomize_from_shell"))
+        confidence = data.get("confidence_median")
+        return cls(fsc=masked, start_resolution_px=float(data["start_resolution_px"]),
+                   confidence_median=None if confidence is None else float(confidence),
+                   reasons=[str(r) for r in data.get("reasons", [])])
+
+
+def _text_px(px: float, pixel_size: float | None) -> str:
+    return f"{px * pixel_size:.2f} Å ({px:.2f} px)" if pixel_size else f"{px:.2f} px"
+
+
+def _text(res) -> str:
+    return _text_px(res.px, res.angstrom / res.px if res.angstrom else None)
+
+
+def mask_from_half_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: float | None) -> torch.Tensor:
+    """A soft solvent mask (L³, float32) of the half maps' average, as ``cryoace mask`` makes it, from
+    the average low-passed to 15 px (so that noise in the half maps does not shape it)."""
+    from .mask import make_mask
+
+    average = (half1.double() + half2.double()) / 2
+    size = average.shape[-1]
+    px = float(pixel_size) if pixel_size else 1.0
+    mask, _ = make_mask(average, lowpass_angst=min(15.0, size / 4) * px, voxel_size=px)
+    return mask
+
+
+def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float, pixel_size: float | None,
+           confidence: torch.Tensor | np.ndarray | None = None, mask: torch.Tensor | None = None,
+           seed: int = 0) -> GoldStandard:
+    """The gold standard of two independent half maps (L³, same frame) refined from a common start
+    low-passed to ``start_resolution_px`` (px); ``confidence``: the particles' pose confidences;
+    ``mask``: default :func:`mask_from_half_maps`. ``seed`` seeds the phase randomization (as
+    ``cryoace fsc --seed``)."""
+    if mask is None:
+        try:
+            mask = mask_from_half_maps(half1, half2, pixel_size)
+        except ValueError:  # an empty average (no density above the threshold): no mask to apply
+            mask = torch.ones_like(half1, dtype=torch.float32)
+    curves = masked_fsc(half1, half2, mask, voxel_size=pixel_size, seed=seed)
+    reasons = []
+    # either curve reaching clearly beyond the start would count; both must stay within it to withhold
+    best_px = min(curves.unmasked.resolution(0.143).px, curves.corrected.resolution(0.143).px)
+    if best_px * MIN_GAIN_OVER_START > start_resolution_px:
+        reasons.append(f"the half maps agree (FSC 0.143 at {_text_px(best_px, pixel_size)}) no further than "
+                       f"the common start map's low-pass ({_text_px(start_resolution_px, pixel_size)}), so nothing "
+                       "beyond what both halves were given was resolved")
+    median = None
+    if confidence is not None:
+        values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
+        median = float(values.median()) if values.numel() else math.nan
+        if not median >= MIN_MEDIAN_CONFIDENCE:
+            reasons.append(f"most particles' poses are unresolved (median pose confidence {median:.2f} < "
+                           f"{MIN_MEDIAN_CONFIDENCE:g})")
+    return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
+                        reasons=reasons)

@@ -1,0 +1,162 @@
+"""A resolution that never lies: the refinement's half sets never meet, the start they share is
+low-passed, pose confidences tell resolved from unresolved particles, and the verdict withholds a
+resolution that the data do not support.
+
+Images come from another simulator (ASPIRE: shared/data/particles/sim_aspire_spike_*), with the true
+map scaled to their units as in test_pose_search.py."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cryoace.evaluate.fsc import fsc
+from cryoace.evaluate.gold_standard import MIN_MEDIAN_CONFIDENCE, GoldStandard, assess
+from cryoace.io.mrc import read_volume
+from cryoace.io.particles import ParticleDataset, read_particles
+from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.fourier import fft3_centered, radial_shell_index
+from cryoace.reconstruct.pose_search import global_search, pose_confidence, search_band, shift_grid, so3_grid
+from cryoace.reconstruct.refine import RefineSettings, alternate_half_sets, lowpass, refine
+from cryoace.types import map_tensors
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CLEAN = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
+SPIKE = SHARED_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
+
+
+@pytest.fixture(scope="module")
+def aspire():
+    """The 100 noise-free ASPIRE spike particles and the true map in their units."""
+    dataset = ParticleDataset(read_particles(CLEAN), normalize=False)
+    spike = torch.tensor(read_volume(SPIKE).data, dtype=torch.float32)
+    batch = dataset[np.arange(len(dataset))]
+    rendered = render_images(VoxelFourierVolume.from_real(spike, 2), batch.pose, batch.pixel_size, 64, batch.ctf)
+    scale = float((rendered * batch.images).sum() / (rendered * rendered).sum())
+    return dataset, batch, spike * scale
+
+
+class _Replaced:
+    """A dataset whose images at ``rows`` are replaced by seeded Gaussian noise (every other field kept)."""
+
+    def __init__(self, dataset, rows, std: float):
+        self.dataset, self.rows, self.std = dataset, set(int(r) for r in rows), std
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        batch = self.dataset[index]
+        for i, row in enumerate(np.atleast_1d(np.asarray(index))):
+            if int(row) in self.rows:
+                generator = torch.Generator().manual_seed(1000 + int(row))
+                batch.images[i] = self.std * torch.randn(batch.images.shape[1:], generator=generator)
+        return batch
+
+
+def _shell_power(volume: torch.Tensor) -> torch.Tensor:
+    size = volume.shape[-1]
+    power = fft3_centered(volume.double()).abs() ** 2
+    return torch.zeros(size).index_add_(0, radial_shell_index(size, 3).reshape(-1), power.reshape(-1).float())
+
+
+def test_lowpass_keeps_the_band_and_removes_everything_beyond_the_cutoff(aspire):
+    _, _, spike = aspire
+    filtered = lowpass(spike, resolution_px=8.0, edge_shells=2.0)  # cutoff at shell 64/8 = 8
+    before, after = _shell_power(spike), _shell_power(filtered)
+    assert torch.allclose(after[:7], before[:7], rtol=1e-4)  # shells ≤ cutoff − edge untouched
+    assert 0 < float(after[7]) < float(before[7])            # the cosine edge
+    assert float(after[8:].max()) < 1e-9 * float(before[0])  # nothing at or beyond the cutoff
+
+
+def test_half_sets_never_see_each_other(aspire, monkeypatch):
+    """Gold standard: replacing every image of half 2 by noise leaves half 1's poses and half map
+    exactly as they were. The only thing the halves share after the common start is the per-shell
+    FSC weighting of the references (as in RELION), held fixed here. Searching each half against the
+    other half's map, as before, sends half 1 after half 2's noise."""
+    from cryoace.reconstruct import refine as refine_module
+
+    monkeypatch.setattr(refine_module, "fsc_weighted", lambda volume, curve: volume)
+    dataset, _, spike = aspire
+    settings = RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0,), start_resolution_px=8.0)
+    half1, half2 = alternate_half_sets(len(dataset))
+    original = refine(dataset, spike, settings, progress=False)
+    changed = refine(_Replaced(dataset, half2, std=float(spike.std())), spike, settings, progress=False)
+    assert torch.equal(original.pose.rotmat[half1], changed.pose.rotmat[half1])
+    assert torch.equal(original.pose.shift_angst[half1], changed.pose.shift_angst[half1])
+    assert torch.equal(original.half_volumes[0], changed.half_volumes[0])
+    assert not torch.equal(original.half_volumes[1], changed.half_volumes[1])
+    assert np.array_equal(original.half_rows[0], half1) and np.array_equal(original.half_rows[1], half2)
+
+
+def test_pose_confidence_separates_resolved_images_from_noise(aspire):
+    """With the true map, the ten best rotations for a noise-free image cluster around its pose; for
+    Gaussian noise images of the same power they are scattered over SO(3)."""
+    dataset, batch, spike = aspire
+    reference = VoxelFourierVolume.from_real(spike, pad_factor=2)
+    band = search_band(64, 12)
+    rotations, shifts = so3_grid(8.0), shift_grid(1, 1.0)
+    rows = np.arange(40)
+    images = batch.images[rows]
+    noise = images.std() * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    pixel_size = batch.pixel_size[rows]
+    ctf = map_tensors(batch.ctf, lambda t: t[rows] if t.dim() else t)
+    confidence = {}
+    for name, data in (("signal", images), ("noise", noise)):
+        found = global_search(reference, data, pixel_size, band, rotations, ctf, shifts_px=shifts, top_k=10,
+                              distinct_rotations=True)
+        assert len({tuple(r.flatten().tolist()) for r in found.pose.rotmat[0]}) == 10  # ten rotations
+        confidence[name] = pose_confidence(found, radius_deg=16.0)
+    assert float(confidence["signal"].median()) >= 0.5
+    assert float(confidence["noise"].median()) <= MIN_MEDIAN_CONFIDENCE
+    assert torch.all((confidence["noise"] >= 0) & (confidence["noise"] <= 1 + 1e-6))
+
+
+def _noisy_half_maps(truth: torch.Tensor, shared_resolution_px: float | None, noise: float, seed: int):
+    """Two maps: ``truth`` (or only its low-passed part, when ``shared_resolution_px``) plus independent noise."""
+    generator = torch.Generator().manual_seed(seed)
+    signal = truth if shared_resolution_px is None else lowpass(truth, shared_resolution_px)
+    scale = noise * float(truth.std())
+    return [signal + scale * torch.randn(truth.shape, generator=generator) for _ in range(2)]
+
+
+def test_verdict_claims_a_resolution_only_beyond_the_start(aspire):
+    _, _, spike = aspire
+    good = assess(*_noisy_half_maps(spike, None, 0.5, 0), start_resolution_px=12.0, pixel_size=3.0,
+                  confidence=torch.full((100,), 0.95))
+    assert good.resolved and good.resolution().px < 6.0 and good.reasons == []
+    assert "gold-standard resolution" in good.summary()[0]
+    # halves that share only the start's band: whatever the FSC says there is no claim
+    shared = assess(*_noisy_half_maps(spike, 12.0, 0.5, 1), start_resolution_px=12.0, pixel_size=3.0,
+                    confidence=torch.full((100,), 0.95))
+    assert not shared.resolved and "low-pass" in shared.reasons[0]
+    assert shared.resolution(masked=False).px >= 0.8 * 12.0
+    assert shared.summary()[0].startswith("NOT RESOLVED")
+    # good maps but most poses unresolved
+    unsure = assess(*_noisy_half_maps(spike, None, 0.5, 0), start_resolution_px=12.0, pixel_size=3.0,
+                    confidence=torch.full((100,), 0.1))
+    assert not unsure.resolved and "confidence" in unsure.reasons[0]
+    again = GoldStandard.from_dict(good.to_dict())
+    assert again.resolved and math.isclose(again.resolution().px, good.resolution().px)
+    assert np.allclose(again.fsc.unmasked.curve, good.fsc.unmasked.curve)
+
+
+def test_refinement_on_noise_claims_nothing(aspire):
+    """Einstein from noise: Gaussian images with the ASPIRE particles' CTFs, refined from the true map.
+    Each half aligns noise to its own reference and so reproduces the common start, but the halves
+    agree no further than its low-pass: no resolution is claimed."""
+    dataset, _, spike = aspire
+    noise = _Replaced(dataset, np.arange(len(dataset)), std=float(spike.std()))
+    settings = RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0,))
+    result = refine(noise, spike, settings, progress=False)
+    gold = assess(result.half_volumes[0], result.half_volumes[1], result.start_resolution_px, 3.0,
+                  result.confidence)
+    assert not gold.resolved and not result.resolved_beyond_start
+    assert gold.resolution(masked=False).px > 10.0 and gold.resolution(masked=True).px > 10.0
+    assert fsc(result.half_volumes[0], result.half_volumes[1]).resolution(0.143).px > 10.0
