@@ -39,7 +39,7 @@ Resolution you can trust: the refinement (--refine, on in the cpu preset) keeps 
 (rlnRandomSubset when the file has it), each aligned against its own half map from a common start
 low-passed to --refine-start-resolution (12 px). RUN_DIR gets volume_half1.mrc, volume_half2.mrc,
 volume_mask.mrc, gold_standard.json and fsc.png (unmasked, masked and phase-randomization corrected
-curves); poses.star gets rlnRandomSubset and rlnMaxValueProbDistribution (each particle's pose
+curves); poses.star gets rlnRandomSubset and cryoacePoseConfidence (each particle's pose
 confidence). When the half maps agree no further than the start's low-pass, or most poses are
 unresolved, no resolution is claimed: the last lines say NOT RESOLVED and why.
 

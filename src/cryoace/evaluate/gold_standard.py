@@ -15,9 +15,9 @@ can check it from the files:
   - the half maps agree no further than the start's low-pass (FSC 0.143 not at least
     ``MIN_GAIN_OVER_START`` = 25 % further in frequency): nothing beyond what both halves were given
     was found — what pure noise gives;
-  - most particles' poses are unresolved: the median pose confidence (posterior mass near the best
-    pose, :func:`cryoace.reconstruct.pose_search.pose_confidence`) is below
-    ``MIN_MEDIAN_CONFIDENCE``.
+  - most particles' poses are unresolved: the median pose confidence (the fraction of each
+    particle's best rotations that lie near the best one,
+    :func:`cryoace.reconstruct.pose_search.pose_confidence`) is below ``MIN_MEDIAN_CONFIDENCE``.
 
 The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
 and read back by the run report.

@@ -27,7 +27,7 @@ average), ``gold_standard.json`` (:class:`~cryoace.evaluate.gold_standard.GoldSt
 masked, phase-randomization corrected FSCs and the verdict), ``fsc.png``, and a ``gold_standard``
 record in metrics.jsonl; ``cryoace fsc volume_half1.mrc volume_half2.mrc [--mask volume_mask.mrc]``
 gives the same numbers. Each particle's half set (``rlnRandomSubset``) and pose confidence
-(``rlnMaxValueProbDistribution``: the posterior mass near its best pose) go to ``poses.star``.
+(``cryoacePoseConfidence``: the fraction of its best rotations near the best one) go to ``poses.star``.
 When the verdict is "not resolved" the run prints no resolution and says why.
 
 After each round the stage saves its state to ``checkpoints/refine.pt`` (atomically): a resumed run
@@ -60,7 +60,7 @@ __all__ = ["refine_run", "RefineOutcome"]
 @dataclasses.dataclass
 class RefineOutcome:
     """What the stage gives the run: the poses for poses.star, the per-particle columns to write with
-    them (``rlnRandomSubset``, ``rlnMaxValueProbDistribution``; empty when nothing was refined) and
+    them (``rlnRandomSubset``, ``cryoacePoseConfidence``; empty when nothing was refined) and
     the gold standard (None when nothing was refined)."""
 
     pose: Pose
@@ -144,7 +144,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                       f"({trainer.image_size}³, {pixel_size:.4g} Å/voxel)")
     subset = np.zeros(n, dtype=np.int64)
     subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
-    columns = {"rlnRandomSubset": subset, "rlnMaxValueProbDistribution": result.confidence.double().numpy()}
+    columns = {"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()}
     return RefineOutcome(result.pose, columns, gold)
 
 

@@ -1,0 +1,77 @@
+"""A run never claims a resolution its data do not support ("Einstein from noise"), writes its half
+maps for anyone to check, and says plainly — in its last lines, report.html and exit status — when it
+resolved nothing.
+
+The particles are pure Gaussian noise carrying the CTF parameters, pixel size and star file of a
+dataset made by another tool (ASPIRE: shared/data/particles/sim_aspire_spike_L64_ctf_snr0.1)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cryoace.cli.main import main as cli
+from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
+from cryoace.evaluate.plots import read_metrics
+from cryoace.io.mrc import write_mrc
+from cryoace.io.particles import read_particles
+
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ASPIRE = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_snr0.1"
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    """The default reconstruct (cpu preset, short budgets) on 500 images of pure noise."""
+    data = tmp_path_factory.mktemp("noise")
+    shutil.copy(ASPIRE / "particles.star", data / "particles.star")
+    noise = np.random.default_rng(0).standard_normal((500, 64, 64)).astype(np.float32)
+    write_mrc(data / "particles_0_499.mrcs", noise, 3.0)
+    run = data / "run"
+    status = cli(["reconstruct", str(data / "particles.star"), "-o", str(run), "--quiet", "--device", "cpu",
+                  "--max-time", "15s", "--ab-initio-iterations", "4", "--refine-rounds", "3"])
+    return data, run, status
+
+
+def test_noise_gets_no_resolution(noise_run, capsys):
+    _, run, status = noise_run
+    assert status == UNRESOLVED_EXIT_CODE
+    gold = json.loads((run / "gold_standard.json").read_text())
+    assert gold["resolved"] is False and gold["reasons"]
+    # the half maps do not agree at better than 10 px, masked or not
+    assert gold["resolution_px"] > 10.0 and gold["unmasked_resolution_px"] > 10.0
+    (record,) = read_metrics(run / "metrics.jsonl", kind="gold_standard")
+    assert record["resolved"] is False
+    report = (run / "report.html").read_text()
+    assert "NOT RESOLVED" in report and "volume_half1.mrc" in report
+
+
+def test_the_half_maps_give_the_printed_fsc(noise_run, capsys):
+    """``cryoace fsc`` on the run's own files reproduces gold_standard.json's numbers."""
+    _, run, _ = noise_run
+    gold = json.loads((run / "gold_standard.json").read_text())
+    for path in ("volume_half1.mrc", "volume_half2.mrc", "volume_mask.mrc", "volume.mrc", "fsc.png"):
+        assert (run / path).is_file()
+    capsys.readouterr()
+    assert cli(["fsc", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"), "--json", "-"]) == 0
+    unmasked = json.loads(capsys.readouterr().out)
+    assert unmasked["resolution"]["0.143"]["px"] == pytest.approx(gold["unmasked_resolution_px"], rel=1e-6)
+    assert cli(["fsc", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"), "--mask",
+                str(run / "volume_mask.mrc"), "--json", "-"]) == 0
+    masked = json.loads(capsys.readouterr().out)
+    assert masked["resolution"]["0.143"]["px"] == pytest.approx(gold["resolution_px"], rel=1e-6)
+
+
+def test_poses_star_says_which_half_and_how_sure(noise_run):
+    data, run, _ = noise_run
+    table = read_particles(run / "poses.star")
+    subset = table.extra_column("rlnRandomSubset")
+    confidence = table.extra_column("cryoacePoseConfidence")
+    assert subset is not None and set(np.unique(subset).tolist()) == {1, 2}
+    assert abs(int((subset == 1).sum()) - int((subset == 2).sum())) <= 1
+    assert confidence is not None and np.all((confidence >= 0) & (confidence <= 1))
