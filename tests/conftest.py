@@ -1,40 +1,28 @@
-"""Shared test fixtures: where the real interop files live (``shared/data``, see its SOURCES.md).
-
-Lookup order: the environment variable ``CRYOACE_SHARED_DATA``, else ``<repo>/../shared/data``
-(the repository is /work/main and the shared data /work/shared/data on the team's machines).
+"""Shared test fixtures, and where the real files written by other programs live: ``tests/data``
+(each file's origin and licence in tests/data/SOURCES.md).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-
-def _find_shared_data() -> Path:
-    env = os.environ.get("CRYOACE_SHARED_DATA")
-    if env:
-        return Path(env).resolve()
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+TEST_DATA: Path = Path(__file__).resolve().parent / "data"
 
 
-SHARED_DATA: Path = _find_shared_data()
-PARTICLES: Path = SHARED_DATA / "particles"
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The shared data directory. Its absence is an error, not a skip: the interop tests are the point."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA} (set CRYOACE_SHARED_DATA)")
-    return SHARED_DATA
+@pytest.fixture(scope="session", name="test_data")
+def _test_data() -> Path:
+    """``tests/data``. Its absence is an error, not a skip: the interop tests are the point."""
+    if not TEST_DATA.is_dir():
+        pytest.fail(f"test data not found at {TEST_DATA} (the repository's tests/data folder)")
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")
-def particles_dir(shared_data: Path) -> Path:
-    """``shared/data/particles``."""
-    return shared_data / "particles"
+def particles_dir(test_data: Path) -> Path:
+    """``tests/data/particles``."""
+    return test_data / "particles"
 
 
 def _line_projection(image, direction, size):
@@ -51,7 +39,7 @@ def _line_projection(image, direction, size):
 def common_line_correlation(rotmats, images, pairs=None, seed=0):
     """Mean correlation of the common-line projections of image pairs under poses ``rotmats``.
 
-    With R mapping volume to image coordinates (DESIGN.md §1), images i and j both contain the line
+    With R mapping volume to image coordinates (docs/conventions.md §1), images i and j both contain the line
     integral of the volume onto n = R_i[2] × R_j[2]; in image k it is the projection onto
     direction (R_k n)_xy. Right poses give correlations near 1; transposed ones do not.
     """

@@ -86,7 +86,7 @@ class Pose(_TensorContainer):
     """A particle pose.
 
     rotmat      : (..., 3, 3) RELION's Euler_angles2matrix(rot, tilt, psi): maps volume coordinates
-                  to image coordinates (DESIGN.md §1).
+                  to image coordinates (docs/conventions.md §1).
     shift_angst : (..., 2) (x, y) in Å, exactly RELION's rlnOriginX/YAngst: the observed image is the
                   centred projection translated by -shift.
     """

@@ -16,11 +16,11 @@ from cryoace.io.mrc import read_volume, write_mrc
 from cryoace.physics.fourier import fourier_crop
 from cryoace.physics.rotations import axis_angle_to_rotmat
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 FAST = ["--angular-step", "20", "--coarse-size", "16"]
 
 

@@ -2,8 +2,8 @@
 status 2, no traceback, and nothing (not even a temporary file) left in the output directory.
 
 Every case is a row of ``CASES``: (name, builder, expected text). A builder gets a :class:`Work` (an
-empty input directory, an empty output directory, the shared data) and returns the command line and
-the file the message must name. The inputs are copies of real files from ``shared/data``, broken in
+empty input directory, an empty output directory, the test data) and returns the command line and
+the file the message must name. The inputs are copies of real files from ``tests/data``, broken in
 one way each. ``test_bad_input`` runs every case in-process through ``cryoace.cli.main.main``;
 ``test_bad_input_subprocess`` runs a few through ``python -m cryoace`` in fresh interpreters (started
 together, to stay fast), where a traceback or a stray warning would show in full.
@@ -37,7 +37,7 @@ MAP = Path("volumes") / "adk_open_4ake_L64_1.5A.mrc"        # 64³, 1.5 Å
 
 @dataclasses.dataclass
 class Work:
-    data: Path     # shared/data (read-only)
+    data: Path     # tests/data (read-only)
     inp: Path      # where a case builds its inputs
     out: Path      # the output directory; must stay empty
 
@@ -316,8 +316,8 @@ def _check(name: str, w: Work, culprit: Path, argv: list[str], rc: int, err: str
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))
-def test_bad_input(name, shared_data, tmp_path, capsys):
-    work = _make_work(shared_data, tmp_path)
+def test_bad_input(name, test_data, tmp_path, capsys):
+    work = _make_work(test_data, tmp_path)
     argv, culprit = BY_NAME[name][0](work)
     before = set(work.inp.iterdir())
     capsys.readouterr()
@@ -336,19 +336,19 @@ CONTROLS = {
 
 
 @pytest.mark.parametrize("name", CONTROLS)
-def test_unbroken_inputs_work(name, shared_data, tmp_path, capsys):
-    work = _make_work(shared_data, tmp_path)
+def test_unbroken_inputs_work(name, test_data, tmp_path, capsys):
+    work = _make_work(test_data, tmp_path)
     argv, output = CONTROLS[name](work)
     assert main(argv) == 0, capsys.readouterr().err
     assert [p.name for p in work.out.iterdir() if not p.name.endswith(".png")] == [output]
 
 
 @pytest.fixture(scope="module")
-def subprocess_runs(shared_data, tmp_path_factory) -> dict:
+def subprocess_runs(test_data, tmp_path_factory) -> dict:
     """Every SUBPROCESS_CASES case run through ``python -m cryoace``, all started at once."""
     started = {}
     for name in SUBPROCESS_CASES:
-        work = _make_work(shared_data, tmp_path_factory.mktemp(name))
+        work = _make_work(test_data, tmp_path_factory.mktemp(name))
         argv, culprit = BY_NAME[name][0](work)
         proc = subprocess.Popen([sys.executable, "-m", "cryoace", *argv], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)

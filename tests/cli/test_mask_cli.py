@@ -8,11 +8,11 @@ import pytest
 
 from cryoace.io.mrc import read_volume
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 
 
 def test_mask_writes_a_soft_mask_with_the_maps_voxel_size(run_cli, tmp_path):

@@ -22,10 +22,10 @@ from cryoace.physics.rotations import euler_relion_to_rotmat
 from cryoace.simulate import particles as sim
 from cryoace.simulate.presets import ADK_MODEL
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
-RELION = SHARED_DATA / "particles" / "relion_project_aspire"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+RELION = TEST_DATA / "particles" / "relion_project_aspire"
 SMALL = ["--box", "32", "--pixel-size", "3", "--resolution", "6"]  # adk at L = 32 from the shipped model
 
 
@@ -164,9 +164,9 @@ def test_adk_presets_need_no_model(preset, tmp_path):
     assert np.corrcoef(vol.data.ravel(), ref.data.ravel())[0, 1] > 0.95 and vol.voxel_size == 1.5
 
 
-def test_spike_preset_with_the_shared_model(tmp_path):
+def test_spike_preset_with_the_test_data_model(tmp_path):
     out = tmp_path / "spike"
-    assert _run([SHARED_DATA / "models" / "6vyb.cif.gz", "--preset", "spike", "-o", out, "-n", 4,
+    assert _run([TEST_DATA / "models" / "6vyb.cif.gz", "--preset", "spike", "-o", out, "-n", 4,
                  "--noise-free"]) == 0
     record = yaml.safe_load((out / "simulation.yaml").read_text())
     assert record["box_size"] == 128 and record["pixel_size_angst"] == 3.0 and record["noise"]["sigma"] == 0
@@ -183,7 +183,7 @@ def test_demo_preset_default_size_is_a_few_thousand():
 
 def test_molmap_command_writes_an_overlaying_map(tmp_path, capsys):
     out = tmp_path / "adk.mrc"
-    assert cli(["molmap", str(SHARED_DATA / "models" / "adk_open_4ake_chainA_mdanalysis.pdb"), "-o", str(out),
+    assert cli(["molmap", str(TEST_DATA / "models" / "adk_open_4ake_chainA_mdanalysis.pdb"), "-o", str(out),
                 "--box", "64", "--pixel-size", "1.5", "--resolution", "6"]) == 0
     with mrcfile.open(out) as m, mrcfile.open(ADK_L64) as ref:
         assert m.voxel_size.x == pytest.approx(1.5) and m.data.shape == (64, 64, 64)

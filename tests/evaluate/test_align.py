@@ -22,9 +22,9 @@ from cryoace.physics.projector import project_real_space
 from cryoace.physics.rotations import axis_angle_to_rotmat, random_rotmat
 from cryoace.physics.shift import apply_shift
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 EYE = torch.eye(3, dtype=torch.float64)
 
 

@@ -12,8 +12,8 @@ from cryoace.evaluate import FSCResult, fsc, plot_fsc
 from cryoace.io.mrc import read_volume
 from cryoace.physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 
-from conftest import SHARED_DATA  # noqa: E402
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+from conftest import TEST_DATA  # noqa: E402
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 
 
 def random_map(size: int, seed: int, dtype=torch.float32) -> torch.Tensor:

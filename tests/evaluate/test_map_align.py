@@ -17,11 +17,11 @@ from cryoace.io.mrc import read_volume
 from cryoace.physics.fourier import fourier_crop
 from cryoace.physics.rotations import geodesic_angle, random_rotmat
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 FAST = dict(angular_step_deg=20.0, coarse_size=16)  # a coarser search keeps each case ~1–2 s
 EYE = torch.eye(3, dtype=torch.float64)
 

@@ -13,11 +13,11 @@ from cryoace.evaluate.mask import default_threshold, distance_to_mask, make_mask
 from cryoace.io.mrc import read_volume
 from cryoace.physics.fourier import fourier_crop
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ADK_L64 = SHARED_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
+ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 
 
 @pytest.fixture(scope="module")

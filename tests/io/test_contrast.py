@@ -1,4 +1,4 @@
-"""The pre-training contrast check (white particles on a dark background, DESIGN.md §1): its verdict
+"""The pre-training contrast check (white particles on a dark background, docs/conventions.md §1): its verdict
 flips with the data's sign on noisy simulated data with CTF; independent files agree (ASPIRE's
 RELION-convention simulation and real TRPV1 particles are white; the 7 raw EMPIAR-10076 particles
 are dark, as seen by eye); pure noise is "unclear"; and ``cryoace reconstruct`` stops on dark

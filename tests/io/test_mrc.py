@@ -66,8 +66,8 @@ def test_every_particle_stack_opens(particles_dir):
         assert np.isfinite(mrc.data[-1]).all(), path
 
 
-def test_reference_volume(shared_data):
-    vol = read_volume(shared_data / "particles/relion_project_aspire/clean70SRibosome_vol_64_aspire_downsampled.mrc")
+def test_reference_volume(test_data):
+    vol = read_volume(test_data / "particles/relion_project_aspire/clean70SRibosome_vol_64_aspire_downsampled.mrc")
     assert vol.data.shape == (64, 64, 64) and vol.data.dtype == np.float32
 
 

@@ -1,4 +1,4 @@
-"""RELION star reading/writing against the real files in shared/data/particles (numbers checked
+"""RELION star reading/writing against the real files in tests/data/particles (numbers checked
 against the text of the files with an independent little parser)."""
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_relion31_origins_in_pixels(particles_dir):
 
 
 def test_origin_sign_on_relion_project_images(particles_dir):
-    """RELION's shifted stack is the centred one translated by −origin (DESIGN.md §1)."""
+    """RELION's shifted stack is the centred one translated by −origin (docs/conventions.md §1)."""
     d = particles_dir / "relion_project_aspire"
     centred = ParticleDataset(read_star(d / "rln_proj_64_centered.star"), normalize=False)
     shifted = ParticleDataset(read_star(d / "rln_proj_64_shifted.star"), normalize=False)

@@ -32,7 +32,7 @@ def test_relion_matrix_known_values():
 
 
 def test_relion_matrix_is_transpose_of_intrinsic_zyz():
-    """DESIGN.md: the active intrinsic ZYZ matrix of (rot, tilt, psi) (ASPIRE's / roma's) is Rᵀ."""
+    """docs/conventions.md §1: the active intrinsic ZYZ matrix of (rot, tilt, psi) (ASPIRE's / roma's) is Rᵀ."""
     spatial = pytest.importorskip("scipy.spatial.transform")
     angles = np.array([[10., 20., 30.], [200., 100., 300.], [-45., 170., 5.]])
     ours = rot.euler_relion_to_rotmat(*torch.tensor(np.radians(angles), dtype=F64).unbind(-1))

@@ -16,7 +16,7 @@ from cryoace.physics.slicing import central_slice_coords, extract_slices
 from cryoace.types import CTFParams, Pose
 
 F64 = torch.float64
-from conftest import SHARED_DATA as SHARED  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 
 def euler_deg(*angles):
@@ -25,7 +25,7 @@ def euler_deg(*angles):
 
 @pytest.fixture(scope="module")
 def adk():
-    return torch.tensor(read_volume(SHARED / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
+    return torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
 
 
 def test_slice_coordinates_are_rotmat_transpose_times_k():
@@ -84,7 +84,7 @@ def test_off_centre_point_projects_where_rotmat_sends_it():
 def test_projections_match_relion_project(name):
     import starfile
 
-    folder = SHARED / "particles/relion_project_aspire"
+    folder = TEST_DATA / "particles/relion_project_aspire"
     volume = torch.tensor(read_volume(folder / "clean70SRibosome_vol_64_aspire_downsampled.mrc").data, dtype=F64)
     star = starfile.read(folder / f"{name}.star")
     particles = star["particles"] if isinstance(star, dict) else star

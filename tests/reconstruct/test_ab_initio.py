@@ -18,10 +18,10 @@ from cryoace.reconstruct.backproject import FourierAccumulator
 from cryoace.reconstruct.refine import RefineSettings, refine
 from cryoace.types import map_tensors
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASPIRE = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
+ASPIRE = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
 
 
 def _aligned_errors_deg(found: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

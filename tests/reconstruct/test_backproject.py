@@ -20,8 +20,8 @@ from cryoace.physics.rotations import random_rotmat
 from cryoace.reconstruct.backproject import FourierAccumulator, split_half_sets
 from cryoace.types import CTFParams, Pose
 
-from conftest import SHARED_DATA as SHARED  # noqa: E402
-SPIKE = SHARED / "volumes/spike_6vyb_L64_3.0A.mrc"
+from conftest import TEST_DATA  # noqa: E402
+SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
 NYQUIST_90 = 2.0 / 0.9  # px: FSC must stay ≥ 0.5 at least out to 0.9 × Nyquist
 
 
@@ -33,7 +33,7 @@ def spike():
 @pytest.mark.parametrize("name", ["sim_aspire_spike_L64_ctf_clean", "sim_aspire_spike_L64_noctf_clean"])
 def test_cli_backproject_aspire_noise_free_reaches_nyquist(name, tmp_path, spike, capsys):
     out = tmp_path / "map.mrc"
-    assert cli(["backproject", str(SHARED / "particles" / name / "particles.star"), "-o", str(out),
+    assert cli(["backproject", str(TEST_DATA / "particles" / name / "particles.star"), "-o", str(out),
                 "--quiet"]) == 0
     mrc = open_mrc(out)
     assert mrc.voxel_size == pytest.approx(3.0)
@@ -58,7 +58,7 @@ def _insert(dataset, transform="right"):
 
 @pytest.mark.parametrize("transform", ["transposed rotation", "flipped shift", "flipped CTF"])
 def test_wrong_conventions_visibly_fail(transform, spike):
-    dataset = ParticleDataset(read_particles(SHARED / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"),
+    dataset = ParticleDataset(read_particles(TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"),
                               normalize=False)
     right = fsc(_insert(dataset), spike)
     wrong = fsc(_insert(dataset, transform), spike)
@@ -71,7 +71,7 @@ def test_wrong_conventions_visibly_fail(transform, spike):
 
 def test_noisy_aspire_set_with_half_maps(tmp_path, spike):
     out = tmp_path / "noisy" / "map.mrc"
-    star = SHARED / "particles/sim_aspire_spike_L64_ctf_snr0.1/particles.star"
+    star = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_snr0.1/particles.star"
     assert cli(["backproject", str(star), "-o", str(out), "--half-maps", "--wiener-eps", "0.1", "--quiet"]) == 0
     for suffix in ("_half1.mrc", "_half2.mrc", "_fsc.png"):
         assert (tmp_path / "noisy" / f"map{suffix}").is_file()
@@ -84,7 +84,7 @@ def test_noisy_aspire_set_with_half_maps(tmp_path, spike):
 
 def test_first_and_downsample(tmp_path):
     out = tmp_path / "small.mrc"
-    star = SHARED / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
+    star = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
     assert cli(["backproject", str(star), "-o", str(out), "--first", "40", "--downsample", "32", "--quiet"]) == 0
     mrc = open_mrc(out)
     assert mrc.data.shape == (32, 32, 32)
@@ -92,7 +92,7 @@ def test_first_and_downsample(tmp_path):
 
 
 def test_half_split_honours_random_subset():
-    table = read_particles(SHARED / "particles/trpv1_cryojax/trpv1_small_stack.star")
+    table = read_particles(TEST_DATA / "particles/trpv1_cryojax/trpv1_small_stack.star")
     rows = np.arange(len(table))
     h1, h2 = split_half_sets(table, rows)
     subset = table.extra["rlnRandomSubset"].to_numpy()
@@ -106,7 +106,7 @@ def test_half_split_honours_random_subset():
 
 def test_round_trip_project_then_backproject_with_ctf_and_shifts():
     """Our own forward model (random poses, shifts, astigmatic CTF) inverts to the source map."""
-    volume = torch.tensor(read_volume(SHARED / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=torch.float64)
+    volume = torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=torch.float64)
     # Fourier-crop to 32³ at 3 Å/px (the whole molecule stays in the box) to keep the test fast
     volume = ifft3_centered(fft3_centered(volume)[16:48, 16:48, 16:48]).real / 8
     g = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def test_round_trip_project_then_backproject_with_ctf_and_shifts():
 
 def test_cli_rejects_particles_without_poses(tmp_path, capsys):
     out = tmp_path / "map.mrc"
-    code = cli(["backproject", str(SHARED / "particles/empiar10076_cryodrgn/empiar_10076_7.star"), "-o", str(out)])
+    code = cli(["backproject", str(TEST_DATA / "particles/empiar10076_cryodrgn/empiar_10076_7.star"), "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no poses" in err[0] and "empiar_10076_7.star" in err[0]
     assert not out.exists()
@@ -131,7 +131,7 @@ def test_cli_rejects_particles_without_poses(tmp_path, capsys):
 
 def test_cli_missing_stack_is_one_line(tmp_path, capsys):
     out = tmp_path / "map.mrc"
-    code = cli(["backproject", str(SHARED / "particles/trpv1_cryojax/trpv1_small_stack.star"), "-o", str(out)])
+    code = cli(["backproject", str(TEST_DATA / "particles/trpv1_cryojax/trpv1_small_stack.star"), "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "batch_0_restacked" in err[0]
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -153,7 +153,7 @@ def test_cryodrgn_hand_pickle_poses_are_consistent(tmp_path):
     """cryoDRGN's hand set (its own poses pickle): the two half maps agree only with the right convention."""
     from cryoace.io.cryodrgn import table_from_stack
 
-    folder = SHARED / "particles/cryodrgn_hand"
+    folder = TEST_DATA / "particles/cryodrgn_hand"
     dataset = ParticleDataset(table_from_stack(folder / "hand.mrcs", poses=folder / "hand_rot.pkl", pixel_size=1.0),
                               normalize=False)
     assert _half_map_fsc(dataset).resolution(0.5).px < 3.0

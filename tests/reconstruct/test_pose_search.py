@@ -1,6 +1,6 @@
 """Pose search and projection-matching refinement against images made by another simulator (ASPIRE).
 
-The ASPIRE set (shared/data/particles/sim_aspire_spike_L64_ctf_clean: RELION-convention poses, shifts
+The ASPIRE set (tests/data/particles/sim_aspire_spike_L64_ctf_clean: RELION-convention poses, shifts
 and CTFs, noise-free, from volumes/spike_6vyb_L64_3.0A.mrc) has true poses in its star file: searching
 them back against the map tests the search's rotation, shift and CTF conventions on data we did not
 make. ASPIRE's images are in other intensity units than our projector's; the map is scaled by the
@@ -24,11 +24,11 @@ from cryoace.reconstruct.pose_search import (global_search, local_offsets, local
 from cryoace.reconstruct.refine import RefineSettings, refine
 from cryoace.types import Pose, map_tensors
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASPIRE = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
-SPIKE = SHARED_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
+ASPIRE = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
+SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
 
 
 def _rows(ctf, rows):

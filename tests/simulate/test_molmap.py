@@ -1,5 +1,5 @@
 """Atomic model → map: element guessing, density normalisation, placement, and agreement with the
-independently made reference maps in shared/data/volumes."""
+independently made reference maps in tests/data/volumes."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from cryoace.errors import CryoaceInputError
 from cryoace.simulate.molmap import fit_box, guess_element, molmap, read_model
 from cryoace.simulate.presets import ADK_MODEL
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
-MODELS = SHARED_DATA / "models"
-VOLUMES = SHARED_DATA / "volumes"
+MODELS = TEST_DATA / "models"
+VOLUMES = TEST_DATA / "volumes"
 
 
 def _corr(a, b):
@@ -33,7 +33,7 @@ def test_guess_element_from_atom_name(name, residue, single, expected):
     assert guess_element(name, residue, single) == expected
 
 
-def test_shipped_adk_model_is_the_shared_one():
+def test_shipped_adk_model_is_the_test_data_one():
     assert ADK_MODEL.read_bytes() == (MODELS / "adk_open_4ake_chainA_mdanalysis.pdb").read_bytes()
 
 

@@ -13,7 +13,7 @@ from cryoace.physics.rotations import random_rotmat
 from cryoace.train.losses import HalfDiscGrid, compute_loss, rotate_180, unrotate_pose
 from cryoace.types import CTFParams, Pose
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import TEST_DATA  # noqa: E402
 
 F64 = torch.float64
 
@@ -21,7 +21,7 @@ F64 = torch.float64
 def _adk_volume(size: int = 32) -> torch.Tensor:
     """adenylate kinase at 1.5 Å/px, cropped to the central size³ and band-limited inside 0.4 cycles/px
     (so trilinear slices of its padded transform are Hermitian to rounding)."""
-    v = torch.tensor(read_volume(SHARED_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
+    v = torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
     lo = 32 - size // 2
     v = v[lo:lo + size, lo:lo + size, lo:lo + size]
     spectrum = fft3_centered(v) * circular_mask(size, 0.4 * size, 3)

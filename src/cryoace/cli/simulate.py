@@ -7,7 +7,7 @@ The input is a map (.mrc/.map; its header voxel size, or --pixel-size) or an ato
 --defocus-spread = sigma of ln(defocus), astigmatism uniform in [0, --astigmatism] Å at a random
 angle) and white Gaussian noise at --snr-db, where SNR = var(clean) / sigma² and var(clean) is the
 mean per-image variance over the whole box of the noise-free, CTF-modulated, shifted images
-(DESIGN.md). Images are formed by the same Fourier path as the decoders (--projector fourier), or by
+(docs/conventions.md §1). Images are formed by the same Fourier path as the decoders (--projector fourier), or by
 real-space rotate-and-sum (--projector real). --seed makes the dataset reproducible: one seed per
 purpose (poses, shifts, defocus, noise) is spawned from it and recorded.
 

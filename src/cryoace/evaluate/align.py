@@ -2,10 +2,10 @@
 
 An ab initio reconstruction lives in an arbitrary frame and may be the mirror image of the truth.
 With ground-truth poses, the global rotation and the hand are fitted by least squares over *all*
-particles (DESIGN.md §1 "Metrics"); the same transform then carries the predicted map into the
+particles (docs/conventions.md §1 "Metrics"); the same transform then carries the predicted map into the
 truth's frame, so that the FSC against the true map measures the map, not the frame.
 
-**Derivation (R maps volume → image coordinates; ``image(x) = Σ_z v(Rᵀ x)``, DESIGN.md §1).**
+**Derivation (R maps volume → image coordinates; ``image(x) = Σ_z v(Rᵀ x)``, docs/conventions.md §1).**
 
 *Rotation.* If the predicted map is the truth expressed in a rotated frame, ``v_pred(r) = v(Q r)``,
 then ``Σ_z v_pred(R_predᵀ x) = Σ_z v(Q R_predᵀ x)``, which is the true projection for
@@ -33,7 +33,7 @@ map changes the shifts (see :func:`cryoace.evaluate.pose_metrics.fit_global_offs
 frame is ``v_aligned(r) = v_pred(H G r)`` (:func:`transform_volume`): rendering ``v_aligned`` with
 the aligned poses ``H R_pred H G`` gives exactly the images ``v_pred`` gives with ``R_pred``.
 
-Coordinates ``r = (x, y, z)`` are in voxels from the centre index ``L//2`` (DESIGN.md §1).
+Coordinates ``r = (x, y, z)`` are in voxels from the centre index ``L//2`` (docs/conventions.md §1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fourier shell correlation (FSC) between two maps and the resolution at a threshold.
 
-Conventions (DESIGN.md §1 "Metrics"):
+Conventions (docs/conventions.md §1 "Metrics"):
 
 * Both maps are transformed with :func:`cryoace.physics.fourier.fft3_centered` (unnormalized, DC at
   index ``L//2`` on every axis). Shells are one voxel wide, from

@@ -1,6 +1,6 @@
 """Volume-to-volume alignment without poses: rotation, translation and hand of one map onto another.
 
-An ab initio map lives in an arbitrary frame and hand (DESIGN.md §1 "Metrics"). Without ground-truth
+An ab initio map lives in an arbitrary frame and hand (docs/conventions.md §1 "Metrics"). Without ground-truth
 poses, the frame is found by searching the map itself: :func:`align_maps` returns the rotation ``G``,
 the hand and the translation that carry the moving map onto the reference.
 

@@ -1,4 +1,4 @@
-"""Pose metrics against ground truth (DESIGN.md §1 "Metrics"): rotation error, translation error,
+"""Pose metrics against ground truth (docs/conventions.md §1 "Metrics"): rotation error, translation error,
 the global-offset fit of shifts, and pose coverage on equal-area viewing-direction bins.
 
 Rotations must be aligned first (:func:`cryoace.evaluate.align.align_rotations`): an ab initio frame is

@@ -1,4 +1,4 @@
-"""Are the particles white on a dark background (DESIGN.md §1)? A pose-free check before training.
+"""Are the particles white on a dark background (docs/conventions.md §1)? A pose-free check before training.
 
 The expected data are RELION's: ``image = CTF_RELION * projection + noise`` with positive density,
 so at low frequency (CTF(0) = +w, positive up to the first zero) a particle is brighter than its

@@ -14,7 +14,7 @@ cryoDRGN's ``parse_pose_star`` stores ``utils.R_from_relion(rot, tilt, psi)``, w
 ``D = diag(1, −1, 1)`` (the sign flips of the (0,1), (1,0), (1,2), (2,1) entries); conjugating an
 active z-rotation by ``D`` gives RELION's passive one, so the product is exactly
 ``Euler_angles2matrix``. cryoDRGN then samples the volume at ``coords @ rot`` (row vectors), i.e.
-``Rᵀ·k`` — the same central-slice convention as DESIGN.md §1. Checked numerically on
+``Rᵀ·k`` — the same central-slice convention as docs/conventions.md §1. Checked numerically on
 ``hand.mrcs`` + ``hand_rot.pkl`` with common lines (tests/io/test_cryodrgn.py): line projections of
 image pairs agree with correlation ≈ 0.99 using R and ≈ 0.83 using Rᵀ.
 

@@ -107,7 +107,7 @@ class ParticleDataset(torch.utils.data.Dataset):
     table           : a :class:`ParticleTable` that references images.
     downsample      : output box size (even, ≤ stack box); images are Fourier-cropped and the pixel size
                       scales by box/downsample. None keeps the stored box.
-    invert_contrast : multiply images by -1 (for stacks with dark particles; DESIGN.md §1).
+    invert_contrast : multiply images by -1 (for stacks with dark particles; docs/conventions.md §1).
     normalize       : return ``(img - norm_mean) / norm_std``, with mean and std estimated once (after
                       inversion and downsampling) from a seeded random sample of up to ``norm_sample``
                       images (attributes ``norm_mean``, ``norm_std``).

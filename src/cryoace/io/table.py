@@ -2,7 +2,7 @@
 
 :class:`ParticleTable` is what every metadata reader returns (RELION ``.star`` — :mod:`.star`,
 cryoSPARC ``.cs`` — :mod:`.cryosparc`, cryoDRGN pickles + stack — :mod:`.cryodrgn`): one row per
-particle, in our units (DESIGN.md §1):
+particle, in our units (docs/conventions.md §1):
 
 * rotations are matrices ``R`` equal to RELION's ``Euler_angles2matrix(rot, tilt, psi)``;
 * shifts are in Å with exactly the meaning of RELION's ``rlnOriginX/YAngst``;

@@ -4,7 +4,7 @@ Every decoder here is a *Fourier volume* in the sense of :mod:`cryoace.physics.f
 
     decoder(coords_cyc_px: (..., 3) real) -> (...) complex
 
-returns V̂ at volume-frame frequencies ``(kx, ky, kz)`` in cycles/px (DESIGN.md §1: the centred
+returns V̂ at volume-frame frequencies ``(kx, ky, kz)`` in cycles/px (docs/conventions.md §1: the centred
 ``fftfreq`` convention, Nyquist 0.5; a rotated slice reaches |k| ≈ 0.87 at the box corners, where
 the value is finite but meaningless). Values are on the scale of the *unnormalized* FFT of the
 real-space volume (``fft3_centered``), times the constant ``output_scale`` buffer.

@@ -16,7 +16,7 @@ Architecture (cryoAI §3.3; widths are configuration):
    ``min(pooled_size, final size)``² and flattening to the latent vector;
 4. two MLP heads on the latent (``head_layers`` hidden layers of ``mlp_hidden`` with ReLU):
    rotation → 6 numbers → :func:`cryoace.physics.rotations.rotmat_from_6d` → R (B, 3, 3), which maps
-   volume to image coordinates (DESIGN.md §1); translation → 2 numbers → ``max_shift_angst·tanh`` →
+   volume to image coordinates (docs/conventions.md §1); translation → 2 numbers → ``max_shift_angst·tanh`` →
    shift (B, 2) in Å with RELION's ``rlnOriginX/YAngst`` meaning (the observed image is the centred
    projection translated by −shift). The translation head's last layer starts 100× smaller than
    PyTorch's default (bias 0), so initial shifts are ≈ 0 while every layer receives gradients.

@@ -1,7 +1,7 @@
 """The RELION contrast transfer function (astigmatism, phase shift, optional B-factor envelope).
 
 With λ the relativistic electron wavelength (Å), s the spatial frequency (1/Å) and θ its angle from
-the image x axis (DESIGN.md §1):
+the image x axis (docs/conventions.md §1):
 
     Δf(θ) = (ΔfU + ΔfV)/2 + (ΔfU − ΔfV)/2 · cos(2(θ − θ_ast))          (Å, positive = underfocus)
     χ(s)  = π λ Δf s² − (π/2) Cs λ³ s⁴ + φ + arcsin(w)

@@ -1,4 +1,4 @@
-"""THE image-formation path: Fourier volume representation + pose + CTF → image (DESIGN.md §2).
+"""THE image-formation path: Fourier volume representation + pose + CTF → image (docs/conventions.md §2).
 
 Simulation, training (every decoder) and evaluation go through :func:`render_spectra`, so there is
 one image-formation model in the code base:

@@ -1,7 +1,7 @@
 """A plain real-space projector (rotate + sum along z), the independent reference for the Fourier path.
 
 ``image(x, y) = Σ_z v(Rᵀ·(x, y, z))`` with coordinates in voxels relative to the centre index L//2
-(DESIGN.md §1; checked against RELION's ``relion_project``). Trilinear interpolation, zero outside.
+(docs/conventions.md §1; checked against RELION's ``relion_project``). Trilinear interpolation, zero outside.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Rotation representations ↔ matrices (batched, differentiable, any float dtype/device).
 
 The matrix ``R`` of a pose equals RELION's ``Euler_angles2matrix(rot, tilt, psi)``: it maps volume
-coordinates to image coordinates (DESIGN.md §1). Angles are radians here; degrees live only in ``io``.
+coordinates to image coordinates (docs/conventions.md §1). Angles are radians here; degrees live only in ``io``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Fourier phase ramp of a pose shift (the one place the shift sign is decided).
 
-A pose shift t = (tx, ty) is RELION's origin (DESIGN.md §1): the observed image is the centred
+A pose shift t = (tx, ty) is RELION's origin (docs/conventions.md §1): the observed image is the centred
 projection translated by −t, ``observed(x) = projection(x + t)``. With unnormalized, centred FFTs
 that is ``observed^(k) = exp(+2πi k·t) · projection^(k)`` — :func:`phase_ramp`. Centring an observed
 image (translating it by +t) multiplies by the conjugate, i.e. ``phase_ramp(freq, -t)``.

@@ -1,7 +1,7 @@
 """Central-slice coordinates and trilinear extraction of slices from a centred Fourier voxel grid.
 
 A pose ``R`` (volume → image coordinates) sees the central slice ``slice(k) = V̂(Rᵀ k)`` with
-k = (kx, ky, 0) (DESIGN.md §1); the Fourier slice theorem then gives
+k = (kx, ky, 0) (docs/conventions.md §1); the Fourier slice theorem then gives
 ``fft2_centered(projection) == slice`` exactly when Rᵀk falls on grid points.
 """
 

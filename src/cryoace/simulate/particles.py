@@ -5,18 +5,18 @@ Image formation is :func:`cryoace.physics.forward.render_images` on
 
     image = IFFT2[ CTF(k) · exp(+2πi k·t) · V̂(Rᵀk) ] + noise
 
-(DESIGN.md §1: ``R`` is RELION's matrix, ``t`` RELION's origin in Å, the CTF RELION's with
+(docs/conventions.md §1: ``R`` is RELION's matrix, ``t`` RELION's origin in Å, the CTF RELION's with
 ``CTF(0) = +w``, particles white on a dark background). ``projector="real"`` instead rotates and sums
 the real-space volume (:func:`cryoace.physics.projector.project_real_space`) and then applies the same
 shift and CTF functions in Fourier space — a second, independent projector for model-mismatch studies.
 
-Randomness (DESIGN.md §1): the run seed spawns one seed per purpose with
+Randomness (docs/conventions.md §1): the run seed spawns one seed per purpose with
 ``numpy.random.SeedSequence(seed).spawn`` — ``poses`` (Haar-uniform rotations), ``shifts``
 (N(0, σ) Å per axis), ``defocus`` (log-normal defocus, astigmatism, its angle) and ``noise``. The noise
 of particles ``[256·b, 256·(b+1))`` comes from a generator seeded with ``SeedSequence([noise, b])``,
 so a dataset does not depend on how it was chunked. All of them are recorded in ``simulation.yaml``.
 
-Noise: ``SNR = var(clean) / σ²`` (DESIGN.md §1: ``var(clean)`` is the mean over the dataset of each
+Noise: ``SNR = var(clean) / σ²`` (docs/conventions.md §1: ``var(clean)`` is the mean over the dataset of each
 noise-free, CTF-modulated, shifted image's variance over the whole box — cryoDRGN's definition, not
 ASPIRE's disc energy). ``var(clean)`` is estimated from the first ``pilot`` images (up to 1000), which
 are rendered first and kept, so every image is rendered once and written once.
@@ -62,7 +62,7 @@ NOISE_BLOCK = 256
 #: at most this many images (and about 256 MiB) estimate the signal variance for the SNR
 PILOT_IMAGES = 1000
 SNR_DEFINITION = ("SNR = var(clean) / sigma^2; var(clean) = mean over images of the variance over the "
-                  "whole box of the noise-free, CTF-modulated, shifted image (DESIGN.md, cryoDRGN's "
+                  "whole box of the noise-free, CTF-modulated, shifted image (docs/conventions.md §1, cryoDRGN's "
                   "definition)")
 
 

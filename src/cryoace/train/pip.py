@@ -9,7 +9,7 @@ squared shift error in pixels (ACE-EM eqs. 11–13).
 
 **Noise.** σ is either measured once from the data — the standard deviation of the normalized images
 outside a disc of radius 0.45·L, where a centred particle leaves only noise — or set per batch from a
-target SNR in dB: σ² = mean clean-image variance / 10^(SNR/10) (DESIGN.md's whole-box SNR).
+target SNR in dB: σ² = mean clean-image variance / 10^(SNR/10) (the whole-box SNR of docs/conventions.md §1).
 
 **Symmetric-loss ambiguity.** With the symmetric (or generalized symmetric) loss an image and its
 180° in-plane rotation about L//2 are both valid encoder inputs, and the rotated one shows the
