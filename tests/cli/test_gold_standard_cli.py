@@ -3,7 +3,7 @@ maps for anyone to check, and says plainly — in its last lines, report.html an
 resolved nothing.
 
 The particles are pure Gaussian noise carrying the CTF parameters, pixel size and star file of a
-dataset made by another tool (ASPIRE: shared/data/particles/sim_aspire_spike_L64_ctf_snr0.1)."""
+dataset made by another tool (ASPIRE: tests/data/particles/sim_aspire_spike_L64_ctf_snr0.1)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import write_mrc
 from cryoace.io.particles import read_particles
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASPIRE = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_snr0.1"
+ASPIRE = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_snr0.1"
 
 
 @pytest.fixture(scope="module")

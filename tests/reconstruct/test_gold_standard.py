@@ -2,7 +2,7 @@
 low-passed, pose confidences tell resolved from unresolved particles, and the verdict withholds a
 resolution that the data do not support.
 
-Images come from another simulator (ASPIRE: shared/data/particles/sim_aspire_spike_*), with the true
+Images come from another simulator (ASPIRE: tests/data/particles/sim_aspire_spike_*), with the true
 map scaled to their units as in test_pose_search.py."""
 
 import math
@@ -21,11 +21,11 @@ from cryoace.reconstruct.pose_search import global_search, pose_confidence, sear
 from cryoace.reconstruct.refine import RefineSettings, alternate_half_sets, lowpass, refine
 from cryoace.types import map_tensors
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CLEAN = SHARED_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
-SPIKE = SHARED_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
+CLEAN = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
+SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
 
 
 @pytest.fixture(scope="module")
