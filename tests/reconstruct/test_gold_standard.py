@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cryoace.evaluate.fsc import fsc
-from cryoace.evaluate.gold_standard import MIN_MEDIAN_CONFIDENCE, GoldStandard, assess
+from cryoace.evaluate.gold_standard import GoldStandard, assess
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.physics.forward import VoxelFourierVolume, render_images
@@ -114,7 +114,7 @@ def test_pose_confidence_separates_resolved_images_from_noise(aspire):
         assert len({tuple(r.flatten().tolist()) for r in found.pose.rotmat[0]}) == 10  # ten rotations
         confidence[name] = pose_confidence(found, radius_deg=16.0)
     assert float(confidence["signal"].median()) >= 0.5
-    assert float(confidence["noise"].median()) <= MIN_MEDIAN_CONFIDENCE
+    assert float(confidence["noise"].median()) <= 0.3
     assert torch.all((confidence["noise"] >= 0) & (confidence["noise"] <= 1 + 1e-6))
 
 
@@ -138,10 +138,7 @@ def test_verdict_claims_a_resolution_only_beyond_the_start(aspire):
     assert not shared.resolved and "low-pass" in shared.reasons[0]
     assert shared.resolution(masked=False).px >= 0.8 * 12.0
     assert shared.summary()[0].startswith("NOT RESOLVED")
-    # good maps but most poses unresolved
-    unsure = assess(*_noisy_half_maps(spike, None, 0.5, 0), start_resolution_px=12.0, pixel_size=3.0,
-                    confidence=torch.full((100,), 0.1))
-    assert not unsure.resolved and "confidence" in unsure.reasons[0]
+    assert good.confidence_median == pytest.approx(0.95)
     again = GoldStandard.from_dict(good.to_dict())
     assert again.resolved and math.isclose(again.resolution().px, good.resolution().px)
     assert np.allclose(again.fsc.unmasked.curve, good.fsc.unmasked.curve)
@@ -160,3 +157,29 @@ def test_refinement_on_noise_claims_nothing(aspire):
     assert not gold.resolved and not result.resolved_beyond_start
     assert gold.resolution(masked=False).px > 10.0 and gold.resolution(masked=True).px > 10.0
     assert fsc(result.half_volumes[0], result.half_volumes[1]).resolution(0.143).px > 10.0
+
+
+@pytest.fixture(scope="module")
+def noisy_adk(tmp_path_factory):
+    """600 demo particles (adenylate kinase, L = 64, 1.5 Å/px, CTF, shifts) at SNR −10 dB and the true map."""
+    from cryoace.cli.demo import simulate_demo
+
+    directory = tmp_path_factory.mktemp("adk_m10")
+    simulate_demo(directory, noise_free=False, n=600, seed=3, progress=False)
+    truth = torch.tensor(read_volume(directory / "volume.mrc").data, dtype=torch.float32)
+    return ParticleDataset(read_particles(directory / "particles.star"), normalize=True), truth
+
+
+def test_reported_resolution_agrees_with_the_truth(noisy_adk):
+    """On simulated data with a known map, a converged gold-standard refinement reports (half maps,
+    FSC 0.143) what the map really has (FSC 0.5 against the truth; Rosenthal & Henderson 2003) —
+    within 1.3×, both in px."""
+    dataset, truth = noisy_adk
+    settings = RefineSettings(rounds=4, global_step_deg=10)
+    result = refine(dataset, truth, settings, progress=False)  # only the truth's band below 12 px is given
+    gold = assess(result.half_volumes[0], result.half_volumes[1], result.start_resolution_px, 1.5,
+                  result.confidence)
+    against_truth = fsc(result.volume, truth, voxel_size=1.5).resolution(0.5).px
+    assert gold.resolved
+    for reported in (gold.resolution(masked=False).px, gold.resolution(masked=True).px):
+        assert against_truth / 1.3 <= reported <= against_truth * 1.3

@@ -40,8 +40,8 @@ Resolution you can trust: the refinement (--refine, on in the cpu preset) keeps 
 low-passed to --refine-start-resolution (12 px). RUN_DIR gets volume_half1.mrc, volume_half2.mrc,
 volume_mask.mrc, gold_standard.json and fsc.png (unmasked, masked and phase-randomization corrected
 curves); poses.star gets rlnRandomSubset and cryoacePoseConfidence (each particle's pose
-confidence). When the half maps agree no further than the start's low-pass, or most poses are
-unresolved, no resolution is claimed: the last lines say NOT RESOLVED and why.
+confidence). When the half maps agree no further than the start's low-pass (what pure noise gives),
+no resolution is claimed: the last lines and report.html say NOT RESOLVED and why.
 
 Exit status: 0 done; 2 bad input; 3 the run finished but resolved nothing (NOT RESOLVED above);
 130 interrupted (continue with --resume).
