@@ -162,3 +162,15 @@ def test_cryodrgn_hand_pickle_poses_are_consistent(tmp_path):
     assert cli(["backproject", str(folder / "hand.mrcs"), "--poses", str(folder / "hand_rot.pkl"),
                 "--pixel-size", "1", "-o", str(out), "--quiet"]) == 0
     assert open_mrc(out).data.shape == (64, 64, 64)
+
+
+def test_insert_takes_a_point_exactly_at_nyquist_on_an_axis():
+    """A slice point at |k| = 0.5 turned exactly onto +z (a rotation taking x to z) lands on the last
+    index of the padded grid; its trilinear neighbour must exist (it once fell off the grid)."""
+    from cryoace.reconstruct.backproject import FourierAccumulator
+
+    to_z = torch.tensor([[0.0, 0.0, -1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # Rᵀ(1, 0, 0) = (0, 0, 1)
+    accumulator = FourierAccumulator(16)
+    rotmat = torch.stack([to_z, to_z.T, torch.eye(3)]) * (1 + 1e-6)  # a hair beyond, as float32 rounding can be
+    accumulator.insert(torch.randn(3, 16, 16), rotmat, torch.zeros(3, 2), 1.0)
+    assert bool(torch.isfinite(accumulator.volume()).all())

@@ -43,7 +43,7 @@ curves); poses.star gets rlnRandomSubset and cryoacePoseConfidence (each particl
 confidence). When the half maps agree no further than the start's low-pass (what pure noise gives),
 no resolution is claimed: the last lines and report.html say NOT RESOLVED and why.
 
-Exit status: 0 done; 2 bad input; 3 the run finished but resolved nothing (NOT RESOLVED above);
+Exit status: 0 done; 2 bad input; 4 the run finished but resolved nothing (NOT RESOLVED above);
 130 interrupted (continue with --resume).
 
 Several GPUs: launch with torchrun (one process per GPU; --batch-size is the global batch, split

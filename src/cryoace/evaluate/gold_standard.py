@@ -38,7 +38,7 @@ __all__ = ["GoldStandard", "assess", "MIN_GAIN_OVER_START", "mask_from_half_maps
 #: the half maps must agree this much further in frequency than the start's low-pass
 MIN_GAIN_OVER_START = 1.25
 #: exit status of a command whose run finished but resolved nothing (documented in the CLI help)
-UNRESOLVED_EXIT_CODE = 3
+UNRESOLVED_EXIT_CODE = 4
 
 
 @dataclasses.dataclass

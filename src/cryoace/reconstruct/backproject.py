@@ -73,9 +73,10 @@ class FourierAccumulator:
         self.padded_size = pad_factor * size
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        # One voxel of margin on each side: slice points reach index P (|k| = 0.5) and their trilinear
-        # neighbours P + 1, so every neighbour exists. Columns: Re(N), Im(N), W.
-        self.grid_size = self.padded_size + 2
+        # Slice points (|k| ≤ 0.5) lie at indices 1 … P + 1 (one voxel of margin below), and a point at
+        # P + 1 (rounding can put one a hair beyond) has its trilinear neighbour at P + 2: two voxels of
+        # margin above, so every neighbour exists. Columns: Re(N), Im(N), W.
+        self.grid_size = self.padded_size + 3
         self.grid = torch.zeros(self.grid_size ** 3, 3, dtype=dtype, device=self.device)
         self.freq = freq_grid_2d(self.padded_size, device=self.device, dtype=dtype)
         # only frequencies inside the Nyquist disc of the original pixels carry information
