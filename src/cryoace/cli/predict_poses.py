@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
-from ..io.columns import CHUNK_ROWS
+from ..defaults import CHUNK_ROWS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
