@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 
 HANDS = ("auto", "original", "flipped")
 
@@ -42,7 +43,7 @@ HANDS = ("auto", "original", "flipped")
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory (cryoace reconstruct -o)")
     parser.add_argument("--truth", type=Path, required=True, metavar="PARTICLES",
-                        help="particle file with the true poses (.star or .cs)")
+                        help="particle file with the true poses (.star, .cs, or an .mrcs stack with --truth-poses)")
     parser.add_argument("--truth-map", type=Path, metavar="MAP", help="the true map (.mrc) for the FSC")
     parser.add_argument("--poses", type=Path, metavar="STAR",
                         help="predicted poses to evaluate (default: RUN_DIR/poses.star)")
@@ -59,6 +60,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oversample", type=int, default=2, metavar="K",
                         help="resample the map on a K-times finer grid when rotating it (default: 2; "
                         "1 = plain trilinear, less memory)")
+    add_particle_input_args(parser, poses_flag="--truth-poses", ctf=False)
 
 
 def _warn(message: str) -> None:
@@ -130,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     if args.volume is not None and args.truth_map is None:
         raise CryoaceInputError("--volume is compared with --truth-map; give the true map too")
 
-    truth = read_particles(args.truth)
+    truth = open_particle_table(args, args.truth, poses=args.truth_poses)
     pred = read_particles(poses_path)
     if args.truth_map is not None:  # read (and check) the maps before any work
         truth_map = read_volume(args.truth_map)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 from ..defaults import CHUNK_ROWS
 
 
@@ -39,10 +40,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "the last has exactly this many, so its batches have the same shapes each time)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_particle_input_args(parser, poses_flag=None)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..io.particles import read_particles
     from ..runtime import resolve_device
     from ..train.predict import load_run, open_particles, pose_predictor, write_poses_star
 
@@ -55,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError("the output must be a .star file", args.output)
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device, args.checkpoint)
-    table = read_particles(args.particles, datadir=args.datadir)
+    table = open_particle_table(args, args.particles)
     table.pose = None  # the file's own angles are replaced, not read: 20 bytes per particle less to hold
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)

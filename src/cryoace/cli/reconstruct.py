@@ -46,6 +46,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 
 #: options a resumed run must not change: dest -> (config path, label)
 _FIXED = {
@@ -178,6 +179,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="steps between pose coverage / error records (default: --volume-every)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    add_particle_input_args(parser)
 
 
 def _get(config, dotted: str):
@@ -273,6 +275,30 @@ def build_config(args: argparse.Namespace):
     return config
 
 
+#: particle-input options a resumed run takes from its first run when not given again
+_INPUT_OPTIONS = ("pixel_size", "ctf", "poses", "ind", "first")
+
+
+def _resumed_inputs(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the particle-input options of the run's first start where they are not given
+    again (a resumed run must see the same particles, with the same CTF and pixel size); a different
+    value is refused."""
+    from ..train.config import load_config
+
+    _, raw = load_config(args.output / "config.yaml")
+    recorded = (raw.get("provenance") or {}).get("arguments") or {}
+    values = {}
+    for dest in _INPUT_OPTIONS:
+        given, before = getattr(args, dest), recorded.get(dest)
+        if given is not None and dest in recorded and str(given) != str(before):
+            flag = "--" + dest.replace("_", "-")
+            raise CryoaceInputError(f"{flag} {given} differs from the run's {before}; a resumed run reads "
+                                    "the same particles", args.output)
+        if given is None and before is not None:
+            values[dest] = before if dest in ("pixel_size", "first") else Path(before)
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def _arguments(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -287,8 +313,11 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"cryoace reconstruct: {message}", file=sys.stderr)
 
+    inputs = _resumed_inputs(args) if args.resume else args
+    inputs.datadir = config.data.datadir  # a resumed run's own unless --datadir moves it
+    table = open_particle_table(inputs, args.particles, poses=inputs.poses, note=lambda m: log(f"note: {m}"))
     result = run_reconstruction(args.particles, args.output, config, resume=args.resume,
-                                arguments=_arguments(args), progress=not args.quiet, log=log)
+                                arguments=_arguments(args), progress=not args.quiet, log=log, table=table)
     loss = f", final loss {result.final_loss:.4g}" if result.final_loss is not None else ""
     print(f"trained {result.steps} steps ({result.epochs:.2f} epochs) in {result.train_time_s:.0f} s{loss}")
     print(f"wrote {result.volume} ({result.image_size}³ voxels, {result.voxel_size:.4g} Å/voxel), "
