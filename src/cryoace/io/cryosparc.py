@@ -59,6 +59,7 @@ from ..errors import CryoaceInputError
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose
 from .particles import ParticleTable, no_ctf_params, resolve_image_paths
+from .table import absolute_as_written
 
 __all__ = ["read_cs", "OWNED_FIELDS"]
 
@@ -141,6 +142,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
                                 "give the pixel size explicitly", path)
 
     image_paths = image_indices = image_size = None
+    absolute = frozenset()
     if "blob/path" in names:
         if "blob/idx" not in names:
             raise CryoaceInputError("field blob/idx is missing (needed with blob/path)", path)
@@ -149,6 +151,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         raw = np.char.lstrip(np.char.strip(raw), ">")
         image_paths = resolve_image_paths(raw.astype(object), path.parent, datadir,
                                           extra_bases=(path.parent.parent,))
+        first = np.unique(raw, return_index=True)[1]  # one row per distinct name
+        absolute = absolute_as_written(raw[first], image_paths[first])
         image_indices = np.array(data["blob/idx"], dtype=np.int64)
     if "blob/shape" in names:
         shape = np.array(data["blob/shape"], dtype=np.int64).reshape(n, -1)
@@ -188,5 +192,5 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
 
     table = ParticleTable(source=path, image_paths=image_paths, image_indices=image_indices,
                           pixel_size=ps, ctf=ctf, has_ctf=has_ctf, pose=pose, image_size=image_size,
-                          optics=None, extra=_extra(data))
+                          optics=None, extra=_extra(data), absolute_stacks=absolute)
     return table.remap_stacks(stack_map or {})
