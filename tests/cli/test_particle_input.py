@@ -12,7 +12,8 @@ import torch
 
 from cryoace.cli.particle_input import add_particle_input_args, open_particle_table
 from cryoace.errors import CryoaceInputError
-from cryoace.io.cryodrgn import read_cryodrgn_ctf, read_index_file, write_cryodrgn_ctf
+from cryoace.io.cryodrgn import read_cryodrgn_ctf, read_cryodrgn_poses, read_index_file, write_cryodrgn_ctf
+from cryoace.io.cryosparc import read_cs
 from cryoace.io.mrc import open_mrc
 from cryoace.io.particles import read_particles
 from cryoace.types import CTFParams
@@ -177,7 +178,7 @@ def test_cryodrgn_input_trains_with_its_ctf(run_cli, hand, ctf_pkl, tmp_path, on
     common = ["--preset", "tiny", "--batch-size", "5", "--downsample", "32", "--volume-every", "0",
               "--device", "cpu", "--no-check-contrast", "--no-tensorboard"]
     rc, out, err = run_cli("reconstruct", stack, "--ctf", ctf_pkl, "--poses", poses, "--ind", tmp_path / "ind.txt",
-                           "-o", run, "--steps", "4", *common)
+                           "-o", run, "--steps", "4", "--export-poses", "cs,pkl", *common)
     assert rc == 0, err
     assert "25 particles, box 32 px at 6 Å/px, CTF on" in err  # 3 Å/px from ctf.pkl, downsampled 64 -> 32
     written = read_particles(run / "poses.star")
@@ -186,6 +187,14 @@ def test_cryodrgn_input_trains_with_its_ctf(run_cli, hand, ctf_pkl, tmp_path, on
     np.testing.assert_allclose(written.ctf.defocus_u.numpy(), ctf.defocus_u.numpy()[rows], rtol=1e-6)
     np.testing.assert_allclose(written.ctf.defocus_v.numpy(), ctf.defocus_v.numpy()[rows], rtol=1e-6)
     assert written.pixel_size == pytest.approx(3.0)
+    # --export-poses: the same poses as cryoSPARC .cs and cryoDRGN pose.pkl (64-px box at 3 Å/px)
+    cs = read_cs(run / "poses.cs")
+    torch.testing.assert_close(cs.pose.rotmat, written.pose.rotmat, atol=2e-6, rtol=0)
+    torch.testing.assert_close(cs.pose.shift_angst, written.pose.shift_angst, atol=1e-4, rtol=1e-5)
+    assert cs.stack_paths == written.stack_paths and cs.image_indices.tolist() == rows.tolist()
+    pkl = read_cryodrgn_poses(run / "pose.pkl", box_size=64, pixel_size=3.0, count=len(rows))
+    torch.testing.assert_close(pkl.rotmat, written.pose.rotmat, atol=2e-6, rtol=0)
+    torch.testing.assert_close(pkl.shift_angst, written.pose.shift_angst, atol=1e-4, rtol=1e-5)
 
     # predict-poses on the same cryoDRGN input gives the run's poses
     rc, _, err = run_cli("predict-poses", run, stack, "--ctf", ctf_pkl, "--ind", tmp_path / "ind.txt",
@@ -193,6 +202,14 @@ def test_cryodrgn_input_trains_with_its_ctf(run_cli, hand, ctf_pkl, tmp_path, on
     assert rc == 0, err
     pred = read_particles(tmp_path / "pred.star")
     torch.testing.assert_close(pred.pose.rotmat, written.pose.rotmat, atol=1e-4, rtol=0)
+    for name in ("pred.cs", "pred.pkl"):  # the format follows the output's suffix
+        rc, _, err = run_cli("predict-poses", run, stack, "--ctf", ctf_pkl, "--ind", tmp_path / "ind.txt",
+                             "-o", tmp_path / name, "--device", "cpu", "--quiet")
+        assert rc == 0, err
+    torch.testing.assert_close(read_cs(tmp_path / "pred.cs").pose.rotmat, pred.pose.rotmat, atol=1e-5, rtol=0)
+    from_pkl = read_cryodrgn_poses(tmp_path / "pred.pkl", box_size=64, pixel_size=3.0)
+    torch.testing.assert_close(from_pkl.rotmat, pred.pose.rotmat, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_pkl.shift_angst, pred.pose.shift_angst, atol=1e-4, rtol=1e-5)
 
     # evaluate against the cryoDRGN truth: paired by image, 25 particles
     rc, out, err = run_cli("evaluate", run, "--truth", stack, "--truth-poses", poses, "--json", "-")

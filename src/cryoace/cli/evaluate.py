@@ -24,6 +24,7 @@ to stdout (to stderr with --json -).
 Example:
   cryoace evaluate runs/adk --truth demo_dataset/particles.star --truth-map demo_dataset/volume.mrc
   cryoace evaluate runs/adk --truth sim/particles.star --poses other_poses.star --json -
+  cryoace evaluate runs/hand --truth hand.mrcs --truth-poses hand_rot.pkl
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Ab initio reconstruction with unknown poses (cryoAI: amortized pose encoder + FourierNet decoder).
 
-Reads particles (RELION .star, cryoSPARC .cs, or an .mrcs stack), trains a pose encoder (image →
+Reads particles (RELION .star, cryoSPARC .cs, or an .mrcs stack with cryoDRGN's --ctf/--poses pickles;
+--ind/--first select particles, --pixel-size gives a missing pixel size), trains a pose encoder (image →
 rotation and shift) jointly with a neural Fourier volume through the shared image-formation model
 (CTF, shift, central slice), with cryoAI's symmetric loss by default, and writes into RUN_DIR:
 config.yaml (every setting, seeds, version, command line), checkpoints/ (step_XXXXXX.pt, last.pt),
@@ -27,6 +28,7 @@ with --invert-contrast, or let --auto-invert do it; --no-check-contrast skips th
 
 Example:
   cryoace reconstruct particles.star -o run1 --max-time 30m
+  cryoace reconstruct particles.mrcs --ctf ctf.pkl -o run1 --max-time 30m --export-poses cs,pkl
   cryoace reconstruct particles.star -o run1 --resume --max-time 1h
   cryoace reconstruct particles.star -o run2 --preset paper --downsample 128 --device cuda --epochs 10
   torchrun --nproc-per-node 4 -m cryoace reconstruct particles.star -o run3 --preset paper --batch-size 256
@@ -68,6 +70,34 @@ _FIXED = {
     "gsym_views": ("gsym_views", "--gsym-views"),
     "halves": ("halves", "--halves"),
 }
+
+
+#: --export-poses format -> file name in RUN_DIR
+_POSE_EXPORTS = {"cs": "poses.cs", "pkl": "pose.pkl"}
+
+
+def _pose_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in _POSE_EXPORTS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"expected cs, pkl or cs,pkl, got {text!r}")
+    return formats
+
+
+def _export_poses(poses_star: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write the poses of ``poses_star`` in each of ``formats`` next to it; the written paths."""
+    from ..io.star import read_star
+    from ..train.predict import write_poses
+
+    if not formats:
+        return []
+    table = read_star(poses_star)
+    written = []
+    for fmt in formats:
+        out = poses_star.parent / _POSE_EXPORTS[fmt]
+        write_poses(out, table, table.pose)
+        written.append(out)
+    return written
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +209,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="steps between pose coverage / error records (default: --volume-every)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    g.add_argument("--export-poses", type=_pose_formats, metavar="cs,pkl", default=(),
+                   help="also write the final poses as RUN_DIR/poses.cs (cryoSPARC) and/or RUN_DIR/pose.pkl "
+                   "(cryoDRGN), besides poses.star")
     add_particle_input_args(parser)
 
 
@@ -322,6 +355,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps ({result.epochs:.2f} epochs) in {result.train_time_s:.0f} s{loss}")
     print(f"wrote {result.volume} ({result.image_size}³ voxels, {result.voxel_size:.4g} Å/voxel), "
           f"{result.poses} and {result.run_dir}/volume.png, loss.png, config.yaml, checkpoints/")
+    exported = _export_poses(result.poses, args.export_poses)
+    if exported:
+        print("wrote " + ", ".join(str(p) for p in exported))
     if result.resolution_angst is not None:  # --halves
         print(f"half-map FSC 0.143 resolution {result.resolution_angst:.2f} Å; wrote {result.run_dir}/"
               "volume_half1.mrc, volume_half2.mrc, fsc.png, resolution.png, metrics.json and half1/, half2/")

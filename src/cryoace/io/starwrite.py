@@ -32,7 +32,7 @@ from .relion import ANGLES, OWNED_COLUMNS
 from .starloop import format_rows, write_loop, write_loop_header
 from .table import ParticleTable
 
-__all__ = ["write_star"]
+__all__ = ["write_star", "relative_stack_names"]
 
 PoseSource = Pose | Callable[[np.ndarray], Pose] | None
 
@@ -120,7 +120,7 @@ class _OpticsPlan:
         return np.asarray([self.groups[k] for k in keys], dtype=np.int64)[codes]
 
 
-def _relative_names(stacks: list[str], out_dir: Path, absolute: frozenset[str] = frozenset()) -> np.ndarray:
+def relative_stack_names(stacks: list[str], out_dir: Path, absolute: frozenset[str] = frozenset()) -> np.ndarray:
     """Each stack path as RELION resolves names: relative to ``out_dir`` (the written file's folder, with
     ``..`` where needed), so a project moved to another machine with its data still reads; absolute
     only for the stacks in ``absolute`` (named so in the file read)."""
@@ -206,7 +206,7 @@ def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource =
         if len(values) != len(table):
             raise ValueError(f"column {name} has {len(values)} values for {len(table)} particles")
     plan = _OpticsPlan(table, chunk_rows)
-    names = None if table.image_paths is None else _relative_names(
+    names = None if table.image_paths is None else relative_stack_names(
         [str(p) for p in table.image_paths.categories], path.parent, table.absolute_stacks)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
