@@ -216,7 +216,16 @@ def test_cryodrgn_input_trains_with_its_ctf(run_cli, hand, ctf_pkl, tmp_path, on
     assert rc == 0, err
     import json
 
-    assert json.loads(out)["n_particles"] == 25
+    from_star = json.loads(out)
+    assert from_star["n_particles"] == 25
+    # the exported pose.pkl of those 25 particles, paired row by row: the same errors
+    rc, out, err = run_cli("evaluate", run, "--truth", stack, "--truth-poses", poses, "--ind", tmp_path / "ind.txt",
+                           "--poses", run / "pose.pkl", "--json", "-")
+    assert rc == 0, err
+    from_pkl = json.loads(out)
+    assert from_pkl["n_particles"] == 25
+    assert from_pkl["rotation_error"]["mean_sq_frobenius"] == pytest.approx(
+        from_star["rotation_error"]["mean_sq_frobenius"], abs=1e-4)
 
     # resume without the input options: the recorded ones are used (CTF on, the same 25 particles)
     rc, _, err = run_cli("reconstruct", stack, "-o", run, "--resume", "--steps", "6", "--device", "cpu")
