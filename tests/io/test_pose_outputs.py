@@ -23,11 +23,10 @@ TRPV1 = "trpv1_cryojax/trpv1_small_stack"
 
 
 def _rodrigues(v: np.ndarray) -> np.ndarray:
-    """exp([v]×), written out here (independent of cryoace)."""
-    theta = np.linalg.norm(v)
-    k = v / theta
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(theta) * kx + (1 - np.cos(theta)) * kx @ kx
+    """exp([v]×) as scipy's matrix exponential of the cross-product matrix (independent of cryoace)."""
+    from scipy.linalg import expm
+
+    return expm(np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], dtype=np.float64))
 
 
 @pytest.fixture
