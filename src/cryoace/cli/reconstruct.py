@@ -44,6 +44,7 @@ evenly over the processes; rank 0 writes every file). See README.md for several 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -348,7 +349,9 @@ def main(args: argparse.Namespace) -> int:
 
     inputs = _resumed_inputs(args) if args.resume else args
     inputs.datadir = config.data.datadir  # a resumed run's own unless --datadir moves it
-    table = open_particle_table(inputs, args.particles, poses=inputs.poses, note=lambda m: log(f"note: {m}"))
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank reads; one says it
+    table = open_particle_table(inputs, args.particles, poses=inputs.poses,
+                                note=lambda m: log(f"note: {m}") if first_rank else None)
     result = run_reconstruction(args.particles, args.output, config, resume=args.resume,
                                 arguments=_arguments(args), progress=not args.quiet, log=log, table=table)
     loss = f", final loss {result.final_loss:.4g}" if result.final_loss is not None else ""
