@@ -393,7 +393,7 @@ def as_row_indices(indices, n: int) -> np.ndarray:
 
 def absolute_as_written(raw_paths: Sequence[str] | np.ndarray, resolved: Sequence[str] | np.ndarray) -> frozenset[str]:
     """The resolved stack paths whose name in the file (``raw_paths``, same order) was absolute."""
-    return frozenset(str(r) for w, r in zip(raw_paths, resolved) if os.path.isabs(str(w)))
+    return frozenset(str(r) for w, r in zip(raw_paths, resolved, strict=True) if os.path.isabs(str(w)))
 
 
 def resolve_image_paths(raw_paths: Sequence[str] | np.ndarray, base_dir: str | os.PathLike,
