@@ -16,10 +16,11 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
     __version__ = "0.0.0+unknown"
 
 from .errors import CryoaceInputError  # noqa: E402
-from .types import CTFParams, ParticleBatch, Pose  # noqa: E402
 
-# public name -> module that defines it (relative to this package)
+# public name -> module that defines it (relative to this package); the types too, because they
+# import torch, which `cryoace --help` / `--version` must not pay for
 _LAZY = {
+    "CTFParams": ".types", "ParticleBatch": ".types", "Pose": ".types",
     "read_particles": ".io.particles", "ParticleTable": ".io.particles", "ParticleDataset": ".io.particles",
     "read_star": ".io.star", "write_star": ".io.star", "read_cs": ".io.cryosparc",
     "read_volume": ".io.mrc", "open_mrc": ".io.mrc", "write_mrc": ".io.mrc",
@@ -33,7 +34,7 @@ _LAZY = {
     "check_contrast": ".io.contrast", "write_report": ".evaluate.report",
 }
 
-__all__ = ["__version__", "CryoaceInputError", "CTFParams", "ParticleBatch", "Pose", *_LAZY]
+__all__ = ["__version__", "CryoaceInputError", *_LAZY]
 
 
 def __getattr__(name: str):

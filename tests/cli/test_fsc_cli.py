@@ -113,11 +113,26 @@ def test_missing_voxel_size_uses_the_other_with_a_warning(run_cli, maps):
 
 def test_no_voxel_size_anywhere_reports_pixels(run_cli, maps):
     rc, out, err = run_cli("fsc", maps["novs"], maps["novs"])
-    assert rc == 0 and "warning" in err and "--voxel-size" in err
+    assert rc == 0 and "warning" in err and "--pixel-size" in err
     assert "res (px)" in out.splitlines()[0] and "Å" not in out
     assert "resolution at FSC 0.5: 2.00 px (never drops below" in out
-    rc, out, _ = run_cli("fsc", maps["novs"], maps["novs"], "--voxel-size", "2.5", "--json", "-")
+    rc, out, err = run_cli("fsc", maps["novs"], maps["novs"], "--pixel-size", "2.5", "--json", "-")
+    assert rc == 0 and json.loads(out)["resolution"]["0.5"]["angstrom"] == pytest.approx(5.0) and "note" not in err
+
+
+def test_old_voxel_size_option_still_works_with_a_note(run_cli, maps, capsys):
+    """--voxel-size was renamed --pixel-size (as in every other command); the old name is hidden but
+    accepted, with one line naming the new one."""
+    rc, out, err = run_cli("fsc", maps["novs"], maps["novs"], "--voxel-size", "2.5", "--json", "-")
     assert rc == 0 and json.loads(out)["resolution"]["0.5"]["angstrom"] == pytest.approx(5.0)
+    assert err.splitlines()[0] == "cryoace fsc: note: --voxel-size is now called --pixel-size"
+    assert "note" not in "".join(err.splitlines()[1:])  # the rest is the table (--json - moves it)
+    from cryoace.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["fsc", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--pixel-size" in help_text and "--voxel-size" not in help_text
 
 
 @pytest.mark.parametrize("second,extra,culprit", [

@@ -48,3 +48,30 @@ def test_public_api_importable_from_package():
     for name in cryoace.__all__:
         assert getattr(cryoace, name) is not None
     assert cryoace.fsc.__module__ == "cryoace.evaluate.fsc"
+
+
+_PROBE = ("import sys\nfrom cryoace.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+          "    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["reconstruct", "--help"], ["mask", "--help"],
+                                  ["predict-poses", "--help"], ["backproject", "--help"]])
+def test_start_does_not_import_torch(argv):
+    """`cryoace --version` / `--help` (and a sub-command's --help) load neither torch nor the other
+    sub-commands: the start takes a fraction of a second, not seconds."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "NO-TORCH"
+    assert "cryoace" in out.stdout
+
+
+def test_top_level_help_lists_every_command_with_its_summary(capsys):
+    """The summaries are read from the modules' docstrings without importing them."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name, module_name in COMMANDS.items():
+        summary = importlib.import_module(f"cryoace.cli.{module_name}").__doc__.strip().splitlines()[0]
+        assert name in out and summary[:40] in " ".join(out.split())

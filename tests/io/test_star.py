@@ -3,6 +3,7 @@ against the text of the files with an independent little parser)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -357,10 +358,14 @@ def test_write_keeps_optics_table_and_regenerates_when_changed(particles_dir, tm
     assert len(back.optics) == len({(p, c) for p, c in zip(sub.pixel_size, sub.ctf.cs_mm.tolist())})
 
 
-def test_write_image_paths_relative_when_below(particles_dir, tmp_path):
+def test_write_image_paths_relative_to_the_written_file(particles_dir, tmp_path):
+    """Names are written as RELION resolves them, relative to the new file's folder (never absolute
+    paths of this machine unless the file read had them)."""
     table = read_star(particles_dir / R31 / "relion31.v2.star")
     write_star(tmp_path / "x.star", table)
-    assert f"000001@{particles_dir / R31 / 'relion31.mrcs'}" in (tmp_path / "x.star").read_text()
+    rel = os.path.relpath(particles_dir / R31 / "relion31.mrcs", tmp_path)
+    assert rel.startswith("..") and f"000001@{rel}" in (tmp_path / "x.star").read_text()
+    assert read_star(tmp_path / "x.star").stack_paths == table.stack_paths
     moved = table.remap_stacks({"relion31.mrcs": tmp_path / "stacks" / "r.mrcs"})
     write_star(tmp_path / "y.star", moved)
     assert "000005@stacks/r.mrcs" in (tmp_path / "y.star").read_text()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -30,13 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output map (.mrc)")
     parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where "
                         "the particle file says")
-    parser.add_argument("--poses", type=Path, metavar="PKL", help="cryoDRGN poses pickle (with an .mrcs stack)")
-    parser.add_argument("--ctf", type=Path, metavar="PKL", help="cryoDRGN CTF pickle (with an .mrcs stack)")
-    parser.add_argument("--pixel-size", type=float, metavar="Å",
-                        help="pixel size of the stored images, overriding the file's (Å/px)")
     parser.add_argument("--downsample", type=int, metavar="L", help="Fourier-crop images to an L×L box first")
     parser.add_argument("--half-maps", action="store_true", help="also write two half maps and their FSC")
-    parser.add_argument("--first", type=int, metavar="N", help="use only the first N particles")
     parser.add_argument("--invert-contrast", action="store_true", help="for stacks with dark particles")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF columns (images not CTF-modulated)")
     parser.add_argument("--wiener-eps", type=float, default=1e-2,
@@ -46,6 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half split (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_particle_input_args(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,13 +50,10 @@ def main(args: argparse.Namespace) -> int:
 
     from ..evaluate.fsc import fsc
     from ..io.mrc import write_mrc
-    from ..io.cryodrgn import table_from_stack
-    from ..io.particles import ParticleDataset, read_particles
+    from ..io.particles import ParticleDataset
     from ..reconstruct.backproject import FourierAccumulator, accumulate, split_half_sets
     from ..runtime import resolve_device
 
-    if args.first is not None and args.first <= 0:
-        raise CryoaceInputError(f"--first must be a positive number of particles, got {args.first}")
     if args.wiener_eps <= 0:
         raise CryoaceInputError(f"--wiener-eps must be positive, got {args.wiener_eps}")
     if args.batch_size <= 0:
@@ -68,22 +62,14 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError("output is a directory; give a file name such as map.mrc", args.output)
     device = resolve_device(args.device)
 
-    if args.pixel_size is not None and not args.pixel_size > 0:
-        raise CryoaceInputError(f"--pixel-size must be a positive number of Å, got {args.pixel_size}")
-    if args.particles.suffix.lower() in (".mrcs", ".mrc"):
-        table = table_from_stack(args.particles, poses=args.poses, ctf=args.ctf, pixel_size=args.pixel_size)
-    elif args.poses is not None or args.ctf is not None:
-        raise CryoaceInputError("--poses/--ctf go with an .mrcs stack; a .star/.cs file carries its own "
-                                "poses and CTF", args.particles)
-    else:
-        table = read_particles(args.particles, datadir=args.datadir, pixel_size=args.pixel_size)
+    table = open_particle_table(args, args.particles, poses=args.poses)
     if not table.has_pose:
         raise CryoaceInputError("the file has no poses (need rlnAngleRot/Tilt/Psi or alignments3D/pose); "
                                 "backprojection needs known orientations", args.particles)
     dataset = ParticleDataset(table, downsample=args.downsample, invert_contrast=args.invert_contrast,
                               normalize=False)
     pixel_size = dataset.pixel_size
-    rows = np.arange(len(dataset) if args.first is None else min(args.first, len(dataset)))
+    rows = np.arange(len(dataset))
     use_ctf = dataset.has_ctf and not args.no_ctf
 
     size = dataset.image_size

@@ -24,6 +24,7 @@ to stdout (to stderr with --json -).
 Example:
   cryoace evaluate runs/adk --truth demo_dataset/particles.star --truth-map demo_dataset/volume.mrc
   cryoace evaluate runs/adk --truth sim/particles.star --poses other_poses.star --json -
+  cryoace evaluate runs/hand --truth hand.mrcs --truth-poses hand_rot.pkl
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 
 HANDS = ("auto", "original", "flipped")
 
@@ -42,10 +44,11 @@ HANDS = ("auto", "original", "flipped")
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory (cryoace reconstruct -o)")
     parser.add_argument("--truth", type=Path, required=True, metavar="PARTICLES",
-                        help="particle file with the true poses (.star or .cs)")
+                        help="particle file with the true poses (.star, .cs, or an .mrcs stack with --truth-poses)")
     parser.add_argument("--truth-map", type=Path, metavar="MAP", help="the true map (.mrc) for the FSC")
-    parser.add_argument("--poses", type=Path, metavar="STAR",
-                        help="predicted poses to evaluate (default: RUN_DIR/poses.star)")
+    parser.add_argument("--poses", type=Path, metavar="POSES",
+                        help="predicted poses to evaluate: .star, .cs, or a cryoDRGN pose.pkl in the order of "
+                        "the --truth particles (default: RUN_DIR/poses.star)")
     parser.add_argument("--volume", type=Path, metavar="MAP",
                         help="predicted map to compare with --truth-map (default: RUN_DIR/volume.mrc)")
     parser.add_argument("--json", metavar="OUT.json",
@@ -59,6 +62,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oversample", type=int, default=2, metavar="K",
                         help="resample the map on a K-times finer grid when rotating it (default: 2; "
                         "1 = plain trilinear, less memory)")
+    add_particle_input_args(parser, poses_flag="--truth-poses", ctf=False)
 
 
 def _warn(message: str) -> None:
@@ -106,13 +110,27 @@ def _table(poses, comparison, written, out) -> None:
         print("wrote " + ", ".join(str(p) for p in written), file=out)
 
 
+def _predicted(path: Path, truth):
+    """The predicted poses' table: a .star/.cs file, or a cryoDRGN pose pickle of the truth's particles
+    (row by row, at their stored box and pixel size)."""
+    from ..io.particles import read_particles
+
+    if path.suffix.lower() != ".pkl":
+        return read_particles(path)
+    from ..io.cryodrgn import read_cryodrgn_poses
+    from ..train.predict import stored_box_size
+
+    pred = truth.subset(slice(None))
+    pred.pose = read_cryodrgn_poses(path, stored_box_size(truth), truth.pixel_size, count=len(truth))
+    return pred
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..evaluate.truth import compare_maps, evaluate_poses
     from ..io.atomic import atomic_path
     from ..io.mrc import read_volume, write_mrc
-    from ..io.particles import read_particles
 
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
@@ -130,8 +148,8 @@ def main(args: argparse.Namespace) -> int:
     if args.volume is not None and args.truth_map is None:
         raise CryoaceInputError("--volume is compared with --truth-map; give the true map too")
 
-    truth = read_particles(args.truth)
-    pred = read_particles(poses_path)
+    truth = open_particle_table(args, args.truth, poses=args.truth_poses)
+    pred = _predicted(poses_path, truth)
     if args.truth_map is not None:  # read (and check) the maps before any work
         truth_map = read_volume(args.truth_map)
         if not volume_path.is_file():

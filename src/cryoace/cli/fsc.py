@@ -7,7 +7,7 @@ below 0.5 (use against a ground-truth map) and 0.143 (use between independent ha
 multiplied by the (soft) mask first, and the correlation the mask itself adds is removed by phase
 randomization (Chen et al. 2013: phases randomized beyond the shell where the unmasked FSC drops below
 0.8; the table and resolutions are of the corrected curve, the JSON also holds the unmasked, masked
-and randomized curves). The voxel size comes from the MRC headers (or --voxel-size);
+and randomized curves). The voxel size comes from the MRC headers (or --pixel-size);
 without one, resolutions are given in pixels only. With --json -, the JSON goes to stdout and the
 table to stderr.
 
@@ -38,10 +38,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT.json",
                         help="write the curve and resolutions as JSON ('-' for stdout)")
     parser.add_argument("--plot", type=Path, metavar="OUT.png", help="write a PNG plot of the curve")
-    parser.add_argument("--voxel-size", type=float, metavar="ANGSTROM",
-                        help="voxel size in Å/px, overriding the headers")
+    parser.add_argument("--pixel-size", type=float, metavar="Å", dest="voxel_size",
+                        help="voxel size of the maps in Å/px, overriding the headers")
+    parser.add_argument("--voxel-size", type=float, dest="voxel_size", action=_RenamedOption,
+                        help=argparse.SUPPRESS)  # the old name, still accepted
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the phase randomization with --mask (default 0)")
+
+
+class _RenamedOption(argparse.Action):
+    """A hidden old option name: stores like the new one, with a note to use the new name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"cryoace fsc: note: {option_string} is now called --pixel-size", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _warn(message: str) -> None:
@@ -51,12 +61,12 @@ def _warn(message: str) -> None:
 def _voxel_size(args, vs1: float, vs2: float) -> float | None:
     if args.voxel_size is not None:
         if not args.voxel_size > 0:
-            raise CryoaceInputError(f"--voxel-size must be positive, got {args.voxel_size}")
+            raise CryoaceInputError(f"--pixel-size must be positive, got {args.voxel_size}")
         return float(args.voxel_size)
     if vs1 > 0 and vs2 > 0:
         if abs(vs1 - vs2) > VOXEL_SIZE_RTOL * max(vs1, vs2):
             raise CryoaceInputError(f"voxel size {vs2:g} Å differs from {vs1:g} Å of {args.map1} "
-                                    "(resample one map, or pass --voxel-size)", args.map2)
+                                    "(resample one map, or pass --pixel-size)", args.map2)
         return vs1
     if vs1 > 0:
         _warn(f"{args.map2} has no voxel size in its header; using {vs1:g} Å from {args.map1}")
@@ -65,7 +75,7 @@ def _voxel_size(args, vs1: float, vs2: float) -> float | None:
         _warn(f"{args.map1} has no voxel size in its header; using {vs2:g} Å from {args.map2}")
         return vs2
     _warn("neither map has a voxel size in its header; resolutions are in pixels only "
-          "(pass --voxel-size)")
+          "(pass --pixel-size)")
     return None
 
 

@@ -7,13 +7,17 @@ example), ``add_args(parser)`` and ``main(args)``. Input errors become one line 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from .. import __version__
 from ..errors import CryoaceInputError
 
-# sub-command name -> module under cryoace.cli (imported lazily so `cryoace --help` is fast)
+# sub-command name -> module under cryoace.cli (only the chosen one is imported: `cryoace --help` and
+# `--version` import neither the sub-commands nor torch)
 COMMANDS = {
     "align": "align",
     "backproject": "backproject",
@@ -29,26 +33,48 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module_doc(module_name: str) -> str:
+    """The docstring of sub-command module ``module_name``, read from its source without importing it
+    (importing would run its imports: the top-level help must not import every command)."""
+    spec = importlib.util.find_spec(f"{__package__}.{module_name}")
+    source = Path(spec.origin).read_text(encoding="utf-8")
+    return (ast.get_docstring(ast.parse(source, spec.origin)) or "").strip()
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv``: its first word that is not an option (the top-level
+    options, --help and --version, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``cryoace`` parser. Only the sub-command named in ``argv`` is imported and gets its options
+    (all of them when ``argv`` is None); the others are listed with their summary line only."""
     parser = argparse.ArgumentParser(
         prog="cryoace",
         description="Amortized ab initio cryo-EM reconstruction (cryoAI / ACE-EM).",
         epilog="Run 'cryoace <command> --help' for the options and an example of each command.")
     parser.add_argument("--version", action="version", version=f"cryoace {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+    chosen = None if argv is None else _chosen_command(argv)
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        doc = (module.__doc__ or "").strip()
+        if argv is None or name == chosen:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+            doc = (module.__doc__ or "").strip()
+        else:
+            module, doc = None, _module_doc(module_name)
         summary = doc.splitlines()[0] if doc else name
         p = sub.add_parser(name, help=summary, description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_args(p)
-        p.set_defaults(_main=module.main)
+        if module is not None:
+            module.add_args(p)
+            p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

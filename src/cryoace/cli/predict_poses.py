@@ -10,8 +10,12 @@ file with rlnAngleRot/Tilt/Psi (degrees) and rlnOriginX/YAngst (Å), keeping eve
 at a time) into a temporary file next to the output (88 bytes per particle, removed at the end), then
 written chunk by chunk, so memory stays flat with millions of particles.
 
+The output's suffix picks the format: .star as above, .cs for cryoSPARC (alignments3D/pose and shift)
+or .pkl for cryoDRGN (rotations and shifts as a fraction of the box).
+
 Example:
   cryoace predict-poses run1 particles.star -o poses.star
+  cryoace predict-poses run1 particles.mrcs --ctf ctf.pkl -o pose.pkl
   cryoace backproject poses.star -o map_from_poses.mrc
 """
 
@@ -22,13 +26,16 @@ import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
-from ..io.columns import CHUNK_ROWS
+from .particle_input import add_particle_input_args, open_particle_table
+from ..defaults import CHUNK_ROWS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a 'cryoace reconstruct' run directory")
     parser.add_argument("particles", type=Path, help="particles: RELION .star, cryoSPARC .cs or an .mrcs stack")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output star file")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="output poses, in the format of its suffix: .star (RELION, every input column "
+                        "kept), .cs (cryoSPARC) or .pkl (cryoDRGN pose pickle)")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint other than RUN_DIR/checkpoints/last.pt")
     parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
     parser.add_argument("--invert-contrast", action="store_true", default=None,
@@ -39,23 +46,24 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "the last has exactly this many, so its batches have the same shapes each time)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_particle_input_args(parser, poses_flag=None)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..io.particles import read_particles
     from ..runtime import resolve_device
-    from ..train.predict import load_run, open_particles, pose_predictor, write_poses_star
+    from ..train.predict import POSE_SUFFIXES, load_run, open_particles, pose_predictor, write_poses
 
     for name in ("batch_size", "chunk_rows"):
         if getattr(args, name) <= 0:
             raise CryoaceInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.output.is_dir():
         raise CryoaceInputError("output is a directory; give a file name such as poses.star", args.output)
-    if args.output.suffix.lower() != ".star":
-        raise CryoaceInputError("the output must be a .star file", args.output)
+    if args.output.suffix.lower() not in POSE_SUFFIXES:
+        raise CryoaceInputError("the output must be a .star (RELION), .cs (cryoSPARC) or .pkl (cryoDRGN) file",
+                                args.output)
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device, args.checkpoint)
-    table = read_particles(args.particles, datadir=args.datadir)
+    table = open_particle_table(args, args.particles)
     table.pose = None  # the file's own angles are replaced, not read: 20 bytes per particle less to hold
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
@@ -63,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
     poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
                            batch_size=args.batch_size, device=device, radius_cyc_px=radius)
-    write_poses_star(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
+    write_poses(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
     print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
           f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
     return 0

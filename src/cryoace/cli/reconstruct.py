@@ -1,6 +1,7 @@
 """Ab initio reconstruction with unknown poses (cryoAI: amortized pose encoder + FourierNet decoder).
 
-Reads particles (RELION .star, cryoSPARC .cs, or an .mrcs stack), trains a pose encoder (image →
+Reads particles (RELION .star, cryoSPARC .cs, or an .mrcs stack with cryoDRGN's --ctf/--poses pickles;
+--ind/--first select particles, --pixel-size gives a missing pixel size), trains a pose encoder (image →
 rotation and shift) jointly with a neural Fourier volume through the shared image-formation model
 (CTF, shift, central slice), with cryoAI's symmetric loss by default, and writes into RUN_DIR:
 config.yaml (every setting, seeds, version, command line), checkpoints/ (step_XXXXXX.pt, last.pt),
@@ -27,6 +28,7 @@ with --invert-contrast, or let --auto-invert do it; --no-check-contrast skips th
 
 Example:
   cryoace reconstruct particles.star -o run1 --max-time 30m
+  cryoace reconstruct particles.mrcs --ctf ctf.pkl -o run1 --max-time 30m --export-poses cs,pkl
   cryoace reconstruct particles.star -o run1 --resume --max-time 1h
   cryoace reconstruct particles.star -o run2 --preset paper --downsample 128 --device cuda --epochs 10
   torchrun --nproc-per-node 4 -m cryoace reconstruct particles.star -o run3 --preset paper --batch-size 256
@@ -53,10 +55,12 @@ evenly over the processes; rank 0 writes every file). See README.md for several 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args, open_particle_table
 
 #: options a resumed run must not change: dest -> (config path, label)
 _FIXED = {
@@ -78,6 +82,34 @@ _FIXED = {
     "gsym_views": ("gsym_views", "--gsym-views"),
     "halves": ("halves", "--halves"),
 }
+
+
+#: --export-poses format -> file name in RUN_DIR
+_POSE_EXPORTS = {"cs": "poses.cs", "pkl": "pose.pkl"}
+
+
+def _pose_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in _POSE_EXPORTS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"expected cs, pkl or cs,pkl, got {text!r}")
+    return formats
+
+
+def _export_poses(poses_star: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Write the poses of ``poses_star`` in each of ``formats`` next to it; the written paths."""
+    from ..io.star import read_star
+    from ..train.predict import write_poses
+
+    if not formats:
+        return []
+    table = read_star(poses_star)
+    written = []
+    for fmt in formats:
+        out = poses_star.parent / _POSE_EXPORTS[fmt]
+        write_poses(out, table, table.pose)
+        written.append(out)
+    return written
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +224,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="steps between pose coverage / error records (default: --volume-every)")
     g.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
     g.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    g.add_argument("--export-poses", type=_pose_formats, metavar="cs,pkl", default=(),
+                   help="also write the final poses as RUN_DIR/poses.cs (cryoSPARC) and/or RUN_DIR/pose.pkl "
+                   "(cryoDRGN), besides poses.star")
+    add_particle_input_args(parser)
 
 
 def _get(config, dotted: str):
@@ -289,6 +325,30 @@ def build_config(args: argparse.Namespace):
     return config
 
 
+#: particle-input options a resumed run takes from its first run when not given again
+_INPUT_OPTIONS = ("pixel_size", "ctf", "poses", "ind", "first")
+
+
+def _resumed_inputs(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the particle-input options of the run's first start where they are not given
+    again (a resumed run must see the same particles, with the same CTF and pixel size); a different
+    value is refused."""
+    from ..train.config import load_config
+
+    _, raw = load_config(args.output / "config.yaml")
+    recorded = (raw.get("provenance") or {}).get("arguments") or {}
+    values = {}
+    for dest in _INPUT_OPTIONS:
+        given, before = getattr(args, dest), recorded.get(dest)
+        if given is not None and dest in recorded and str(given) != str(before):
+            flag = "--" + dest.replace("_", "-")
+            raise CryoaceInputError(f"{flag} {given} differs from the run's {before}; a resumed run reads "
+                                    "the same particles", args.output)
+        if given is None and before is not None:
+            values[dest] = before if dest in ("pixel_size", "first") else Path(before)
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def _arguments(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -303,12 +363,20 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"cryoace reconstruct: {message}", file=sys.stderr)
 
+    inputs = _resumed_inputs(args) if args.resume else args
+    inputs.datadir = config.data.datadir  # a resumed run's own unless --datadir moves it
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank reads; one says it
+    table = open_particle_table(inputs, args.particles, poses=inputs.poses,
+                                note=lambda m: log(f"note: {m}") if first_rank else None)
     result = run_reconstruction(args.particles, args.output, config, resume=args.resume,
-                                arguments=_arguments(args), progress=not args.quiet, log=log)
+                                arguments=_arguments(args), progress=not args.quiet, log=log, table=table)
     loss = f", final loss {result.final_loss:.4g}" if result.final_loss is not None else ""
     print(f"trained {result.steps} steps ({result.epochs:.2f} epochs) in {result.train_time_s:.0f} s{loss}")
     print(f"wrote {result.volume} ({result.image_size}³ voxels, {result.voxel_size:.4g} Å/voxel), "
           f"{result.poses} and {result.run_dir}/volume.png, loss.png, config.yaml, checkpoints/")
+    exported = _export_poses(result.poses, args.export_poses)
+    if exported:
+        print("wrote " + ", ".join(str(p) for p in exported))
     return report_gold_standard(result)
 
 

@@ -27,11 +27,13 @@ import math
 import numpy as np
 import torch
 
+from ..defaults import MASK_EXTEND_PX, MASK_SOFT_PX
+
 __all__ = ["default_threshold", "distance_to_mask", "soft_edge", "make_mask"]
 
 #: The default dilation and soft-edge width (voxels).
-DEFAULT_EXTEND_PX = 3.0
-DEFAULT_SOFT_PX = 6.0
+DEFAULT_EXTEND_PX = MASK_EXTEND_PX
+DEFAULT_SOFT_PX = MASK_SOFT_PX
 
 
 def default_threshold(volume) -> float:

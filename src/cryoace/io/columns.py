@@ -15,8 +15,7 @@ import torch
 __all__ = ["ColumnBuilder", "compact_array", "compact_tensor", "constant_value", "take", "pack", "unpack",
            "CHUNK_ROWS", "row_chunks"]
 
-#: Rows handled at once by chunked readers, writers and checks (bounds their transient memory).
-CHUNK_ROWS = 1 << 13
+from ..defaults import CHUNK_ROWS  # noqa: E402  (defined there so the CLI's --help needs no torch)
 
 
 def row_chunks(n: int, size: int = CHUNK_ROWS):

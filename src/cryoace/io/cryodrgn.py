@@ -41,7 +41,7 @@ from .mrc import open_mrc
 from .particles import ParticleTable, no_ctf_params
 
 __all__ = ["read_cryodrgn_poses", "read_cryodrgn_ctf", "write_cryodrgn_poses", "write_cryodrgn_ctf",
-           "table_from_stack"]
+           "table_from_stack", "read_index_file"]
 
 
 def _load_pickle(path: Path):
@@ -188,3 +188,53 @@ def table_from_stack(stack_path: str | os.PathLike, poses: str | os.PathLike | N
                          image_indices=np.arange(n, dtype=np.int64), pixel_size=ps, ctf=ctf_params,
                          has_ctf=has_ctf, pose=pose, image_size=np.full(n, box, dtype=np.int64))
 
+
+
+def read_index_file(path: str | os.PathLike, n_particles: int) -> np.ndarray:
+    """A cryoDRGN index file (``--ind``) → int64 0-based particle rows, in the file's order.
+
+    ``.pkl`` / ``.pickle``: a pickled integer array (what cryoDRGN's ``filter`` / ``select_random``
+    write); anything else: a text file of integers separated by white space or commas (``#`` starts a
+    comment). Every index must lie in ``[0, n_particles)``.
+    """
+    path = Path(path)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        values = _load_pickle(path)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        try:
+            values = np.asarray(values)
+        except (TypeError, ValueError):
+            raise CryoaceInputError(f"expected an array of particle indices, got {type(values).__name__}",
+                                    path) from None
+    else:
+        if not path.is_file():
+            raise CryoaceInputError("file not found", path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CryoaceInputError(f"not a readable text file of particle indices ({type(exc).__name__})",
+                                    path) from None
+        words = " ".join(line.split("#", 1)[0] for line in text.splitlines()).replace(",", " ").split()
+        try:
+            values = np.array([int(w) for w in words], dtype=np.int64)
+        except ValueError:
+            bad = next(w for w in words if not w.lstrip("+-").isdigit())
+            raise CryoaceInputError(f"{bad!r} is not a particle index (expected integers)", path) from None
+    if values.ndim != 1 or values.dtype.kind not in "iub":
+        if values.ndim == 1 and values.dtype.kind == "f" and np.all(np.isfinite(values)) \
+                and np.all(values == np.round(values)):
+            values = values.astype(np.int64)  # integers stored as floats
+        else:
+            raise CryoaceInputError(f"expected a 1-D array of integer particle indices, got dtype "
+                                    f"{values.dtype} and shape {values.shape}", path)
+    rows = values.astype(np.int64)
+    if len(rows) == 0:
+        raise CryoaceInputError("the index file selects no particles", path)
+    bad = (rows < 0) | (rows >= n_particles)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CryoaceInputError(f"index {rows[i]} (entry {i + 1} of {len(rows)}) is out of range: the particle "
+                                f"file has {n_particles} particles, indices 0 to {n_particles - 1} "
+                                f"({int(bad.sum())} of the {len(rows)} are)", path)
+    return rows

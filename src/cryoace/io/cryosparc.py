@@ -59,8 +59,9 @@ from ..errors import CryoaceInputError
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose
 from .particles import ParticleTable, no_ctf_params, resolve_image_paths
+from .table import absolute_as_written
 
-__all__ = ["read_cs", "OWNED_FIELDS"]
+__all__ = ["read_cs", "write_cs", "OWNED_FIELDS"]
 
 #: Fields represented by ParticleTable fields (not kept in ``extra``).
 OWNED_FIELDS = frozenset({
@@ -141,6 +142,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
                                 "give the pixel size explicitly", path)
 
     image_paths = image_indices = image_size = None
+    absolute = frozenset()
     if "blob/path" in names:
         if "blob/idx" not in names:
             raise CryoaceInputError("field blob/idx is missing (needed with blob/path)", path)
@@ -149,6 +151,8 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         raw = np.char.lstrip(np.char.strip(raw), ">")
         image_paths = resolve_image_paths(raw.astype(object), path.parent, datadir,
                                           extra_bases=(path.parent.parent,))
+        first = np.unique(raw, return_index=True)[1]  # one row per distinct name
+        absolute = absolute_as_written(raw[first], image_paths[first])
         image_indices = np.array(data["blob/idx"], dtype=np.int64)
     if "blob/shape" in names:
         shape = np.array(data["blob/shape"], dtype=np.int64).reshape(n, -1)
@@ -188,5 +192,57 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
 
     table = ParticleTable(source=path, image_paths=image_paths, image_indices=image_indices,
                           pixel_size=ps, ctf=ctf, has_ctf=has_ctf, pose=pose, image_size=image_size,
-                          optics=None, extra=_extra(data))
+                          optics=None, extra=_extra(data), absolute_stacks=absolute)
     return table.remap_stacks(stack_map or {})
+
+
+def write_cs(path: str | os.PathLike, table: ParticleTable, pose: Pose | None = None) -> None:
+    """Write ``table`` (with ``pose`` instead of its own poses, if given) as a cryoSPARC particle ``.cs``
+    file, atomically, with cryoSPARC's field types (float32 values, so ~1e-7 relative rounding):
+
+    ``uid`` (the table's ``uid`` column if it has one, else 0..N−1), ``blob/path`` (relative to the
+    file's folder, as in star files, absolute only where the file read had absolute names), ``blob/idx``
+    (0-based), ``blob/shape``, ``blob/psize_A``; ``ctf/*`` when the table has a CTF; and with poses
+    ``alignments3D/pose`` = rotation vector of ``Rᵀ`` (module docstring), ``alignments3D/shift`` (px
+    at ``blob/psize_A``, RELION's sign) and ``alignments3D/psize_A``. Other columns are not written.
+    """
+    from .atomic import atomic_path
+    from ..physics.rotations import rotmat_to_axis_angle
+    from .starwrite import relative_stack_names
+
+    path = Path(path)
+    n = len(table)
+    pose = table.pose if pose is None else pose
+    fields: list[tuple[str, np.ndarray]] = []
+    uid = table.extra_column("uid")
+    fields.append(("uid", np.asarray(uid if uid is not None else np.arange(n), dtype="<u8")))
+    if table.image_paths is not None:
+        names = relative_stack_names([str(p) for p in table.image_paths.categories], path.parent,
+                                table.absolute_stacks)
+        encoded = np.char.encode(names.astype(str), "utf-8")
+        fields.append(("blob/path", encoded[table.image_paths.codes]))
+        fields.append(("blob/idx", np.asarray(table.image_indices, dtype="<u4")))
+    if table.image_size is not None:
+        fields.append(("blob/shape", np.repeat(np.asarray(table.image_size, dtype="<u4")[:, None], 2, axis=1)))
+    ps = np.asarray(table.pixel_size, dtype=np.float64)
+    fields.append(("blob/psize_A", ps.astype("<f4")))
+    if table.has_ctf:
+        ctf = table.ctf
+        for name, values in (("ctf/accel_kv", ctf.voltage_kv), ("ctf/cs_mm", ctf.cs_mm),
+                             ("ctf/amp_contrast", ctf.amplitude_contrast), ("ctf/df1_A", ctf.defocus_u),
+                             ("ctf/df2_A", ctf.defocus_v), ("ctf/df_angle_rad", ctf.defocus_angle),
+                             ("ctf/phase_shift_rad", ctf.phase_shift), ("ctf/bfactor", ctf.bfactor)):
+            fields.append((name, values.double().numpy().astype("<f4")))
+    if pose is not None:
+        rotvec = rotmat_to_axis_angle(pose.rotmat.detach().cpu().double().transpose(-1, -2))
+        fields.append(("alignments3D/pose", rotvec.numpy().astype("<f4")))
+        shift_px = pose.shift_angst.detach().cpu().double().numpy() / ps[:, None]
+        fields.append(("alignments3D/shift", shift_px.astype("<f4")))
+        fields.append(("alignments3D/psize_A", ps.astype("<f4")))
+    dtype = np.dtype([(name, values.dtype, values.shape[1:]) for name, values in fields])
+    data = np.empty(n, dtype=dtype)
+    for name, values in fields:
+        data[name] = values
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:  # a file object: np.save would add ".npy" to a name
+            np.save(fh, data, allow_pickle=False)

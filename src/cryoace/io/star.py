@@ -48,7 +48,7 @@ from .columns import CHUNK_ROWS, ColumnBuilder
 from .relion import ANGLES, OWNED_COLUMNS
 from .starloop import Loop, LoopColumns, iter_loop, read_loop, scan_star
 from .starwrite import write_star
-from .table import EulerPoses, ParticleTable, resolve_image_paths
+from .table import EulerPoses, ParticleTable, absolute_as_written, resolve_image_paths
 
 __all__ = ["read_star", "write_star", "read_star_blocks", "OWNED_COLUMNS"]
 
@@ -263,8 +263,11 @@ class _ParticleReader:
         """The table of every row added."""
         cols = self.cols
         paths = indices = None
+        absolute = frozenset()
         if self.has_images:
-            resolved = resolve_image_paths(np.asarray(list(self.raw_paths), dtype=object), self.path.parent, datadir)
+            raw = np.asarray(list(self.raw_paths), dtype=object)
+            resolved = resolve_image_paths(raw, self.path.parent, datadir)
+            absolute = absolute_as_written(raw, resolved)
             merged, stacks = pd.factorize(resolved)
             codes = cols["stack"].array()
             if not np.array_equal(merged, np.arange(len(merged))):  # two names of one file
@@ -276,7 +279,7 @@ class _ParticleReader:
                              pixel_size=cols["pixel_size"].array(),
                              ctf=CTFParams(*(cols[f].tensor() for f in _CTF_FIELDS)), has_ctf=self.has_ctf,
                              pose=pose, image_size=cols["image_size"].array() if self.has_size else None,
-                             optics=optics, extra=extra)
+                             optics=optics, extra=extra, absolute_stacks=absolute)
 
 
 def read_star(path: str | os.PathLike, datadir: str | os.PathLike | None = None,

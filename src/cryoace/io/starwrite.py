@@ -32,7 +32,7 @@ from .relion import ANGLES, OWNED_COLUMNS
 from .starloop import format_rows, write_loop, write_loop_header
 from .table import ParticleTable
 
-__all__ = ["write_star"]
+__all__ = ["write_star", "relative_stack_names"]
 
 PoseSource = Pose | Callable[[np.ndarray], Pose] | None
 
@@ -120,17 +120,21 @@ class _OpticsPlan:
         return np.asarray([self.groups[k] for k in keys], dtype=np.int64)[codes]
 
 
-def _relative_names(stacks: list[str], out_dir: Path) -> np.ndarray:
-    """Each stack path relative to ``out_dir`` when it lies below it, else absolute."""
+def relative_stack_names(stacks: list[str], out_dir: Path, absolute: frozenset[str] = frozenset()) -> np.ndarray:
+    """Each stack path as RELION resolves names: relative to ``out_dir`` (the written file's folder, with
+    ``..`` where needed), so a project moved to another machine with its data still reads; absolute
+    only for the stacks in ``absolute`` (named so in the file read)."""
     out_dir = os.path.abspath(out_dir)
     rel = []
     for u in stacks:
         u = os.path.abspath(u)
+        if u in absolute:
+            rel.append(u)
+            continue
         try:
-            r = os.path.relpath(u, out_dir)
-        except ValueError:  # different drive (Windows)
-            r = u
-        rel.append(u if r.startswith("..") else r)
+            rel.append(os.path.relpath(u, out_dir))
+        except ValueError:  # different drive (Windows): no relative path exists
+            rel.append(u)
     return np.asarray(rel, dtype=object)
 
 
@@ -202,8 +206,8 @@ def write_star(path: str | os.PathLike, table: ParticleTable, pose: PoseSource =
         if len(values) != len(table):
             raise ValueError(f"column {name} has {len(values)} values for {len(table)} particles")
     plan = _OpticsPlan(table, chunk_rows)
-    names = None if table.image_paths is None else _relative_names(
-        [str(p) for p in table.image_paths.categories], path.parent)
+    names = None if table.image_paths is None else relative_stack_names(
+        [str(p) for p in table.image_paths.categories], path.parent, table.absolute_stacks)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write("# RELION 3.1 particles written by cryoace\n")

@@ -45,7 +45,8 @@ from ..types import CTFParams, Pose, map_tensors
 from .columns import CHUNK_ROWS, compact_array, compact_tensor, pack, row_chunks, take, unpack
 from .starloop import LoopColumns
 
-__all__ = ["ParticleTable", "EulerPoses", "no_ctf_params", "resolve_image_paths", "as_row_indices"]
+__all__ = ["ParticleTable", "EulerPoses", "no_ctf_params", "resolve_image_paths", "absolute_as_written",
+           "as_row_indices"]
 
 
 def no_ctf_params(n: int, voltage_kv: np.ndarray | float = 300.0) -> CTFParams:
@@ -142,6 +143,8 @@ class ParticleTable:
                     pixel size and optics values; ``rlnOpticsGroup`` is kept here). Written back by
                     ``write_star``. May be given as a :class:`~cryoace.io.starloop.LoopColumns` (read
                     from the file on first access).
+    absolute_stacks : the stack paths (as in ``image_paths``) that the file named by an absolute path;
+                    written back absolute, every other one relative to the written file's folder.
     """
 
     # A dataclass so that dataclasses.fields/replace work as on any table; image_paths, pose and extra
@@ -156,10 +159,12 @@ class ParticleTable:
     image_size: np.ndarray | None
     optics: pd.DataFrame | None
     extra: pd.DataFrame
+    absolute_stacks: frozenset[str]
 
     def __init__(self, source: str | os.PathLike, image_paths, image_indices, pixel_size, ctf: CTFParams,
                  has_ctf: bool = True, pose: Pose | EulerPoses | None = None, image_size=None,
-                 optics: pd.DataFrame | None = None, extra: pd.DataFrame | LoopColumns | None = None):
+                 optics: pd.DataFrame | None = None, extra: pd.DataFrame | LoopColumns | None = None,
+                 absolute_stacks=frozenset()):
         self.source = Path(source)
         self.pixel_size = compact_array(pixel_size, np.float64)
         if image_paths is not None and image_indices is None:
@@ -173,6 +178,7 @@ class ParticleTable:
         self.image_size = None if image_size is None else compact_array(image_size, np.int64)
         self.optics = optics
         self.extra = extra
+        self.absolute_stacks = frozenset(map(str, absolute_stacks))
         self._validate()
 
     def _validate(self) -> None:
@@ -312,7 +318,7 @@ class ParticleTable:
             map_tensors(self.ctf, lambda t: _take_tensor(t, rows)), self.has_ctf,
             None if self._pose is None else self._pose.take(rows),
             None if self.image_size is None else take(self.image_size, idx),
-            None if self.optics is None else self.optics.copy(), extra)
+            None if self.optics is None else self.optics.copy(), extra, self.absolute_stacks)
 
     def remap_stacks(self, mapping: Mapping[str, str | os.PathLike]) -> "ParticleTable":
         """Point stacks elsewhere: keys are absolute stack paths or stack file names (basenames).
@@ -329,7 +335,7 @@ class ParticleTable:
             old = codes.astype(old.dtype)[old]
         return ParticleTable(self.source, pd.Categorical.from_codes(old, uniques), self.image_indices,
                              self.pixel_size, self.ctf, self.has_ctf, self._pose, self.image_size,
-                             self.optics, self._extra)
+                             self.optics, self._extra, self.absolute_stacks)
 
 
 def _exact_chunks(chunks: Iterator[pd.DataFrame], chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -383,6 +389,11 @@ def as_row_indices(indices, n: int) -> np.ndarray:
     if arr.min() < -n or arr.max() >= n:
         raise IndexError(f"particle index out of range for {n} particles")
     return np.where(arr < 0, arr + n, arr)
+
+
+def absolute_as_written(raw_paths: Sequence[str] | np.ndarray, resolved: Sequence[str] | np.ndarray) -> frozenset[str]:
+    """The resolved stack paths whose name in the file (``raw_paths``, same order) was absolute."""
+    return frozenset(str(r) for w, r in zip(raw_paths, resolved, strict=True) if os.path.isabs(str(w)))
 
 
 def resolve_image_paths(raw_paths: Sequence[str] | np.ndarray, base_dir: str | os.PathLike,

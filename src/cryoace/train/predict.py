@@ -28,7 +28,8 @@ from .config import TrainConfig, load_config
 from .losses import HalfDiscGrid, compute_loss
 from .trainer import DataInfo, build_models, load_checkpoint_file
 
-__all__ = ["TrainedRun", "load_run", "predict_poses", "pose_predictor", "spooled_poses", "write_poses_star", "open_particles"]
+__all__ = ["TrainedRun", "load_run", "predict_poses", "pose_predictor", "spooled_poses", "write_poses_star",
+           "write_poses", "stored_box_size", "open_particles"]
 
 
 @dataclasses.dataclass
@@ -194,3 +195,50 @@ def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.n
     Path(path).parent.mkdir(parents=True, exist_ok=True)  # the spool lives beside the output
     with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent, progress=progress) as spooled:
         write_star(path, table, pose=spooled, columns=columns, chunk_rows=chunk_rows)
+
+
+#: pose file formats by suffix: RELION star, cryoSPARC .cs, cryoDRGN pose pickle
+POSE_SUFFIXES = (".star", ".cs", ".pkl")
+
+
+def stored_box_size(table) -> int:
+    """The stored images' box (px) of ``table``: its ``image_size`` column, else the first stack's header."""
+    if table.image_size is not None and len(table.image_size):
+        sizes = np.unique(np.asarray(table.image_size))
+        if len(sizes) > 1:
+            raise CryoaceInputError(f"the particles have several box sizes ({', '.join(map(str, sizes))} px); "
+                                    "a cryoDRGN pose pickle needs one", table.source)
+        return int(sizes[0])
+    if table.image_paths is None:
+        raise CryoaceInputError("no box size: the file names no images and no rlnImageSize", table.source)
+    from ..io.mrc import open_mrc
+
+    return int(open_mrc(table.stack_paths[0], mmap=True).data.shape[-1])
+
+
+def write_poses(path: str | os.PathLike, table, pose: Pose | Callable[[np.ndarray], Pose],
+                chunk_rows: int = CHUNK_ROWS, progress: bool = False) -> None:
+    """Write poses in the format of ``path``'s suffix: ``.star`` (:func:`write_poses_star`, every input
+    column kept), ``.cs`` (cryoSPARC, :func:`cryoace.io.cryosparc.write_cs`) or ``.pkl`` (cryoDRGN's
+    ``(rotations, shifts / box)``, :func:`cryoace.io.cryodrgn.write_cryodrgn_poses`, at the stored
+    box and pixel size). ``pose`` as for :func:`write_poses_star`; a function of row chunks is run
+    into a spool first (the .cs and .pkl writers need every pose at once: 88 bytes per particle)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in POSE_SUFFIXES:
+        raise CryoaceInputError(f"unknown pose file type {suffix or '(none)'!r}: give a .star (RELION), "
+                                ".cs (cryoSPARC) or .pkl (cryoDRGN) file name", path)
+    if suffix == ".star":
+        write_poses_star(path, table, pose, chunk_rows=chunk_rows, progress=progress)
+        return
+    if not isinstance(pose, Pose):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent, progress=progress) as read:
+            pose = read(np.arange(len(table), dtype=np.int64))
+    if suffix == ".cs":
+        from ..io.cryosparc import write_cs
+
+        write_cs(path, table, pose)
+    else:
+        from ..io.cryodrgn import write_cryodrgn_poses
+
+        write_cryodrgn_poses(path, pose, stored_box_size(table), table.pixel_size)

@@ -28,7 +28,7 @@ batch, gradients are averaged over the ranks after ``backward``, logged metrics 
 (:mod:`cryoace.io.preload`).
 
 Outputs in RUN_DIR: ``metrics.jsonl`` (one JSON record per log: loss, grad norm, lr, images/s, ...),
-TensorBoard scalars in ``tensorboard/`` when tensorboard is installed (skipped silently otherwise),
+TensorBoard scalars in ``tensorboard/`` when tensorboard is installed (otherwise skipped, said once),
 ``volume_STEP.mrc`` every ``volume_every`` steps, and (by :meth:`Trainer.finalize`) ``volume.mrc``,
 ``volume.png`` (central slices and projections) and ``loss.png``.
 """
@@ -167,6 +167,26 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#: "TensorBoard is not installed" is said once per process (both --halves trainers would repeat it)
+_TENSORBOARD_SKIP_SAID = False
+
+
+def open_tensorboard(log_dir: str | Path, log: Callable[[str], None]):
+    """A TensorBoard ``SummaryWriter`` on ``log_dir``, or None when tensorboard is not installed (an
+    optional extra): then one line through ``log`` — the first time only — says how to enable it."""
+    global _TENSORBOARD_SKIP_SAID
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # not installed (ImportError) or broken: the run goes on without it
+        if not _TENSORBOARD_SKIP_SAID:
+            _TENSORBOARD_SKIP_SAID = True
+            reason = "not installed" if isinstance(exc, ImportError) else f"unusable ({type(exc).__name__})"
+            log(f"TensorBoard scalars are skipped: tensorboard is {reason} (pip install tensorboard, or "
+                "pip install -e .[tensorboard]; metrics.jsonl has the same numbers)")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 class Trainer:
@@ -532,11 +552,7 @@ class Trainer:
     def _open_writer(self) -> None:
         if not self.config.tensorboard or self._writer is not None or not self.dist.is_main:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed (or broken): skip silently
-            return
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._writer = open_tensorboard(self.run_dir / "tensorboard", self.log)
 
     def _record(self, record: dict) -> None:
         self.history.append(record)
