@@ -1,13 +1,16 @@
 """Entry point of the ``cryoace`` command: dispatches to one module per sub-command.
 
 Each sub-command module has a docstring (first line = summary, the rest = --help description with an
-example), ``add_args(parser)`` and ``main(args)``. Input errors become one line on stderr and exit 2.
+example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(argv)`` (what to run
+after an interruption). Input errors, unusable options and failed reads/writes of the file system
+(read-only folder, full disk, a directory given for a file) become one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -29,13 +32,31 @@ COMMANDS = {
 }
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A sub-command parser whose usage errors are one line (the full usage is in --help)."""
+
+    def error(self, message: str):
+        if "expected one argument" in message:  # e.g. --max-time -5m: the value looks like an option
+            message += " (for a value that starts with '-', write it as --option=VALUE)"
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: problem`` for a failed read or write (the path when the error names one)."""
+    problem = exc.strerror or str(exc)
+    if exc.filename is None:
+        return problem
+    names = [os.fsdecode(exc.filename)] + ([os.fsdecode(exc.filename2)] if exc.filename2 is not None else [])
+    return f"{' -> '.join(names)}: {problem}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryoace",
         description="Amortized ab initio cryo-EM reconstruction (cryoAI / ACE-EM).",
         epilog="Run 'cryoace <command> --help' for the options and an example of each command.")
     parser.add_argument("--version", action="version", version=f"cryoace {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineParser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"{__package__}.{module_name}")
         doc = (module.__doc__ or "").strip()
@@ -43,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=doc,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_args(p)
-        p.set_defaults(_main=module.main)
+        p.set_defaults(_main=module.main, _resume_hint=getattr(module, "resume_hint", None))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -58,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     except CryoaceInputError as exc:
         print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a read or write (EACCES, ENOSPC, EROFS, EISDIR...)
+        print(f"cryoace {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"cryoace {args.command}: interrupted", file=sys.stderr)
+        hint = args._resume_hint(argv) if args._resume_hint is not None else None
+        print(f"cryoace {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""),
+              file=sys.stderr)
         return 130
 
 

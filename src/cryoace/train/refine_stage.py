@@ -86,10 +86,10 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         return trainer.elapsed_s + (time.monotonic() - stage_start)
 
     def on_state(state: RefineState) -> None:
-        with atomic_path(checkpoint) as tmp:
+        with atomic_path(checkpoint) as tmp, open(tmp, "wb") as fh:
             torch.save({"step": trainer.step, "round": state.round, "rotmat": state.pose.rotmat.cpu(),
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
-                        "volume": state.volume.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
+                        "volume": state.volume.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, fh)
 
     if resume is None:
         seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map

@@ -584,8 +584,8 @@ class Trainer:
             return path
         state = self.state_dict()
         for target in (path, directory / "last.pt"):
-            with atomic_path(target) as tmp:
-                torch.save(state, tmp)
+            with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+                torch.save(state, fh)  # a file object: a full disk then surfaces as an OSError
         keep = self.config.keep_checkpoints
         old = sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for stale in old[:-keep] if len(old) > keep else []:
