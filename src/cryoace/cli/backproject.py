@@ -78,6 +78,9 @@ def main(args: argparse.Namespace) -> int:
                                 "poses and CTF", args.particles)
     else:
         table = read_particles(args.particles, datadir=args.datadir, pixel_size=args.pixel_size)
+    if not table.has_pose and table.image_paths is not None and args.particles.suffix.lower() in (".mrcs", ".mrc"):
+        raise CryoaceInputError("an image stack has no poses; give them with --poses pose.pkl (backprojection "
+                                "needs known orientations)", args.particles)
     if not table.has_pose:
         raise CryoaceInputError("the file has no poses (need rlnAngleRot/Tilt/Psi or alignments3D/pose); "
                                 "backprojection needs known orientations", args.particles)
