@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_paths", "naming", "os_error_in"]
+__all__ = ["atomic_path", "atomic_paths", "naming", "os_error_in", "remove_stale_staging", "staged_folder"]
 
 
 def os_error_in(exc: BaseException) -> OSError | None:
@@ -84,3 +84,76 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it to ``path`` only on success."""
     with atomic_paths(path) as (tmp,):
         yield tmp
+
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.partial-"
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders that killed runs left beside ``target`` (those whose lock no live
+    process holds); return them."""
+    import shutil
+
+    from .lock import is_locked
+
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    stale = [p for p in target.parent.glob(_staging_prefix(target) + "*") if p.is_dir() and not is_locked(p)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+@contextlib.contextmanager
+def staged_folder(target: str | os.PathLike, replaced: list[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Yield a new hidden folder beside ``target`` to write a whole output folder into; when the block
+    succeeds its files go into ``target`` (the folder is renamed to ``target`` when that does not exist
+    yet; else ``replaced`` are removed from ``target`` and the new files moved in), else it is removed.
+
+    The folder is locked while it is written (:mod:`cryoace.io.lock`), so a process killed mid-way
+    (kill -9) leaves only a hidden ``.NAME.partial-*`` folder that :func:`remove_stale_staging` knows
+    to be garbage, never a half-written dataset under ``target``.
+    """
+    import shutil
+
+    from .lock import LOCK_NAME, folder_lock
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's folder is private; the dataset folder should not be
+    except OSError as exc:
+        raise naming(exc, target) from None
+    try:
+        with folder_lock(stage, "staging folder"):
+            try:
+                yield stage
+            except BaseException as exc:
+                cause = os_error_in(exc)
+                if cause is None:
+                    raise
+                # name the file as the user will know it: in target, not in the hidden staging folder
+                name = os.fsdecode(cause.filename) if cause.filename is not None else ""
+                shown = target / Path(name).relative_to(stage) if name.startswith(str(stage)) else target
+                raise naming(cause, shown) from exc
+            (stage / LOCK_NAME).unlink()  # the lock itself stays held until the files are in place
+            try:
+                if not target.exists():
+                    os.rename(stage, target)
+                    return
+                for old in replaced:
+                    Path(old).unlink(missing_ok=True)
+                for new in sorted(stage.iterdir()):
+                    os.replace(new, target / new.name)
+            except OSError as exc:
+                raise naming(exc, target) from None
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
