@@ -1,8 +1,8 @@
 """Entry point of the ``cryoace`` command: dispatches to one module per sub-command.
 
 Each sub-command module has a docstring (first line = summary, the rest = --help description with an
-example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(argv)`` (what to run
-after an interruption). Input errors, unusable options and failed reads/writes of the file system
+example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(args, argv)`` (the
+command that continues after an interruption, see :func:`resume_command`). Input errors, unusable options and failed reads/writes of the file system
 (read-only folder, full disk, a directory given for a file) become one line on stderr and exit 2.
 """
 
@@ -50,6 +50,18 @@ def _os_error_line(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {problem}"
 
 
+def resume_command(run_dir, argv: list[str]) -> str | None:
+    """The command line that continues the run in ``run_dir`` (``argv`` with ``--resume``), or None
+    when the run has no checkpoint to continue from."""
+    import shlex
+
+    from ..train.run import has_checkpoint
+
+    if not has_checkpoint(run_dir):
+        return None
+    return "cryoace " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cryoace",
@@ -84,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryoace {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = args._resume_hint(argv) if args._resume_hint is not None else None
+        hint = args._resume_hint(args, argv) if args._resume_hint is not None else None
         print(f"cryoace {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""),
               file=sys.stderr)
         return 130

@@ -2,7 +2,8 @@
 initio map.
 
 After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run` takes the decoder's
-map (already written as ``volume.mrc``; renamed ``volume_decoder.mrc`` when the stage ends). With
+map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only when the stage ends, so an
+interrupted run has no map that looks final). With
 ``refine.ab_initio`` it also builds a map from a featureless blob by stochastic EM
 (:func:`cryoace.reconstruct.ab_initio.ab_initio`; ``volume_abinitio.mrc``, an ``ab_initio`` record
 per iteration in metrics.jsonl) and starts the refinement from whichever of the two explains the
@@ -40,7 +41,10 @@ from ..reconstruct.refine import RefineRound, RefineSettings, RefineState, refin
 from ..types import Pose
 from .monitor import PoseMonitor
 
-__all__ = ["refine_run"]
+__all__ = ["refine_run", "DECODER_MAP"]
+
+#: the decoder's map in a run with a refinement stage (whose map alone is ``volume.mrc``)
+DECODER_MAP = "volume_decoder.mrc"
 
 
 def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True) -> Pose:
@@ -52,10 +56,11 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     cfg = trainer.config.refine
     if len(dataset) < 2:  # two half sets are needed
         log("refinement skipped: it needs at least 2 particles")
+        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return predicted
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
-    decoder_map = torch.as_tensor(read_volume(run_dir / "volume.mrc").data.copy())  # Trainer.finalize wrote it
+    decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
                               batch_size=cfg.batch_size)
     n = len(dataset)
@@ -101,8 +106,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                     progress=progress, on_round=on_round, resume=resume, on_state=on_state)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
     volume = result.volume.float()
-    # until here volume.mrc is the decoder's (an interrupted stage leaves it)
-    os.replace(run_dir / "volume.mrc", run_dir / "volume_decoder.mrc")
+    # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {rounds_done} refinement rounds "
