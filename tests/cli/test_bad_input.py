@@ -260,6 +260,134 @@ def fsc_mask_shape(w):
     return w.fsc(w.volume(), w.volume("b.mrc"), "--mask", mask), mask
 
 
+def _reconstruct(w, particles, *extra) -> list[str]:
+    return ["reconstruct", str(particles), "-o", str(w.out / "run"), "--preset", "tiny", "--steps", "2",
+            "--device", "cpu", "--quiet", *map(str, extra)]
+
+
+def _duplicated_column(w) -> Path:
+    """The simulated star file with _aspireAmplitude renamed _rlnDefocusU (so that column is there twice)."""
+    star = w.star()
+    star.write_text(star.read_text().replace("_aspireAmplitude", "_rlnDefocusU"))
+    return star
+
+
+def duplicate_column(w):
+    star = _duplicated_column(w)
+    return w.backproject(star), star
+
+
+def duplicate_column_reconstruct(w):
+    star = _duplicated_column(w)
+    return _reconstruct(w, star), star
+
+
+def _cs_file(w, **fields) -> Path:
+    """A cryoSPARC .cs for the simulated stack (poses from its star file); ``fields`` replace fields by
+    name with (dtype, values) (a dtype with a shape makes a vector field)."""
+    table = read_star(w.data / SIM / "particles.star")
+    w.stack()
+    n = len(table)
+    rotvec = np.zeros((n, 3), np.float32)  # poses do not matter: these files are refused before use
+    columns = {
+        "blob/path": ("S64", np.array([STACK_NAME.encode()] * n)),
+        "blob/idx": ("<u4", np.arange(n)),
+        "blob/psize_A": ("<f4", np.full(n, 3.0)),
+        "alignments3D/pose": (("<f4", (3,)), rotvec),
+        "alignments3D/shift": (("<f4", (2,)), np.zeros((n, 2))),
+    }
+    columns.update(fields)
+    data = np.zeros(n, dtype=[(k, *(d if isinstance(d, tuple) else (d,))) for k, (d, _) in columns.items()])
+    for name, (_, values) in columns.items():
+        data[name] = values
+    path = w.inp / "particles.cs"
+    with open(path, "wb") as fh:
+        np.save(fh, data)
+    return path
+
+
+def cs_pose_as_text(w):
+    n = 100
+    path = _cs_file(w, **{"alignments3D/pose": ("S16", np.array([b"0.1 0.2 0.3"] * n))})
+    return w.backproject(path), path
+
+
+def cs_pose_wrong_shape(w):
+    path = _cs_file(w, **{"alignments3D/pose": (("<f4", (2,)), np.zeros((100, 2)))})
+    return w.backproject(path), path
+
+
+def cs_blob_path_float(w):
+    path = _cs_file(w, **{"blob/path": ("<f8", np.zeros(100))})
+    return w.backproject(path), path
+
+
+def _mode_99(path: Path) -> Path:
+    with open(path, "r+b") as fh:  # word 4 of the header: the mode
+        fh.seek(12)
+        fh.write(np.int32(99).tobytes())
+    return path
+
+
+def mrc_mode_99_stack(w):
+    star = w.star()
+    return w.backproject(star), _mode_99(w.inp / STACK_NAME)
+
+
+def mrc_mode_99_map(w):
+    return w.fsc(w.volume(), _mode_99(w.volume("b.mrc"))), w.inp / "b.mrc"
+
+
+def complex_stack(w):
+    name = "complex.mrcs"
+    w.bad_stack(np.zeros((4, 64, 64)), name)
+    with mrcfile.new(w.inp / name, overwrite=True) as mrc:
+        mrc.set_data(np.ones((4, 64, 64), np.complex64))
+        mrc.set_image_stack()
+    return w.backproject(w.inp / "particles.star"), w.inp / name
+
+
+def device_tpu(w):
+    return w.backproject(w.star(), "--device", "tpu"), None
+
+
+def negative_max_time(w):
+    return _reconstruct(w, w.star(), "--max-time", "-5m"), None
+
+
+def negative_max_time_equals(w):
+    return _reconstruct(w, w.star(), "--max-time=-5m"), None
+
+
+def fsc_json_is_directory(w):
+    target = w.inp / "fsc.json"
+    target.mkdir()
+    return ["fsc", str(w.volume()), str(w.volume("b.mrc")), "--json", str(target)], target
+
+
+def mask_output_is_directory(w):
+    target = w.inp / "mask.mrc"
+    target.mkdir()
+    return ["mask", str(w.volume()), "-o", str(target)], target
+
+
+def demo_output_is_file(w):
+    target = w.inp / "demo"
+    target.write_text("not a folder\n")
+    return ["demo", "-o", str(target), "--max-time", "1s"], target
+
+
+def missing_stack_with_datadir(w):
+    star = w.star()
+    elsewhere = w.inp / "elsewhere"
+    elsewhere.mkdir()
+    return w.backproject(star, "--datadir", elsewhere), elsewhere / STACK_NAME
+
+
+def stack_without_poses(w):
+    return w.backproject(w.stack()), w.inp / STACK_NAME
+
+
 #: (case name, builder, text the message must contain)
 CASES = [
     ("missing_particles", missing_particles, "file not found"),
@@ -270,7 +398,7 @@ CASES = [
     ("no_angle_columns", no_angle_columns, "no poses"),
     ("non_square_box", non_square_box, "not square"),
     ("odd_box", odd_box, "odd"),
-    ("nan_pixel", _poisoned_stack(np.nan), "NaN or Inf"),
+    ("nan_pixel", _poisoned_stack(np.nan), f"particle 3 (image 3 of {STACK_NAME})"),  # both from 1
     ("inf_pixel", _poisoned_stack(np.inf), "NaN or Inf"),
     ("non_numeric_angle", non_numeric_angle, "column rlnAngleRot has a non-numeric"),
     ("ragged_row", ragged_row, "has 12 values but data_particles has 15 columns"),
@@ -287,11 +415,36 @@ CASES = [
     ("fsc_box_mismatch", fsc_box_mismatch, "box size 32 differs from 64"),
     ("fsc_non_cubic", fsc_non_cubic, "cubic"),
     ("fsc_mask_shape", fsc_mask_shape, "mask box size 32"),
+    ("duplicate_column", duplicate_column, "column _rlnDefocusU appears twice in data_particles"),
+    ("duplicate_column_reconstruct", duplicate_column_reconstruct, "column _rlnDefocusU appears twice"),
+    ("cs_pose_as_text", cs_pose_as_text, "field alignments3D/pose holds |S16 values, expected numbers"),
+    ("cs_pose_wrong_shape", cs_pose_wrong_shape, "field alignments3D/pose has shape (2,), expected (3,)"),
+    ("cs_blob_path_float", cs_blob_path_float, "field blob/path holds float64 values"),
+    ("mrc_mode_99_stack", mrc_mode_99_stack, "unsupported MRC mode 99"),
+    ("mrc_mode_99_map", mrc_mode_99_map, "unsupported MRC mode 99"),
+    ("complex_stack", complex_stack, "unsupported complex-valued MRC mode 4"),
+    ("device_tpu", device_tpu, "--device 'tpu' is not a device"),
+    ("negative_max_time", negative_max_time, "argument --max-time: expected one argument"),
+    ("negative_max_time_equals", negative_max_time_equals, "cannot read the duration '-5m'"),
+    ("fsc_json_is_directory", fsc_json_is_directory, "is a directory"),
+    ("mask_output_is_directory", mask_output_is_directory, "is a directory"),
+    ("demo_output_is_file", demo_output_is_file, "not a directory"),
+    ("missing_stack_with_datadir", missing_stack_with_datadir, "not in --datadir"),
+    ("stack_without_poses", stack_without_poses, "give them with --poses"),
 ]
+#: what a case's message must not say (an internal name, a hint that does not apply, a wrong culprit)
+MUST_NOT_SAY = {
+    "missing_stack": ["datadir="],
+    "missing_stack_with_datadir": ["give it with --datadir", "datadir="],
+    "cs_blob_path_float": ["0.0"],
+    "stack_without_poses": ["rlnAngleRot"],
+    "mrc_mode_99_stack": ["truncated"],
+    "mrc_mode_99_map": ["truncated"],
+}
 BY_NAME = {name: (build, expected) for name, build, expected in CASES}
 
 #: Cases also run through ``python -m cryoace`` (each a fresh interpreter that imports torch).
-SUBPROCESS_CASES = ["truncated_stack", "fsc_nan_map"]
+SUBPROCESS_CASES = ["truncated_stack", "fsc_nan_map", "complex_stack", "negative_max_time"]
 
 def _make_work(data: Path, root: Path) -> Work:
     w = Work(data=data, inp=root / "in", out=root / "out")
@@ -311,8 +464,11 @@ def _check(name: str, w: Work, culprit: Path, argv: list[str], rc: int, err: str
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     line = lines[0]
     assert line.startswith(f"cryoace {argv[0]}: error: "), err
-    assert str(culprit) in line, f"message does not name {culprit}: {line}"
+    assert culprit is None or str(culprit) in line, f"message does not name {culprit}: {line}"
     assert expected in line, f"message lacks {expected!r}: {line}"
+    for wrong in MUST_NOT_SAY.get(name, []):
+        assert wrong not in line.replace(str(w.inp), "INPUTS"), f"message says {wrong!r}: {line}"
+    assert "Warning" not in err, err
 
 
 @pytest.mark.parametrize("name", list(BY_NAME))
@@ -321,9 +477,19 @@ def test_bad_input(name, shared_data, tmp_path, capsys):
     argv, culprit = BY_NAME[name][0](work)
     before = set(work.inp.iterdir())
     capsys.readouterr()
-    rc = main(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw NumPy/mrcfile warning is not a message
+        rc = _run_cli(argv)
     _, err = capsys.readouterr()
     _check(name, work, culprit, argv, rc, err, before)
+
+
+def _run_cli(argv: list[str]) -> int:
+    """``main(argv)``'s exit status, also when argparse ends it (usage errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 #: Controls: the builders' inputs before breaking them, which must work (so that each case above
