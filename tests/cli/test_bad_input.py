@@ -12,6 +12,8 @@ together, to stay fast), where a traceback or a stray warning would show in full
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -530,3 +532,129 @@ def subprocess_runs(shared_data, tmp_path_factory) -> dict:
 def test_bad_input_subprocess(name, subprocess_runs):
     work, argv, culprit, before, rc, err = subprocess_runs[name]
     _check(name, work, culprit, argv, rc, err, before)
+
+
+# -- outputs that cannot be written: a read-only folder, a full disk ----------------------------
+#
+# Each command writes into a folder that refuses it; the message must be one "error:" line (the last
+# on stderr, after any progress lines) naming the output and the problem, exit 2, and the folder must
+# hold nothing afterwards: no partial output, no hidden temporary.
+
+MODEL = Path("models") / "adk_open_4ake_chainA_mdanalysis.pdb"
+FILLER = "filler.bin"
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    """Mount a tmpfs at ``path`` (root only; False where mounting is not allowed, e.g. in a container)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch) -> Path:
+    """A folder on a file system with no space left: a small tmpfs filled up (as root), else a folder
+    where every rename that would publish a finished file fails with ENOSPC."""
+    folder = tmp_path / "full"
+    if _mount_tmpfs(folder, "size=2m"):
+        with open(folder / FILLER, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        yield folder
+        subprocess.run(["umount", "-l", str(folder)], check=True)  # lazy: an in-process run may keep a handle
+        return
+
+    def no_space(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "replace", no_space)
+    monkeypatch.setattr(os, "rename", no_space)
+    yield folder
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A read-only folder: chmod for a user; a read-only tmpfs for root (whom modes do not stop)."""
+    folder = tmp_path / "ro"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif _mount_tmpfs(folder, "ro,size=64k"):
+        yield folder
+        subprocess.run(["umount", "-l", str(folder)], check=True)  # lazy: an in-process run may keep a handle
+    else:
+        pytest.skip("root without the right to mount a read-only tmpfs: no read-only folder to test")
+
+
+@pytest.fixture(scope="module")
+def trained_run(shared_data, tmp_path_factory) -> Path:
+    """A 2-step run of the tiny preset (a checkpoint for predict-poses)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+                 "--steps", "2", "--device", "cpu", "--quiet"]) == 0
+    return run
+
+
+#: command -> argv writing into the folder ``out`` (``w`` has the inputs; ``run`` a trained run)
+OUTPUT_COMMANDS = {
+    "simulate": lambda w, out, run: ["simulate", str(w.data / MAP), "-o", str(out / "sim"), "-n", "4",
+                                     "--snr-db", "-10", "--quiet", "--device", "cpu"],
+    "backproject": lambda w, out, run: ["backproject", str(w.star()), "-o", str(out / "map.mrc"), "--first",
+                                        "8", "--quiet", "--device", "cpu"],
+    "backproject_half_maps": lambda w, out, run: ["backproject", str(w.star()), "-o", str(out / "map.mrc"),
+                                                  "--first", "8", "--half-maps", "--quiet", "--device", "cpu"],
+    "reconstruct": lambda w, out, run: ["reconstruct", str(w.star()), "-o", str(out / "run"), "--preset", "tiny",
+                                        "--steps", "2", "--device", "cpu", "--quiet"],
+    "mask": lambda w, out, run: ["mask", str(w.data / MAP), "-o", str(out / "mask.mrc")],
+    "fsc": lambda w, out, run: ["fsc", str(w.data / MAP), str(w.data / MAP), "--json", str(out / "fsc.json")],
+    "molmap": lambda w, out, run: ["molmap", str(w.data / MODEL), "-o", str(out / "adk.mrc"), "--box", "32",
+                                   "--pixel-size", "3", "--resolution", "8"],
+    "align": lambda w, out, run: ["align", str(w.data / MAP), "-r", str(w.data / MAP), "-o",
+                                  str(out / "aligned.mrc"), "--no-search", "--no-plot"],
+    "predict-poses": lambda w, out, run: ["predict-poses", str(run), str(w.star()), "-o", str(out / "poses.star"),
+                                          "--device", "cpu", "--quiet"],
+}
+
+
+def _check_write_failure(argv: list[str], rc: int, err: str, out: Path, problems: tuple[str, ...]) -> None:
+    assert "Traceback" not in err, err
+    assert rc == 2, f"exit status {rc}; stderr:\n{err}"
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    line = errors[0]
+    assert line.startswith(f"cryoace {argv[0]}: error: {out}"), f"does not name the output: {line}"
+    assert any(p in line for p in problems), line
+    left = sorted(p.relative_to(out) for p in out.rglob("*") if p.name != FILLER)
+    assert left == [], f"left behind: {left}"
+
+
+@pytest.fixture
+def needed_run(request) -> Path | None:
+    """The trained run when the case is predict-poses (made before the folder is broken)."""
+    needs = request.node.callspec.params["name"] == "predict-poses"
+    return request.getfixturevalue("trained_run") if needs else None
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_full_disk(name, needed_run, full_disk, shared_data, tmp_path, capsys):
+    work = _make_work(shared_data, tmp_path)
+    argv = OUTPUT_COMMANDS[name](work, full_disk, needed_run)
+    capsys.readouterr()
+    rc = _run_cli(argv)
+    _check_write_failure(argv, rc, capsys.readouterr().err, full_disk, ("No space left on device",))
+
+
+@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
+def test_read_only_folder(name, needed_run, read_only, shared_data, tmp_path, capsys):
+    work = _make_work(shared_data, tmp_path)
+    argv = OUTPUT_COMMANDS[name](work, read_only, needed_run)
+    capsys.readouterr()
+    rc = _run_cli(argv)
+    _check_write_failure(argv, rc, capsys.readouterr().err, read_only, ("Read-only file system", "Permission denied"))

@@ -57,24 +57,27 @@ def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
     if folder.exists() and not folder.is_dir():
         raise CryoaceInputError("the output exists and is not a directory", folder)
     created = not folder.exists()
+    fd = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(folder)) from None
-    try:
-        if not _try_lock(fd):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            locked = _try_lock(fd)
+            if locked:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())  # for the message of a refused process
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(folder)) from None
+        if not locked:
             holder = os.read(fd, 32).decode("ascii", "replace").strip()
             pid = f" (pid {holder})" if holder.isdigit() else ""
+            created = False  # it is the other process's folder
             raise CryoaceInputError(f"another cryoace process{pid} is writing this {what}; wait for it to "
                                     "finish, or stop it first", folder)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield folder
-        finally:
-            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-                (folder / LOCK_NAME).unlink()
-                folder.rmdir()
+        yield folder
     finally:
-        os.close(fd)
+        if created and folder.is_dir() and [p.name for p in folder.iterdir()] in ([], [LOCK_NAME]):
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            folder.rmdir()
+        if fd is not None:
+            os.close(fd)
