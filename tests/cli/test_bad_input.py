@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -595,8 +597,9 @@ def read_only(tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained_run(shared_data, tmp_path_factory) -> Path:
-    """A 2-step run of the tiny preset (a checkpoint for predict-poses)."""
-    run = tmp_path_factory.mktemp("trained") / "run"
+    """A 2-step run of the tiny preset (a checkpoint for predict-poses), in a folder whose name is not
+    UTF-8 (bytes a file system allows and a report must survive)."""
+    run = tmp_path_factory.mktemp("trained") / os.fsdecode(b"run_\xff\xfe")
     assert main(["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
                  "--steps", "2", "--device", "cpu", "--quiet"]) == 0
     return run
@@ -658,3 +661,93 @@ def test_read_only_folder(name, needed_run, read_only, shared_data, tmp_path, ca
     capsys.readouterr()
     rc = _run_cli(argv)
     _check_write_failure(argv, rc, capsys.readouterr().err, read_only, ("Read-only file system", "Permission denied"))
+
+
+def test_run_folder_with_a_non_utf8_name_has_a_report(trained_run, capsys):
+    """reconstruct wrote report.html into a folder named with bytes that are not UTF-8, and
+    ``cryoace report`` rewrites it (the name shown with U+FFFD)."""
+    report = trained_run / "report.html"
+    assert report.is_file()
+    report.unlink()
+    assert main(["report", str(trained_run)]) == 0, capsys.readouterr().err
+    assert "run_\ufffd\ufffd" in report.read_text(encoding="utf-8")
+
+
+# -- interruptions ---------------------------------------------------------------------------
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_simulate_killed_leaves_no_partial_dataset(shared_data, tmp_path, capsys):
+    """kill -9 in the middle of ``simulate`` (a new folder, then an --overwrite of a finished one):
+    the target holds no partial dataset and no temporary; the unfinished staging folder beside it
+    is removed by the next run, which works."""
+    target = tmp_path / "sim"
+    base = ["simulate", str(shared_data / MAP), "-o", str(target), "--snr-db", "-10", "--quiet", "--device", "cpu"]
+
+    def killed(*extra) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "cryoace", *base, "-n", "400000", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:  # wait until the stack is being written into the staging folder
+            deadline = time.monotonic() + 120
+            while not any(p.name.endswith(".tmp.mrcs") for p in tmp_path.glob(".sim.partial-*/*")):
+                assert proc.poll() is None and time.monotonic() < deadline, "simulate did not start writing"
+                time.sleep(0.2)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    killed()
+    assert not target.exists()
+    assert len(list(tmp_path.glob(".sim.partial-*"))) == 1  # the killed run's, locked no more
+    assert main([*base, "-n", "4"]) == 0
+    assert list(tmp_path.glob(".sim.partial-*")) == [] and "killed runs" in capsys.readouterr().err
+    first = (target / "particles.star").read_bytes()
+
+    killed("--overwrite")
+    assert (target / "particles.star").read_bytes() == first and _hidden(target) == []  # untouched
+    assert main([*base, "-n", "6", "--overwrite"]) == 0
+    assert list(tmp_path.glob(".sim.partial-*")) == [] and _hidden(target) == []
+    assert len(read_star(target / "particles.star")) == 6
+
+
+def test_second_writer_of_a_run_folder_is_refused(shared_data, tmp_path, capsys):
+    """While a process holds a run folder (here: this one, through the same lock), reconstruct into
+    it is refused with one line naming the folder and the holder; the lock goes with its holder."""
+    from cryoace.io.lock import folder_lock, is_locked
+
+    run = tmp_path / "run"
+    argv = ["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+            "--steps", "2", "--device", "cpu", "--quiet"]
+    with folder_lock(run, "run directory"):
+        assert main(argv) == 2
+        assert is_locked(run)
+    err = capsys.readouterr().err.strip()
+    assert err == (f"cryoace reconstruct: error: {run}: another cryoace process (pid {os.getpid()}) is writing "
+                   "this run directory; wait for it to finish, or stop it first"), err
+    assert not is_locked(run) and not run.exists()  # released, and the folder it made for nothing removed
+
+
+def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(shared_data, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Ctrl-C during the refinement stage: no volume.mrc (the decoder's map is volume_decoder.mrc),
+    exit 130, and the message gives the exact command that continues; that command finishes the run."""
+    import cryoace.train.refine_stage as refine_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(refine_stage, "refine", interrupted)
+    run = tmp_path / "run"
+    argv = ["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+            "--steps", "2", "--device", "cpu", "--quiet", "--refine", "--refine-rounds", "1",
+            "--refine-step", "30", "--no-ab-initio"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    command = f"cryoace {shlex.join([*argv, '--resume'])}"
+    assert err[-1] == f"cryoace reconstruct: interrupted; continue with: {command}", err
+    assert not (run / "volume.mrc").exists() and (run / "volume_decoder.mrc").is_file()
+
+    monkeypatch.undo()
+    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    assert (run / "volume.mrc").is_file() and (run / "volume_decoder.mrc").is_file()

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    # a file name that is not UTF-8 (kept by Python as surrogates) must not stop a message or a
+    # "wrote ..." line: show such bytes escaped, as stderr does by default
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
