@@ -645,22 +645,19 @@ def needed_run(request) -> Path | None:
     return request.getfixturevalue("trained_run") if needs else None
 
 
-@pytest.mark.parametrize("name", OUTPUT_COMMANDS)
-def test_full_disk(name, needed_run, full_disk, shared_data, tmp_path, capsys):
-    work = _make_work(shared_data, tmp_path)
-    argv = OUTPUT_COMMANDS[name](work, full_disk, needed_run)
-    capsys.readouterr()
-    rc = _run_cli(argv)
-    _check_write_failure(argv, rc, capsys.readouterr().err, full_disk, ("No space left on device",))
+#: the folder fixture -> what the message must say
+UNWRITABLE = {"full_disk": ("No space left on device",), "read_only": ("Read-only file system", "Permission denied")}
 
 
+@pytest.mark.parametrize("folder", UNWRITABLE)
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
-def test_read_only_folder(name, needed_run, read_only, shared_data, tmp_path, capsys):
+def test_unwritable_output_folder(name, folder, needed_run, shared_data, tmp_path, capsys, request):
+    out = request.getfixturevalue(folder)  # after needed_run: the trained run is written first
     work = _make_work(shared_data, tmp_path)
-    argv = OUTPUT_COMMANDS[name](work, read_only, needed_run)
+    argv = OUTPUT_COMMANDS[name](work, out, needed_run)
     capsys.readouterr()
     rc = _run_cli(argv)
-    _check_write_failure(argv, rc, capsys.readouterr().err, read_only, ("Read-only file system", "Permission denied"))
+    _check_write_failure(argv, rc, capsys.readouterr().err, out, UNWRITABLE[folder])
 
 
 def test_run_folder_with_a_non_utf8_name_has_a_report(trained_run, capsys):
