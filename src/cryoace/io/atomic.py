@@ -24,12 +24,16 @@ def os_error_in(exc: BaseException) -> OSError | None:
     Writers such as ``torch.save`` or ``mrcfile`` may wrap a failed ``write`` (ENOSPC) in a
     RuntimeError whose own text says nothing useful; the OSError survives as its context.
     """
+    from ..errors import CryoaceInputError
+
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CryoaceInputError):  # already a message of its own
+            return None
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 
@@ -59,10 +63,11 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             yield temps
         except BaseException as exc:
             cause = os_error_in(exc)
-            if cause is None:
-                raise
-            # name the target whose temporary failed (else the first): the user knows that file
-            culprit = next((t for t, p in zip(targets, temps) if cause.filename in (str(p), p)), targets[0])
+            named = None if cause is None or cause.filename is None else os.fsdecode(cause.filename)
+            if cause is None or (named is not None and named not in map(str, temps)):
+                raise  # not a failed write of these outputs (e.g. an input that could not be read)
+            # name the target whose temporary failed (a nameless ENOSPC: the first)
+            culprit = next((t for t, p in zip(targets, temps) if named == str(p)), targets[0])
             raise naming(cause, culprit) from exc
         # mkstemp creates the file private (0600); give it the permissions a plain open() would
         umask = os.umask(0)
@@ -137,11 +142,11 @@ def staged_folder(target: str | os.PathLike, replaced: list[str | os.PathLike] =
                 yield stage
             except BaseException as exc:
                 cause = os_error_in(exc)
-                if cause is None:
-                    raise
+                name = None if cause is None or cause.filename is None else os.fsdecode(cause.filename)
+                if cause is None or (name is not None and not name.startswith(str(stage))):
+                    raise  # not a failed write into the folder
                 # name the file as the user will know it: in target, not in the hidden staging folder
-                name = os.fsdecode(cause.filename) if cause.filename is not None else ""
-                shown = target / Path(name).relative_to(stage) if name.startswith(str(stage)) else target
+                shown = target if name is None else target / Path(name).relative_to(stage)
                 raise naming(cause, shown) from exc
             (stage / LOCK_NAME).unlink()  # the lock itself stays held until the files are in place
             try:
