@@ -2,8 +2,9 @@
 
 Each sub-command module has a docstring (first line = summary, the rest = --help description with an
 example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(args, argv)`` (the
-command that continues after an interruption, see :func:`resume_command`). Input errors, unusable options and failed reads/writes of the file system
-(read-only folder, full disk, a directory given for a file) become one line on stderr and exit 2.
+command that continues after an interruption, see :func:`resume_command`). Input errors, unusable
+options and failed reads or writes of the file system (a read-only folder, a full disk, a directory
+given for a file) become one line on stderr and exit 2.
 """
 
 from __future__ import annotations
