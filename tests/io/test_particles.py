@@ -265,7 +265,7 @@ def test_nan_inf_pixels(tmp_path, value):
     with pytest.raises(CryoaceInputError, match="NaN or Inf") as err:
         ds[[1, 4]]
     msg = one_line_naming(err, path)
-    assert "image 5" in msg and "particle row 4" in msg
+    assert "particle 5 (image 5 of " in msg  # both counted from 1
 
 
 def test_zero_or_absent_pixel_size(particles_dir, tmp_path):

@@ -141,7 +141,7 @@ def test_bad_value_in_a_late_chunk_names_the_particle_row(particles_dir, tmp_pat
     values[3] = "abc"  # rlnAngleRot of particle row 321
     lines[first + 321] = " ".join(values)
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(CryoaceInputError, match="rlnAngleRot .* 'abc' at particle row 321") as err:
+    with pytest.raises(CryoaceInputError, match="rlnAngleRot .* 'abc' at particle 322") as err:  # from 1
         read_star(path, chunk_rows=7)
     assert str(path) in str(err.value)
 

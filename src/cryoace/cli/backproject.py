@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluate.fsc import fsc
+    from ..io.atomic import atomic_paths
     from ..io.mrc import write_mrc
     from ..io.particles import ParticleDataset
     from ..reconstruct.backproject import FourierAccumulator, accumulate, split_half_sets
@@ -63,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     table = open_particle_table(args, args.particles, poses=args.poses)
+    if not table.has_pose and table.image_paths is not None and args.particles.suffix.lower() in (".mrcs", ".mrc"):
+        raise CryoaceInputError("an image stack has no poses; give them with --poses pose.pkl (backprojection "
+                                "needs known orientations)", args.particles)
     if not table.has_pose:
         raise CryoaceInputError("the file has no poses (need rlnAngleRot/Tilt/Psi or alignments3D/pose); "
                                 "backprojection needs known orientations", args.particles)
@@ -94,16 +98,20 @@ def main(args: argparse.Namespace) -> int:
         full = acc1.merged(acc2).volume(args.wiener_eps)
         vol1, vol2 = acc1.volume(args.wiener_eps), acc2.volume(args.wiener_eps)
         stem = args.output.with_suffix("")
-        write_mrc(f"{stem}_half1.mrc", to_numpy(vol1), pixel_size)
-        write_mrc(f"{stem}_half2.mrc", to_numpy(vol2), pixel_size)
         result = fsc(vol1, vol2, voxel_size=pixel_size)
         gold = result.resolution(0.143)
         from ..evaluate.plots import plot_fsc
-        plot_fsc({"half 1 vs half 2": result}, f"{stem}_fsc.png")
+        # the main map, both half maps and the plot appear together or not at all (a full disk)
+        outputs = [args.output, Path(f"{stem}_half1.mrc"), Path(f"{stem}_half2.mrc"), Path(f"{stem}_fsc.png")]
+        with atomic_paths(*outputs) as (tmp_full, tmp1, tmp2, tmp_png):
+            write_mrc(tmp_full, to_numpy(full), pixel_size)
+            write_mrc(tmp1, to_numpy(vol1), pixel_size)
+            write_mrc(tmp2, to_numpy(vol2), pixel_size)
+            plot_fsc({"half 1 vs half 2": result}, tmp_png)
         print(f"half maps: {stem}_half1.mrc, {stem}_half2.mrc ({len(half1)} + {len(half2)} particles); "
               f"FSC 0.143 at {gold.angstrom:.2f} Å ({gold.px:.2f} px); plot {stem}_fsc.png")
     else:
         full = reconstruct(rows, "backprojecting").volume(args.wiener_eps)
-    write_mrc(args.output, to_numpy(full), pixel_size)
+        write_mrc(args.output, to_numpy(full), pixel_size)
     print(f"wrote {args.output} ({size}³ voxels, {pixel_size:.4g} Å/voxel)")
     return 0

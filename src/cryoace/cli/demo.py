@@ -59,6 +59,13 @@ def simulate_demo(out_dir: Path, noise_free: bool = False, n: int | None = None,
                             provenance=provenance, progress=progress, device=device)
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """After Ctrl-C: the exact command that continues the demo's run."""
+    from .main import resume_command
+
+    return resume_command(args.output / "run", argv)
+
+
 def main(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device
     from ..train.config import parse_duration, preset_config
@@ -68,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
     if args.n is not None and args.n <= 0:
         raise CryoaceInputError(f"-n must be a positive number of particles, got {args.n}")
     out: Path = args.output
+    if out.exists() and not out.is_dir():
+        raise CryoaceInputError("the output exists and is not a directory; give a folder for the demo", out)
     data_dir, run_dir = out / "dataset", out / "run"
     check_run_dir(run_dir, args.resume)
     config = preset_config(args.preset)

@@ -1,7 +1,10 @@
 """Entry point of the ``cryoace`` command: dispatches to one module per sub-command.
 
 Each sub-command module has a docstring (first line = summary, the rest = --help description with an
-example), ``add_args(parser)`` and ``main(args)``. Input errors become one line on stderr and exit 2.
+example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(args, argv)`` (the
+command that continues after an interruption, see :func:`resume_command`). Input errors, unusable
+options and failed reads or writes of the file system (a read-only folder, a full disk, a directory
+given for a file) become one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +51,36 @@ def _chosen_command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A sub-command parser whose usage errors are one line (the full usage is in --help)."""
+
+    def error(self, message: str):
+        if "expected one argument" in message:  # e.g. --max-time -5m: the value looks like an option
+            message += " (for a value that starts with '-', write it as --option=VALUE)"
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: problem`` for a failed read or write (the path when the error names one)."""
+    problem = exc.strerror or str(exc)
+    if exc.filename is None:
+        return problem
+    names = [os.fsdecode(exc.filename)] + ([os.fsdecode(exc.filename2)] if exc.filename2 is not None else [])
+    return f"{' -> '.join(names)}: {problem}"
+
+
+def resume_command(run_dir, argv: list[str]) -> str | None:
+    """The command line that continues the run in ``run_dir`` (``argv`` with ``--resume``), or None
+    when the run has no checkpoint to continue from."""
+    import shlex
+
+    from ..train.run import has_checkpoint
+
+    if not has_checkpoint(run_dir):
+        return None
+    return "cryoace " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``cryoace`` parser. Only the sub-command named in ``argv`` is imported and gets its options
     (all of them when ``argv`` is None); the others are listed with their summary line only."""
@@ -55,7 +89,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Amortized ab initio cryo-EM reconstruction (cryoAI / ACE-EM).",
         epilog="Run 'cryoace <command> --help' for the options and an example of each command.")
     parser.add_argument("--version", action="version", version=f"cryoace {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_OneLineParser)
     chosen = None if argv is None else _chosen_command(argv)
     for name, module_name in COMMANDS.items():
         if argv is None or name == chosen:
@@ -68,13 +102,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if module is not None:
             module.add_args(p)
-            p.set_defaults(_main=module.main)
+            p.set_defaults(_main=module.main, _resume_hint=getattr(module, "resume_hint", None))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
+    # a file name that is not UTF-8 (kept by Python as surrogates) must not stop a message or a
+    # "wrote ..." line: show such bytes escaped, as stderr does by default
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -84,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except CryoaceInputError as exc:
         print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a read or write (EACCES, ENOSPC, EROFS, EISDIR...)
+        print(f"cryoace {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"cryoace {args.command}: interrupted", file=sys.stderr)
+        hint = args._resume_hint(args, argv) if args._resume_hint is not None else None
+        print(f"cryoace {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""),
+              file=sys.stderr)
         return 130
 
 

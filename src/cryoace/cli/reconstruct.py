@@ -353,6 +353,13 @@ def _arguments(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """After Ctrl-C: the exact command that continues this run."""
+    from .main import resume_command
+
+    return resume_command(args.output, argv)
+
+
 def main(args: argparse.Namespace) -> int:
     from ..train.run import check_run_dir, run_reconstruction
 

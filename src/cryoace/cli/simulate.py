@@ -13,7 +13,9 @@ purpose (poses, shifts, defocus, noise) is spawned from it and recorded.
 
 Written to DIR: particles.mrcs (particles_000.mrcs, ... above --stack-size images), particles.star
 (RELION 3.1, true poses, CTF, rlnRandomSubset), volume.mrc (the ground truth) and simulation.yaml
-(every parameter, the seeds and the noise sigma). Memory stays flat in N.
+(every parameter, the seeds and the noise sigma). Memory stays flat in N. The dataset is written into
+a hidden folder beside DIR that becomes DIR only when complete: a killed run leaves no partial dataset
+(and the next run removes its folder).
 
 Presets (command-line options override them): adk (4AKE, shipped model, L=64 at 1.5 Å/px,
 50000 particles, -10 dB), demo (the same with 2000 particles: 'cryoace simulate --preset demo -o

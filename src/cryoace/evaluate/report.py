@@ -359,6 +359,12 @@ def _config(run_dir: Path) -> str:
 # The page
 # ---------------------------------------------------------------------------------------------
 
+def _shown(path: str | os.PathLike) -> str:
+    """A path as text for the page: bytes that are not UTF-8 in a file name (kept by Python as
+    surrogates) become U+FFFD instead of making the page unwritable."""
+    return os.fsencode(path).decode("utf-8", errors="replace")
+
+
 def build_report(run_dir: str | os.PathLike) -> str:
     """The report of ``run_dir`` as an HTML string (module docstring). A missing directory, or one
     with neither ``config.yaml`` nor ``metrics.jsonl``, raises :class:`CryoaceInputError`."""
@@ -383,7 +389,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
         "map": _map(run_dir),
         "config": _config(run_dir),
     }
-    name = html.escape(run_dir.resolve().name)
+    name = html.escape(_shown(run_dir.resolve().name))
     banner = _verdict_banner(run_dir)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = " ".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS.items())
@@ -392,7 +398,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>cryoace run report: {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             f"<h1>cryoace run report: {name}</h1>\n"
-            f'<p class="meta">{html.escape(str(run_dir.resolve()))} · made {now} by cryoace '
+            f'<p class="meta">{html.escape(_shown(run_dir.resolve()))} · made {now} by cryoace '
             f"{html.escape(__version__)}</p>\n{banner}<nav>{nav}</nav>\n{sections}\n</body>\n</html>\n")
 
 
@@ -401,5 +407,5 @@ def write_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = No
     text = build_report(run_dir)
     path = Path(path) if path is not None else Path(run_dir) / "report.html"
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+        Path(tmp).write_text(text, encoding="utf-8", errors="replace")  # e.g. a non-UTF-8 name in config.yaml
     return path

@@ -59,7 +59,7 @@ from ..errors import CryoaceInputError
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose
 from .particles import ParticleTable, no_ctf_params, resolve_image_paths
-from .table import absolute_as_written
+from .table import absolute_as_written, particle_number
 
 __all__ = ["read_cs", "write_cs", "OWNED_FIELDS"]
 
@@ -87,13 +87,15 @@ def _load(path: Path) -> np.ndarray:
 
 
 def _field(data: np.ndarray, name: str, path: Path, width: int | None = None) -> np.ndarray:
+    if data.dtype[name].base.kind not in "biuf":  # e.g. text where numbers belong
+        raise CryoaceInputError(f"field {name} holds {data.dtype[name]} values, expected numbers", path)
     values = np.array(data[name], dtype=np.float64)
     if width is not None and (values.ndim != 2 or values.shape[1] != width):
         raise CryoaceInputError(f"field {name} has shape {values.shape[1:]}, expected ({width},)", path)
     bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CryoaceInputError(f"field {name} is not finite at particle row {i}", path)
+        raise CryoaceInputError(f"field {name} is not finite at {particle_number(i)}", path)
     return values
 
 
@@ -138,7 +140,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
     bad = ~(np.isfinite(ps) & (ps > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise CryoaceInputError(f"pixel size is zero or negative ({ps[i]:g} Å at particle row {i}); "
+        raise CryoaceInputError(f"pixel size is zero or negative ({ps[i]:g} Å at {particle_number(i)}); "
                                 "give the pixel size explicitly", path)
 
     image_paths = image_indices = image_size = None
@@ -147,6 +149,12 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         if "blob/idx" not in names:
             raise CryoaceInputError("field blob/idx is missing (needed with blob/path)", path)
         raw = data["blob/path"]
+        if raw.dtype.kind not in "SU" or raw.ndim != 1:
+            raise CryoaceInputError(f"field blob/path holds {data.dtype['blob/path']} values, expected the "
+                                    "stack paths (text)", path)
+        if data.dtype["blob/idx"].kind not in "iu" or data["blob/idx"].ndim != 1:
+            raise CryoaceInputError(f"field blob/idx holds {data.dtype['blob/idx']} values, expected image "
+                                    "indices (integers)", path)
         raw = np.char.decode(raw, "utf-8", errors="replace") if raw.dtype.kind == "S" else raw.astype(str)
         raw = np.char.lstrip(np.char.strip(raw), ">")
         image_paths = resolve_image_paths(raw.astype(object), path.parent, datadir,
@@ -155,7 +163,7 @@ def read_cs(path: str | os.PathLike, datadir: str | os.PathLike | None = None,
         absolute = absolute_as_written(raw[first], image_paths[first])
         image_indices = np.array(data["blob/idx"], dtype=np.int64)
     if "blob/shape" in names:
-        shape = np.array(data["blob/shape"], dtype=np.int64).reshape(n, -1)
+        shape = _field(data, "blob/shape", path).astype(np.int64).reshape(n, -1)
         image_size = shape[:, -1]
 
     if "ctf/df1_A" in names:

@@ -32,6 +32,10 @@ class MrcData:
     origin: tuple[float, float, float]
 
 
+#: MRC modes of real numbers (int8, int16, float32, uint16, float16; 101 = 4-bit packed is not read)
+_REAL_MODES = (0, 1, 2, 6, 12)
+
+
 def open_mrc(path: str | os.PathLike, mmap: bool = True) -> MrcData:
     """Open an MRC/MRCS file (memory-mapped by default); old or slightly broken headers are accepted
     with ``permissive=True`` (e.g. files with no ``MAP`` id). Raises :class:`CryoaceInputError`."""
@@ -51,6 +55,11 @@ def open_mrc(path: str | os.PathLike, mmap: bool = True) -> MrcData:
             origin = tuple(float(handle.header.origin[a]) for a in ("x", "y", "z"))
     except (ValueError, OSError) as exc:
         raise CryoaceInputError(f"not a readable MRC file ({exc})", path) from None
+    mode = int(handle.header.mode)
+    if mode not in _REAL_MODES:
+        kind = "complex-valued " if mode in (3, 4) else ""
+        raise CryoaceInputError(f"unsupported {kind}MRC mode {mode} (cryoace reads the real-valued modes "
+                                f"{', '.join(map(str, sorted(_REAL_MODES)))})", path)
     if data is None:
         raise CryoaceInputError("MRC data block is missing or truncated", path)
     expected = int(handle.header.nx) * int(handle.header.ny) * int(handle.header.nz)

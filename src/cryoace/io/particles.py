@@ -34,7 +34,8 @@ from ..physics.fourier import fourier_crop
 from ..types import ParticleBatch
 from .columns import row_chunks
 from .mrc import open_mrc
-from .table import ParticleTable, as_row_indices, no_ctf_params, resolve_image_paths
+from .table import (COUNTED_FROM_1, ParticleTable, as_row_indices, no_ctf_params, particle_number,
+                    resolve_image_paths)
 
 __all__ = [
     "ParticleTable",
@@ -62,12 +63,14 @@ def read_particles(path: str | os.PathLike, datadir: str | os.PathLike | None = 
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".star":
-        from .star import read_star
-        return read_star(path, datadir=datadir, pixel_size=pixel_size, stack_map=stack_map)
-    if suffix == ".cs":
-        from .cryosparc import read_cs
-        return read_cs(path, datadir=datadir, pixel_size=pixel_size, stack_map=stack_map)
+    if suffix in (".star", ".cs"):
+        if suffix == ".star":
+            from .star import read_star as reader
+        else:
+            from .cryosparc import read_cs as reader
+        table = reader(path, datadir=datadir, pixel_size=pixel_size, stack_map=stack_map)
+        table.datadir = None if datadir is None else Path(datadir)
+        return table
     if suffix in (".mrcs", ".mrc"):
         from .cryodrgn import table_from_stack
         table = table_from_stack(path, pixel_size=pixel_size)
@@ -159,8 +162,9 @@ class ParticleDataset(torch.utils.data.Dataset):
         missing = [p for p in self._stack_paths if not os.path.isfile(p)]
         if missing:
             more = f" ({len(missing)} of {len(self._stack_paths)} stacks are missing)" if len(missing) > 1 else ""
-            raise CryoaceInputError(f"image stack referenced by {table.source} not found{more}; "
-                                    "pass datadir=/--datadir or remap the stacks", missing[0])
+            where = (f"not in --datadir {table.datadir}" if table.datadir is not None else
+                     "not found; if the stacks are in another folder, give it with --datadir")
+            raise CryoaceInputError(f"image stack referenced by {table.source} {where}{more}", missing[0])
         n_images = np.zeros(len(self._stack_paths), dtype=np.int64)
         boxes = np.zeros(len(self._stack_paths), dtype=np.int64)
         for k, p in enumerate(self._stack_paths):
@@ -195,9 +199,9 @@ class ParticleDataset(torch.utils.data.Dataset):
         if first is not None:
             i = first
             raise CryoaceInputError(
-                f"particle row {i} of {table.source} asks for image {table.image_indices[i] + 1} (1-based) "
-                f"but the stack holds {n_images[self._stack_codes[i]]} images ({n_bad} of {len(table)} rows "
-                "out of range)", self._stack_paths[self._stack_codes[i]])
+                f"{particle_number(i)} of {table.source} asks for image {table.image_indices[i] + 1} "
+                f"but the stack holds {n_images[self._stack_codes[i]]} images ({n_bad} of {len(table)} "
+                f"particles out of range; {COUNTED_FROM_1})", self._stack_paths[self._stack_codes[i]])
         if table.image_size is None:
             return
         for start, stop in row_chunks(len(table)):
@@ -205,7 +209,7 @@ class ParticleDataset(torch.utils.data.Dataset):
             if bad.any():
                 i = start + int(np.flatnonzero(bad)[0])
                 raise CryoaceInputError(
-                    f"the metadata gives image size {table.image_size[i]} for particle row {i} of "
+                    f"the metadata gives image size {table.image_size[i]} for {particle_number(i)} of "
                     f"{table.source} but the stack's box is {boxes[self._stack_codes[i]]}",
                     self._stack_paths[self._stack_codes[i]])
 
@@ -263,8 +267,9 @@ class ParticleDataset(torch.utils.data.Dataset):
         if not finite.all():
             j = int(np.flatnonzero(~finite)[0])
             raise CryoaceInputError(
-                f"image {local[j] + 1} (1-based; particle row {rows[j]} of {self.table.source}) "
-                "contains NaN or Inf pixels", self._stack_paths[codes[j]])
+                f"{particle_number(rows[j])} (image {local[j] + 1} of "
+                f"{os.path.basename(self._stack_paths[codes[j]])}) of {self.table.source} contains NaN or Inf "
+                f"pixels ({COUNTED_FROM_1})", self._stack_paths[codes[j]])
         return out
 
     def _images(self, rows: np.ndarray, normalize: bool) -> torch.Tensor:

@@ -48,7 +48,7 @@ from .columns import CHUNK_ROWS, ColumnBuilder
 from .relion import ANGLES, OWNED_COLUMNS
 from .starloop import Loop, LoopColumns, iter_loop, read_loop, scan_star
 from .starwrite import write_star
-from .table import EulerPoses, ParticleTable, absolute_as_written, resolve_image_paths
+from .table import EulerPoses, ParticleTable, absolute_as_written, particle_number, resolve_image_paths
 
 __all__ = ["read_star", "write_star", "read_star_blocks", "OWNED_COLUMNS"]
 
@@ -92,7 +92,7 @@ def _numeric(values: pd.Series, column: str, path: Path) -> np.ndarray:
         raw = values.iloc[i]
         shown = repr(raw) if isinstance(raw, str) else str(raw)  # not numpy 2's "np.float64(nan)"
         raise CryoaceInputError(f"column {column} has a non-numeric, non-finite or missing value "
-                                f"{shown} at particle row {values.index[i]}", path)
+                                f"{shown} at {particle_number(values.index[i])}", path)
     return out
 
 
@@ -123,7 +123,7 @@ class _Optics:
         pos = self.index.get_indexer(groups)
         if (pos < 0).any():
             i = int(np.flatnonzero(pos < 0)[0])
-            raise CryoaceInputError(f"particle row {chunk.index[i]} belongs to optics group {groups[i]:g}, "
+            raise CryoaceInputError(f"{particle_number(chunk.index[i])} belongs to optics group {groups[i]:g}, "
                                     "which data_optics does not define", self.path)
         return pos
 
@@ -209,8 +209,8 @@ class _ParticleReader:
         bad = ~(np.isfinite(ps) & (ps > 0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise CryoaceInputError(f"pixel size is zero, negative or undefined ({ps[i]:g} Å at particle "
-                                    f"row {m.chunk.index[i]}); give the pixel size explicitly", self.path)
+            raise CryoaceInputError(f"pixel size is zero, negative or undefined ({ps[i]:g} Å at "
+                                    f"{particle_number(m.chunk.index[i])}); give the pixel size explicitly", self.path)
         return ps
 
     def _ctf(self, m: _Merged) -> dict[str, np.ndarray | float]:
@@ -248,12 +248,12 @@ class _ParticleReader:
         bad = ~np.isfinite(index) | (index < 1) | (index != np.round(index)) | (index > np.iinfo(np.int32).max)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise CryoaceInputError(f"rlnImageName {names.iloc[i]!r} at particle row {names.index[i]} is not "
+            raise CryoaceInputError(f"rlnImageName {names.iloc[i]!r} at {particle_number(names.index[i])} is not "
                                     "'index@path' with a 1-based index", self.path)
         empty = (file_text.str.len() == 0).to_numpy()
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
-            raise CryoaceInputError(f"rlnImageName {names.iloc[i]!r} at particle row {names.index[i]} has no "
+            raise CryoaceInputError(f"rlnImageName {names.iloc[i]!r} at {particle_number(names.index[i])} has no "
                                     "file", self.path)
         codes, uniques = pd.factorize(file_text)
         ids = np.array([self.raw_paths.setdefault(str(u), len(self.raw_paths)) for u in uniques], dtype=np.int32)

@@ -81,6 +81,11 @@ class _Scanner:
     def close_block(self, end: int) -> None:
         if self.name is None:
             return
+        seen: set[str] = set()
+        for label in self.labels:
+            if label in seen:  # which of the two would be meant is unknowable
+                raise CryoaceInputError(f"column _{label} appears twice in data_{self.name}", self.path)
+            seen.add(label)
         if self.mode == "pairs":
             loop = Loop(self.name, tuple(self.labels), n_rows=1, pairs=tuple(self.pairs))
         else:

@@ -160,6 +160,8 @@ class ParticleTable:
     optics: pd.DataFrame | None
     extra: pd.DataFrame
     absolute_stacks: frozenset[str]
+    #: the folder the stacks were looked up in when one was given (--datadir); only for messages
+    datadir = None
 
     def __init__(self, source: str | os.PathLike, image_paths, image_indices, pixel_size, ctf: CTFParams,
                  has_ctf: bool = True, pose: Pose | EulerPoses | None = None, image_size=None,
@@ -197,7 +199,7 @@ class ParticleTable:
         bad = ~(np.isfinite(ps) & (ps > 0))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise CryoaceInputError(f"pixel size must be a positive number, particle row {i} has "
+            raise CryoaceInputError(f"pixel size must be a positive number, {particle_number(i)} has "
                                     f"{ps[i]:g} ({int(bad.sum())} bad rows)", self.source)
 
     # -- stored compactly -------------------------------------------------------------------------
@@ -312,13 +314,19 @@ class ParticleTable:
         rows = torch.from_numpy(idx)
         extra = self._extra
         extra = extra.take(idx) if isinstance(extra, LoopColumns) else extra.iloc[idx].reset_index(drop=True)
-        return ParticleTable(
+        return self._derived(
             self.source, None if self.image_paths is None else self.image_paths[idx],
             None if self.image_indices is None else self.image_indices[idx], take(self.pixel_size, idx),
             map_tensors(self.ctf, lambda t: _take_tensor(t, rows)), self.has_ctf,
             None if self._pose is None else self._pose.take(rows),
             None if self.image_size is None else take(self.image_size, idx),
             None if self.optics is None else self.optics.copy(), extra, self.absolute_stacks)
+
+    def _derived(self, *fields) -> "ParticleTable":
+        """A new table of ``fields`` (the constructor's arguments) that keeps this one's ``datadir``."""
+        table = ParticleTable(*fields)
+        table.datadir = self.datadir
+        return table
 
     def remap_stacks(self, mapping: Mapping[str, str | os.PathLike]) -> "ParticleTable":
         """Point stacks elsewhere: keys are absolute stack paths or stack file names (basenames).
@@ -333,7 +341,7 @@ class ParticleTable:
         old = self.image_paths.codes
         if not np.array_equal(codes, np.arange(len(codes))):
             old = codes.astype(old.dtype)[old]
-        return ParticleTable(self.source, pd.Categorical.from_codes(old, uniques), self.image_indices,
+        return self._derived(self.source, pd.Categorical.from_codes(old, uniques), self.image_indices,
                              self.pixel_size, self.ctf, self.has_ctf, self._pose, self.image_size,
                              self.optics, self._extra, self.absolute_stacks)
 
@@ -363,10 +371,10 @@ def _int32_indices(values, source: Path) -> np.ndarray:
         low, high = arr.min(), arr.max()
         if low < 0 or high > np.iinfo(np.int32).max:
             i = int(np.argmin(arr)) if low < 0 else int(np.argmax(arr))
-            raise CryoaceInputError(f"image index {arr[i]} at particle row {i} is out of range", source)
+            raise CryoaceInputError(f"image {arr[i] + 1} at {particle_number(i)} is out of range", source)
     elif len(arr) and arr.min() < 0:
         i = int(np.argmin(arr))
-        raise CryoaceInputError(f"negative image index at particle row {i}", source)
+        raise CryoaceInputError(f"negative image index at {particle_number(i)}", source)
     return arr.astype(np.int32, copy=False)
 
 
@@ -394,6 +402,15 @@ def as_row_indices(indices, n: int) -> np.ndarray:
 def absolute_as_written(raw_paths: Sequence[str] | np.ndarray, resolved: Sequence[str] | np.ndarray) -> frozenset[str]:
     """The resolved stack paths whose name in the file (``raw_paths``, same order) was absolute."""
     return frozenset(str(r) for w, r in zip(raw_paths, resolved, strict=True) if os.path.isabs(str(w)))
+
+
+#: how particles and images are numbered in messages: both from 1, as RELION's image numbers are
+COUNTED_FROM_1 = "particles and images counted from 1"
+
+
+def particle_number(row: int) -> str:
+    """``particle N``: the 0-based table ``row`` as the 1-based number a message shows."""
+    return f"particle {int(row) + 1}"
 
 
 def resolve_image_paths(raw_paths: Sequence[str] | np.ndarray, base_dir: str | os.PathLike,

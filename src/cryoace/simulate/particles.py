@@ -354,7 +354,7 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
     from tqdm.auto import tqdm
 
     from .. import __version__
-    from ..io.atomic import atomic_path
+    from ..io.atomic import atomic_path, remove_stale_staging, staged_folder
     from ..io.mrc import write_mrc
     from ..io.particles import ParticleTable, no_ctf_params
     from ..io.star import write_star
@@ -414,22 +414,21 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
                                     "from an SNR")
         sigma = math.sqrt(signal_var / 10 ** (cfg.snr_db / 10))
 
-    written: list[Path] = []
-    created_dir = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # stale stacks of an earlier, larger run would otherwise remain
-        keep = {p.name for p in stack_paths}
-        for old in _existing_outputs(out_dir):
-            if old.suffix == ".mrcs" and old.name not in keep:
-                old.unlink()
-    volume_path = out_dir / "volume.mrc"
-    star_path = out_dir / "particles.star"
-    yaml_path = out_dir / "simulation.yaml"
+    # The dataset is written into a hidden folder beside out_dir that becomes out_dir (or moves its
+    # files in, replacing an --overwrite'n dataset) only when complete: a killed run leaves no partial
+    # dataset, and the folders that killed runs left are removed here.
+    stale = remove_stale_staging(out_dir)
+    if stale and log is not None:
+        log(f"removed {len(stale)} unfinished dataset folder(s) of killed runs: {', '.join(p.name for p in stale)}")
+    staging = staged_folder(out_dir, replaced=_existing_outputs(out_dir) if overwrite else [])
+    stage = staging.__enter__()
+    volume_path = stage / "volume.mrc"
+    star_path = stage / "particles.star"
+    yaml_path = stage / "simulation.yaml"
     bar = tqdm(total=n, unit="img", desc="simulating", disable=None if progress else True, leave=False)
     try:
         write_mrc(volume_path, volume.numpy(), pixel_size, origin=volume_origin)
-        written.append(volume_path)
-        for stack_path, (s0, s1) in zip(stack_paths, ranges):
+        for stack_path, (s0, s1) in zip((stage / p.name for p in stack_paths), ranges):
             stats = _Stats()
             with atomic_path(stack_path) as tmp:
                 # Header (and a sparse file of the final size) by mrcfile; the images are then
@@ -460,14 +459,13 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
                 with mrcfile.mmap(tmp, mode="r+") as mrc:
                     h = mrc.header
                     h.dmin, h.dmax, h.dmean, h.rms = stats.header()
-            written.append(stack_path)
         bar.close()
         del pilot
 
         image_paths = np.empty(n, dtype=object)
         image_indices = np.empty(n, dtype=np.int64)
         for stack_path, (s0, s1) in zip(stack_paths, ranges):
-            image_paths[s0:s1] = str(stack_path.resolve())
+            image_paths[s0:s1] = str((stage / stack_path.name).resolve())
             image_indices[s0:s1] = np.arange(s1 - s0)
         import pandas as pd
 
@@ -478,7 +476,6 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
             pose=pose, image_size=np.full(n, size, dtype=np.int64),
             extra=pd.DataFrame({"rlnRandomSubset": (np.arange(n) % 2 + 1).astype(np.int64)}))
         write_star(star_path, table)
-        written.append(star_path)
 
         record = {
             "cryoace_version": __version__,
@@ -512,18 +509,12 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
         with atomic_path(yaml_path) as tmp:
             with open(tmp, "w") as fh:
                 yaml.safe_dump(_plain(record), fh, sort_keys=False, allow_unicode=True)
-        written.append(yaml_path)
-    except BaseException:
+    except BaseException as exc:
         bar.close()
-        for path in written:
-            if path.exists():
-                path.unlink()
-        if created_dir:
-            try:
-                out_dir.rmdir()  # only if empty
-            except OSError:
-                pass
+        staging.__exit__(type(exc), exc, exc.__traceback__)  # removes the staging folder
         raise
-    return SimulationResult(out_dir=out_dir, star=star_path, stacks=stack_paths, volume=volume_path,
-                            config_yaml=yaml_path, n=n, box_size=size, pixel_size=float(pixel_size),
+    staging.__exit__(None, None, None)  # the dataset moves into out_dir
+    return SimulationResult(out_dir=out_dir, star=out_dir / star_path.name, stacks=stack_paths,
+                            volume=out_dir / volume_path.name, config_yaml=out_dir / yaml_path.name,
+                            n=n, box_size=size, pixel_size=float(pixel_size),
                             noise_sigma=float(sigma), signal_variance=signal_var, seeds=seeds)

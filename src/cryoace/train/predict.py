@@ -192,9 +192,16 @@ def write_poses_star(path: str | os.PathLike, table, pose: Pose | Callable[[np.n
         write_star(path, table, pose=Pose(rotmat=pose.rotmat.double(), shift_angst=pose.shift_angst.double()),
                    columns=columns, chunk_rows=chunk_rows)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)  # the spool lives beside the output
-    with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent, progress=progress) as spooled:
-        write_star(path, table, pose=spooled, columns=columns, chunk_rows=chunk_rows)
+    from ..io.atomic import naming
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # the spool lives beside the output
+        with spooled_poses(pose, len(table), chunk_rows, directory=Path(path).parent, progress=progress) as spooled:
+            write_star(path, table, pose=spooled, columns=columns, chunk_rows=chunk_rows)
+    except OSError as exc:
+        if exc.filename is not None:  # write_star's own errors name the output already
+            raise
+        raise naming(exc, path) from exc  # the anonymous spool beside it (a full disk)
 
 
 #: pose file formats by suffix: RELION star, cryoSPARC .cs, cryoDRGN pose pickle

@@ -2,7 +2,8 @@
 initio map.
 
 After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run` takes the decoder's
-map (already written as ``volume.mrc``; renamed ``volume_decoder.mrc`` when the stage ends). With
+map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only when the stage ends, so an
+interrupted run has no map that looks final). With
 ``refine.ab_initio`` it also builds a map from a featureless blob by stochastic EM
 (:func:`cryoace.reconstruct.ab_initio.ab_initio`; ``volume_abinitio.mrc``, an ``ab_initio`` record
 per iteration in metrics.jsonl) and starts the refinement from whichever of the two explains the
@@ -54,7 +55,10 @@ from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, Refi
 from ..types import Pose
 from .monitor import PoseMonitor
 
-__all__ = ["refine_run", "RefineOutcome"]
+__all__ = ["refine_run", "RefineOutcome", "DECODER_MAP"]
+
+#: the decoder's map in a run with a refinement stage (whose map alone is ``volume.mrc``)
+DECODER_MAP = "volume_decoder.mrc"
 
 
 @dataclasses.dataclass
@@ -79,16 +83,18 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     cfg = trainer.config.refine
     if len(dataset) < 4:  # two half sets of at least two particles are needed
         log("refinement skipped: it needs at least 4 particles (two half sets)")
+        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted, {})
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
-    decoder_map = torch.as_tensor(read_volume(run_dir / "volume.mrc").data.copy())  # Trainer.finalize wrote it
+    decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
                               batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px)
     n = len(dataset)
     half_sets = _half_sets(table, n, trainer.config.seed)
     if min(len(h) for h in half_sets) < 2:
         log("refinement skipped: a half set has fewer than 2 particles")
+        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted, {})
     monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat_of())
 
@@ -119,11 +125,11 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         return trainer.elapsed_s + (time.monotonic() - stage_start)
 
     def on_state(state: RefineState) -> None:
-        with atomic_path(checkpoint) as tmp:
+        with atomic_path(checkpoint) as tmp, open(tmp, "wb") as fh:
             torch.save({"step": trainer.step, "round": state.round, "rotmat": state.pose.rotmat.cpu(),
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
                         "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
-                        "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
+                        "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, fh)
 
     if resume is None:
         seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map
@@ -136,8 +142,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
     volume = result.volume.float()
     gold = _write_gold_standard(trainer, result, clock, log)
-    # until here volume.mrc is the decoder's (an interrupted stage leaves it)
-    os.replace(run_dir / "volume.mrc", run_dir / "volume_decoder.mrc")
+    # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {rounds_done} refinement rounds "

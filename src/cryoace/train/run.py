@@ -23,7 +23,7 @@ from typing import Callable
 from ..errors import CryoaceInputError
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 
-__all__ = ["RunResult", "run_reconstruction", "check_run_dir"]
+__all__ = ["RunResult", "run_reconstruction", "check_run_dir", "has_checkpoint"]
 
 
 @dataclasses.dataclass
@@ -46,12 +46,17 @@ class RunResult:
     gold_standard: object | None = None
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that ``--resume`` can continue."""
+    # a --halves run keeps its checkpoints in half1/ and half2/ (train.halves)
+    return any((Path(run_dir) / sub / "checkpoints" / "last.pt").is_file() for sub in (".", "half1"))
+
+
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run needs an empty (or new) directory; ``--resume`` needs one with a checkpoint."""
     has_run = (run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()
     if resume:
-        # a --halves run keeps its checkpoints in half1/ and half2/ (train.halves)
-        if not any((run_dir / sub / "checkpoints" / "last.pt").is_file() for sub in (".", "half1")):
+        if not has_checkpoint(run_dir):
             raise CryoaceInputError("nothing to resume: no checkpoints/last.pt in the run directory", run_dir)
     elif has_run:
         raise CryoaceInputError("the directory already holds a run; add --resume to continue it or "
@@ -125,14 +130,27 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     With ``resume`` the run continues from ``run_dir/checkpoints/last.pt``; ``config`` must then be
     the run's own (budget, device and workers may differ). ``table`` (a ParticleTable) skips reading
     ``particles`` again. ``argv`` (default ``sys.argv``) and ``arguments`` (the parsed options) are
-    recorded in the provenance.
+    recorded in the provenance. The run directory is locked for the whole run (:mod:`cryoace.io.lock`):
+    a second process writing it (e.g. a second ``--resume``) is refused.
     """
+    from ..io.lock import folder_lock
+
+    kwargs = dict(resume=resume, argv=argv, arguments=arguments, progress=progress, log=log, table=table)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock for all ranks
+        return _run_reconstruction(particles, run_dir, config, **kwargs)
+    with folder_lock(run_dir, "run directory"):
+        return _run_reconstruction(particles, run_dir, config, **kwargs)
+
+
+def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, argv, arguments, progress: bool,
+                        log, table) -> RunResult:
     import torch  # noqa: F401  (imported here so `cryoace --help` stays fast)
 
     from ..io.particles import read_particles
     from ..io.preload import prepare_dataset
     from . import distributed
     from .predict import pose_predictor, predict_poses, write_poses_star
+    from .refine_stage import DECODER_MAP
     from .trainer import DataInfo, Trainer, load_checkpoint_file
 
     wall0 = time.monotonic()
@@ -198,7 +216,8 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
     trainer.fit()
     if owns_group:  # training is over: the other ranks may leave while rank 0 writes the outputs
         distributed.cleanup()
-    paths = trainer.finalize()
+    # with a refinement stage the decoder's map is not the result: volume.mrc waits for the stage's map
+    paths = trainer.finalize(DECODER_MAP if config.refine.enabled else "volume.mrc")
     poses_path = run_dir / "poses.star"
     gold = None
     if ctx.is_main:
@@ -220,7 +239,7 @@ def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike,
                 "independent half maps exist (use --refine, or --halves, for a gold-standard FSC)")
         _write_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
-    return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
+    return RunResult(run_dir=run_dir, volume=run_dir / "volume.mrc", poses=poses_path, config=run_dir / "config.yaml",
                      steps=trainer.step, epochs=trainer.step / trainer.steps_per_epoch,
                      train_time_s=trainer.elapsed_s, wall_time_s=time.monotonic() - wall0,
                      final_loss=final, voxel_size=trainer.pixel_size, image_size=trainer.image_size,

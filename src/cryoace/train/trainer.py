@@ -600,8 +600,8 @@ class Trainer:
             return path
         state = self.state_dict()
         for target in (path, directory / "last.pt"):
-            with atomic_path(target) as tmp:
-                torch.save(state, tmp)
+            with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+                torch.save(state, fh)  # a file object: a full disk then surfaces as an OSError
         keep = self.config.keep_checkpoints
         old = sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
         for stale in old[:-keep] if len(old) > keep else []:
@@ -629,11 +629,12 @@ class Trainer:
 
         return export_volume(self.decoder, self.image_size, path, self.pixel_size, self.config.volume_chunk)
 
-    def finalize(self) -> dict[str, Path]:
-        """Write ``volume.mrc``, ``volume.png`` and ``loss.png``; return their paths."""
+    def finalize(self, volume_name: str = "volume.mrc") -> dict[str, Path]:
+        """Write the decoder's map (``volume_name``: ``volume.mrc``, or ``volume_decoder.mrc`` when a later
+        stage makes the final map), ``volume.png`` and ``loss.png``; return their paths."""
         from .export import plot_loss, plot_volume
 
-        paths = {"volume": self.run_dir / "volume.mrc", "volume_png": self.run_dir / "volume.png",
+        paths = {"volume": self.run_dir / volume_name, "volume_png": self.run_dir / "volume.png",
                  "loss_png": self.run_dir / "loss.png"}
         if not self.dist.is_main:  # rank 0 alone writes files
             return paths
