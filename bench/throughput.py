@@ -72,9 +72,9 @@ class SyntheticDataset:
                              pixel_size=torch.full((len(rows),), self.pixel_size), ctf=self.ctf[rows], index=rows)
 
     def batches(self, batch_size: int, **kwargs):
-        from cryoace.io.particles import _BatchIterable
+        from cryoace.io.particles import BatchIterable
 
-        return _BatchIterable(self, batch_size, False, None, None, False)
+        return BatchIterable(self, batch_size, False, None, None, False)
 
 
 def sync(device: torch.device) -> None:

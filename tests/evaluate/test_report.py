@@ -118,14 +118,14 @@ def test_plot_viewing_directions(tmp_path):
 
 def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch):
     import cryoace.evaluate.report as report
-    from cryoace.train.run import _write_report
+    from cryoace.train.rundir import write_run_report
 
     def broken(run_dir, path=None):
         raise RuntimeError("no plots today")
 
     monkeypatch.setattr(report, "write_report", broken)
     messages = []
-    _write_report(tmp_path, messages.append)  # logs, does not raise
+    write_run_report(tmp_path, messages.append)  # logs, does not raise
     assert len(messages) == 1 and "no plots today" in messages[0] and "cryoace report" in messages[0]
 
 

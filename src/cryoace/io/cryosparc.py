@@ -58,7 +58,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose
-from .particles import ParticleTable, no_ctf_params, resolve_image_paths
+from .table import ParticleTable, no_ctf_params, resolve_image_paths
 
 __all__ = ["read_cs", "OWNED_FIELDS"]
 

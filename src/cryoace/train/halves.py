@@ -48,7 +48,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..types import Pose
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
-from .run import RunResult, _write_report, check_run_dir, open_training_dataset
+from .rundir import RunResult, check_run_dir, open_training_dataset, write_run_report
 
 if TYPE_CHECKING:
     from ..evaluate.map_align import HalfMapFSC
@@ -375,7 +375,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
 
     poses_path = run_dir / "poses.star"
     write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset}, progress=progress)
-    _write_report(run_dir, log)
+    write_run_report(run_dir, log)
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]
     finals = [f for f in finals if f is not None]

@@ -59,7 +59,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
                               batch_size=cfg.batch_size)
     n = len(dataset)
-    monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat_of())
+    monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
         write_mrc(run_dir / f"volume_refine_{record.round:02d}.mrc", volume.float().cpu().numpy(), pixel_size)
@@ -67,7 +67,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         half_map = {"half_fsc0143_px": gold.px, "half_fsc0143_angst": gold.angstrom}
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
-        trainer._record({"kind": "refine", "step": trainer.step, "round": record.round,
+        trainer.write_record({"kind": "refine", "step": trainer.step, "round": record.round,
                          "elapsed_s": clock(), "global_shells": record.global_shells,
                          "local_shells": record.local_shells, "mean_error": record.mean_error,
                          "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
@@ -118,7 +118,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
     settings = AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed)
 
     def on_iteration(record: AbInitioIteration, volume) -> None:
-        trainer._record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
+        trainer.write_record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
                          "elapsed_s": clock(), **{
                              k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
 
@@ -131,7 +131,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
                                       use_ctf=trainer.use_ctf, device=trainer.device, seed=trainer.config.seed)
               for name, volume in (("decoder", decoder_map), ("ab_initio", built.volume))}
     chosen = min(errors, key=errors.get)
-    trainer._record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
+    trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
                      "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
     log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
         f"error {errors['ab_initio']:.5g} ab initio vs {errors['decoder']:.5g} decoder, "

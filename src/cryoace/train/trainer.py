@@ -204,7 +204,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self._check_optimizer_covers_models()
         self.pip_noise_std = self._pip_noise_std()
-        self.monitor = PoseMonitor(config.pose_window, self.device, self._truth_rotmat_of())
+        self.monitor = PoseMonitor(config.pose_window, self.device, self.truth_rotmat_of())
         self._grids: dict[int, HalfDiscGrid] = {}
         self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
         self._compile = bool(config.compile)
@@ -257,7 +257,7 @@ class Trainer:
         rows = np.linspace(0, self.n_particles - 1, min(512, self.n_particles)).astype(np.int64)
         return background_noise_std(self.dataset[np.unique(rows)].images)
 
-    def _truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
+    def truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
         """rows → the rotations the particle file gives them (simulated truth or an earlier
         refinement), or None when it has no angles. Matrices are made only for the rows asked."""
         table = getattr(self.dataset, "table", None)
@@ -493,7 +493,7 @@ class Trainer:
                       "band_cyc_px": self.band_shells() / self.image_size,
                       "images_per_s": since_log * self.batch_size / max(now - log_start, 1e-9),
                       "elapsed_s": self.elapsed_s}
-            self._record(record)
+            self.write_record(record)
             if loss_mean is not None:
                 bar.set_postfix(loss=f"{loss_mean:.4g}", refresh=False)
             acc = zeros.clone()
@@ -525,7 +525,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.log(f"non-finite loss or gradient in {int(bad_steps)} step(s) before step {bad_step}; rolled back "
                  f"to step {self.step} ({path.name}) with learning rate {lr:.3g}")
-        self._record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
+        self.write_record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
                       "bad_steps": int(bad_steps)})
 
     # -- logging ------------------------------------------------------------------------------
@@ -538,7 +538,8 @@ class Trainer:
             return
         self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def _record(self, record: dict) -> None:
+    def write_record(self, record: dict) -> None:
+        """Append ``record`` to the history, to metrics.jsonl and (train/poses kinds) to TensorBoard."""
         self.history.append(record)
         if not self.dist.is_main:  # rank 0 alone writes files
             return
@@ -556,7 +557,7 @@ class Trainer:
         if not summary:
             return summary
         record = {"kind": "poses", "step": self.step, "elapsed_s": self.elapsed_s, **summary}
-        self._record(record)
+        self.write_record(record)
         from ..evaluate.plots import plot_viewing_directions
 
         _, rotmat = self.monitor.poses()
