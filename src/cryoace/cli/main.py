@@ -1,7 +1,8 @@
 """Entry point of the ``cryoace`` command: dispatches to one module per sub-command.
 
 Each sub-command module has a docstring (first line = summary, the rest = --help description with an
-example), ``add_args(parser)`` and ``main(args)``. Input errors become one line on stderr and exit 2.
+example), ``add_args(parser)`` and ``main(args)``. Input errors become one line on stderr and exit 2;
+a run that fails on good input (training diverged) one line and exit 3; an interrupt exit 130.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import sys
 
 from .. import __version__
-from ..errors import CryoaceInputError
+from ..errors import EXIT_INPUT, EXIT_RUN_FAILED, CryoaceInputError, CryoaceRunError
 
 # sub-command name -> module under cryoace.cli (imported lazily so `cryoace --help` is fast)
 COMMANDS = {
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except CryoaceInputError as exc:
         print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except CryoaceRunError as exc:  # good input, failed run (e.g. the loss diverged)
+        print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print(f"cryoace {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -68,9 +68,9 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
         trainer.write_record({"kind": "refine", "step": trainer.step, "round": record.round,
-                         "elapsed_s": clock(), "global_shells": record.global_shells,
-                         "local_shells": record.local_shells, "mean_error": record.mean_error,
-                         "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
+                              "elapsed_s": clock(), "global_shells": record.global_shells,
+                              "local_shells": record.local_shells, "mean_error": record.mean_error,
+                              "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
         errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
         moved = "" if record.pose_change_median_deg is None else f", poses moved {record.pose_change_median_deg:.2f}° (median)"
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
@@ -119,8 +119,8 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
 
     def on_iteration(record: AbInitioIteration, volume) -> None:
         trainer.write_record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
-                         "elapsed_s": clock(), **{
-                             k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
+                              "elapsed_s": clock(), **{
+                                  k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
 
     log(f"ab initio: {settings.iterations} iterations of stochastic EM over poses from a blob "
         f"(band {settings.start_shells}→{settings.end_shells} shells, SO(3) grid {settings.step_deg:g}°)")
@@ -132,7 +132,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
               for name, volume in (("decoder", decoder_map), ("ab_initio", built.volume))}
     chosen = min(errors, key=errors.get)
     trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
-                     "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
+                          "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
     log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
         f"error {errors['ab_initio']:.5g} ab initio vs {errors['decoder']:.5g} decoder, "
         f"band {settings.end_shells} shells)")

@@ -48,7 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CryoaceInputError
+from ..errors import CryoaceInputError, CryoaceRunError
 from ..io.atomic import atomic_path
 from ..runtime import resolve_device
 from .config import TrainConfig, spawn_seeds
@@ -58,7 +58,7 @@ from .distributed import GradientSync, current as distributed_context
 from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
 from .monitor import PoseMonitor
 from .pip import background_noise_std, pip_loss, pip_weight, shuffled_ctf
-from .schedules import lr_factor as schedule_factor
+from .schedules import warmup_multistep_scheduler
 
 __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
 
@@ -69,7 +69,7 @@ CHECKPOINT_FORMAT = "cryoace-checkpoint-1"
 STEP_STATS = ("loss", "grad_norm", "rotated_fraction", "pip_loss", "ipi_step", "pip_step")
 
 
-class TrainingDiverged(CryoaceInputError):
+class TrainingDiverged(CryoaceRunError):
     """The loss stayed NaN/Inf after every allowed rollback (reported as one line by the CLI)."""
 
 
@@ -221,6 +221,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.elapsed_s = 0.0
         self.lr_factor = 1.0
+        self._scheduler = None  # the learning-rate schedule, started by _apply_lr
+        self._scheduler_factor = 1.0
         self.rollbacks = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._until_step: int | None = None  # the end of the chunk fit() was asked for
@@ -240,12 +242,19 @@ class Trainer:
         return cls(groups, lr=opt.lr, amsgrad=opt.amsgrad, weight_decay=opt.weight_decay)
 
     def _apply_lr(self) -> None:
-        """Learning rates for the coming step: base × rollback factor × warm-up multi-step schedule
-        (a pure function of the step, so a resumed run follows the same schedule)."""
+        """Learning rates for the coming step: :func:`~cryoace.train.schedules.warmup_multistep_scheduler`
+        on each group's base rate × the rollback factor. The schedule is a pure function of the step, so
+        it is (re)started at ``self.step`` whenever it is not there (first step, resume, rollback) and
+        otherwise stepped after each optimizer step; a resumed run follows the same schedule."""
+        if self._scheduler is not None and self._scheduler.last_epoch == self.step \
+                and self._scheduler_factor == self.lr_factor:
+            return
         opt = self.config.optim
-        factor = self.lr_factor * schedule_factor(self.step, opt.warmup_steps, tuple(opt.milestones), opt.gamma)
         for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+            group["initial_lr"] = group.setdefault("base_lr", group["lr"]) * self.lr_factor
+        self._scheduler = warmup_multistep_scheduler(self.optimizer, opt.warmup_steps, tuple(opt.milestones),
+                                                     opt.gamma, start_step=self.step)
+        self._scheduler_factor = self.lr_factor
 
     # -- ACE-EM: PIP noise, reference poses --------------------------------------------------------
     def _pip_noise_std(self) -> float:
@@ -426,6 +435,7 @@ class Trainer:
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
+        self._scheduler.step()
         return torch.cat([out[:1], grad_norm.detach().float().reshape(1), out[1:]])
 
     # -- the loop -----------------------------------------------------------------------------
@@ -526,7 +536,7 @@ class Trainer:
         self.log(f"non-finite loss or gradient in {int(bad_steps)} step(s) before step {bad_step}; rolled back "
                  f"to step {self.step} ({path.name}) with learning rate {lr:.3g}")
         self.write_record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
-                      "bad_steps": int(bad_steps)})
+                           "bad_steps": int(bad_steps)})
 
     # -- logging ------------------------------------------------------------------------------
     def _open_writer(self) -> None:
