@@ -23,21 +23,10 @@ from cryoace.train.trainer import load_checkpoint_file
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _simulate(out, n, noise_free=True):
-    from cryoace.simulate.molmap import molmap, read_model
-    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
-    from cryoace.simulate.presets import ADK_MODEL
-
-    volume = molmap(read_model(ADK_MODEL), 32, 3.0, 6.0).data
-    cfg = SimulationConfig(n=n, snr_db=None if noise_free else -10.0, shift_std_angst=2.0,
-                           defocus_median=4000.0, defocus_spread=0.15, astigmatism=200.0, seed=1)
-    return simulate_dataset(volume, 3.0, out, cfg, progress=False).star
-
-
 @pytest.fixture(scope="module")
-def particles(tmp_path_factory):
+def particles(simulated_adk):
     """200 noise-free adenylate-kinase particles at L=32, 3 Å/px, with CTF and shifts."""
-    return _simulate(tmp_path_factory.mktemp("sim") / "data", 200)
+    return simulated_adk(n=200, seed=1).star
 
 
 def _train_losses(run):

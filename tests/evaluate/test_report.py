@@ -33,16 +33,12 @@ def _section(page: str, key: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 10-step tiny run on 64 simulated noisy particles (L=32, CTF): it writes report.html itself."""
-    from cryoace.simulate.molmap import molmap, read_model
-    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
-    from cryoace.simulate.presets import ADK_MODEL
+    from helpers import simulate_adk
     from cryoace.train.config import preset_config
     from cryoace.train.run import run_reconstruction
 
     base = tmp_path_factory.mktemp("report")
-    volume = molmap(read_model(ADK_MODEL), 32, 3.0, 6.0).data
-    sim = simulate_dataset(volume, 3.0, base / "data", SimulationConfig(
-        n=64, snr_db=-10.0, shift_std_angst=2.0, defocus_median=4000.0, seed=1), progress=False)
+    sim = simulate_adk(base / "data", n=64, noise_free=False, seed=1, defocus_spread=0.2)
     config = preset_config("tiny")
     config.steps, config.log_every, config.volume_every, config.device = 10, 5, 0, "cpu"
     messages = []

@@ -18,10 +18,8 @@ GiB = 2 ** 30
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> ParticleDataset:
-    from train.test_trainer import simulate_small
-
-    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data", n=24)
+def dataset(simulated_adk) -> ParticleDataset:
+    sim = simulated_adk(n=24)
     return ParticleDataset(read_particles(sim.star), downsample=16, invert_contrast=True)
 
 

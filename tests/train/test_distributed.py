@@ -85,10 +85,8 @@ def worker(star: str, run_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def star(tmp_path_factory) -> Path:
-    from train.test_trainer import simulate_small
-
-    return simulate_small(tmp_path_factory.mktemp("sim") / "data", n=32).star
+def star(simulated_adk) -> Path:
+    return simulated_adk(n=32).star
 
 
 def assert_close(a: dict, b: dict) -> None:

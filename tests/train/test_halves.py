@@ -31,15 +31,13 @@ from cryoace.train.run import run_reconstruction
 from cryoace.train.trainer import load_checkpoint_file
 from cryoace.types import Pose
 
-from train.test_trainer import simulate_small
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def sim(simulated_adk):
     """160 noise-free adenylate-kinase particles (L=32, 3 Å/px, CTF, shifts; rlnRandomSubset 1, 2, ...)."""
-    return simulate_small(tmp_path_factory.mktemp("sim") / "data", n=160, seed=1)
+    return simulated_adk(n=160, seed=1)
 
 
 @pytest.fixture(scope="module")

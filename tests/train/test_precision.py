@@ -18,14 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from train.test_trainer import simulate_small
-
-    return ParticleDataset(read_particles(simulate_small(tmp_path_factory.mktemp("sim") / "data", n=16).star))
+def dataset(simulated_adk):
+    return ParticleDataset(read_particles(simulated_adk(n=16).star))
 
 
 def tiny(**changes):
-    from train.test_trainer import tiny as tiny_config
+    from helpers import tiny_config
 
     return dataclasses.replace(tiny_config(steps=3, log_every=3), **changes)
 
