@@ -52,7 +52,8 @@ def option(default: Any = dataclasses.MISSING, *, flag: str, help: str, group: s
            metavar: str | None = None, choices: Sequence[str] | None = None,
            type: Callable[[str], Any] | None = None, convert: Callable[[Any], Any] | None = None,
            default_text: str | None = None, on_resume: str = "fixed", together: str | None = None,
-           show: Callable[[Any], str] | None = None, default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+           show: Callable[[Any], str] | None = None,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its command-line option.
 
     flag         : the option, e.g. ``"--lr"`` (``kind="off"``: the negative flag, ``"--no-ctf"``).

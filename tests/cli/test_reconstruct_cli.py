@@ -200,7 +200,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
                  "volume_refine_01.mrc"):
         mrc = open_mrc(run / name, mmap=False)
         assert mrc.data.shape == (32, 32, 32) and np.isfinite(mrc.data).all() and mrc.voxel_size == pytest.approx(3.0)
-    assert np.allclose(open_mrc(run / "volume.mrc", mmap=False).data, open_mrc(run / "volume_refine_01.mrc", mmap=False).data)
+    assert np.allclose(open_mrc(run / "volume.mrc", mmap=False).data,
+                       open_mrc(run / "volume_refine_01.mrc", mmap=False).data)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
@@ -225,7 +226,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert not torch.allclose(encoder.pose.rotmat, refined.pose.rotmat, atol=1e-3)
     from cryoace.evaluate.truth import evaluate_poses
 
-    assert evaluate_poses(refined, truth).errors.median_angle_deg < evaluate_poses(encoder, truth).errors.median_angle_deg
+    assert (evaluate_poses(refined, truth).errors.median_angle_deg
+            < evaluate_poses(encoder, truth).errors.median_angle_deg)
 
 
 def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):

@@ -42,7 +42,7 @@ def test_ram_preload_gives_identical_batches(dataset):
     rows = np.random.default_rng(0).permutation(24)[:10]
     assert_same_batch(pre[rows], dataset[rows])
     assert_same_batch(pre[3], dataset[3])
-    for a, b in zip(pre.batches(7), dataset.batches(7)):
+    for a, b in zip(pre.batches(7), dataset.batches(7), strict=True):
         assert_same_batch(a, b)
     assert prepare_dataset(dataset, "none", CPU) is dataset
 

@@ -185,7 +185,8 @@ def test_poses_star_holds_each_particles_pose_from_its_own_half(run, sim):
     subset = table.extra_column("rlnRandomSubset")
     saved = json.loads((run_dir / "metrics.json").read_text())["halves"]["alignment"]
     alignment = MapAlignment(rotation=torch.tensor(saved["rotation"], dtype=torch.float64),
-                             flip_hand=saved["flip_hand"], shift_px=torch.tensor(saved["shift_px"], dtype=torch.float64),
+                             flip_hand=saved["flip_hand"],
+                             shift_px=torch.tensor(saved["shift_px"], dtype=torch.float64),
                              voxel_size=saved["voxel_size"], correlation=saved["correlation"],
                              correlation_other_hand=None, aligned=torch.zeros(1))
     for k, name in enumerate(HALF_NAMES):

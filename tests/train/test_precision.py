@@ -68,7 +68,7 @@ def test_channels_last_encoder_trains_like_the_default_layout(dataset, tmp_path)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     a.fit()
     b.fit()
-    for (k, x), y in zip(a.encoder.state_dict().items(), b.encoder.state_dict().values()):
+    for (k, x), y in zip(a.encoder.state_dict().items(), b.encoder.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
 
 

@@ -253,7 +253,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         order = np.argsort(codes, kind="stable")
         sorted_codes = codes[order]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+        for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=True):
             group = order[start:stop]
             code = int(sorted_codes[start])
             li = local[group]

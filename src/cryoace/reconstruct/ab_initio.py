@@ -38,8 +38,8 @@ from ..physics.fourier import radial_distance
 from .backproject import FourierAccumulator
 from .pose_search import global_search, search_band, shift_grid, so3_grid
 
-__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "pose_posterior", "mean_search_error",
-           "blob_volume"]
+__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "pose_posterior",
+           "mean_search_error", "blob_volume"]
 
 
 @dataclasses.dataclass

@@ -175,7 +175,7 @@ def _seed_int(seq: np.random.SeedSequence) -> int:
 def spawn_seeds(seed: int) -> dict[str, int]:
     """One integer seed per purpose (``SEED_PURPOSES``) spawned from the run seed."""
     children = np.random.SeedSequence(int(seed)).spawn(len(SEED_PURPOSES))
-    return {purpose: _seed_int(child) for purpose, child in zip(SEED_PURPOSES, children)}
+    return {purpose: _seed_int(child) for purpose, child in zip(SEED_PURPOSES, children, strict=True)}
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -409,7 +409,7 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
     try:
         write_mrc(volume_path, volume.numpy(), pixel_size, origin=volume_origin)
         written.append(volume_path)
-        for stack_path, (s0, s1) in zip(stack_paths, ranges):
+        for stack_path, (s0, s1) in zip(stack_paths, ranges, strict=True):
             with MrcStackWriter(stack_path, s1 - s0, size, pixel_size) as stack:
                 for start in range(s0, s1, batch):
                     stop = min(start + batch, s1)
@@ -431,7 +431,7 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
 
         image_paths = np.empty(n, dtype=object)
         image_indices = np.empty(n, dtype=np.int64)
-        for stack_path, (s0, s1) in zip(stack_paths, ranges):
+        for stack_path, (s0, s1) in zip(stack_paths, ranges, strict=True):
             image_paths[s0:s1] = str(stack_path.resolve())
             image_indices[s0:s1] = np.arange(s1 - s0)
         import pandas as pd

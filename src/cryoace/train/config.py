@@ -40,8 +40,8 @@ from ..options import option
 from .losses import LOSSES
 from .precision import PRECISIONS
 
-__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig", "PRESETS",
-           "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
+__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
+           "PRESETS", "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
            "provenance"]
 
 DECODER_NAMES = tuple(DECODERS)
@@ -506,7 +506,7 @@ def spawn_seeds(seed: int) -> dict[str, int]:
 
     children = np.random.SeedSequence(int(seed)).spawn(3)
     names = ("model_init", "data_order", "normalization")
-    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children)}
+    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children, strict=True)}
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from .config import TrainConfig, load_config
 from .losses import HalfDiscGrid, compute_loss
 from .trainer import DataInfo, build_models, load_checkpoint_file
 
-__all__ = ["TrainedRun", "load_run", "predict_poses", "pose_predictor", "spooled_poses", "write_poses_star", "open_particles"]
+__all__ = ["TrainedRun", "load_run", "predict_poses", "pose_predictor", "spooled_poses", "write_poses_star",
+           "open_particles"]
 
 
 @dataclasses.dataclass

@@ -71,8 +71,10 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                               "elapsed_s": clock(), "global_shells": record.global_shells,
                               "local_shells": record.local_shells, "mean_error": record.mean_error,
                               "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
-        errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
-        moved = "" if record.pose_change_median_deg is None else f", poses moved {record.pose_change_median_deg:.2f}° (median)"
+        errors = (f", median error {summary['rot_median_deg']:.1f}° vs the file's poses"
+                  if "rot_median_deg" in summary else "")
+        moved = ("" if record.pose_change_median_deg is None
+                 else f", poses moved {record.pose_change_median_deg:.2f}° (median)")
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
             f"{record.mean_error:.4g}{moved}, half maps FSC-0.143 {gold.angstrom:.2f} Å{errors} "
             f"({record.elapsed_s:.0f} s)")
@@ -92,7 +94,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                         "volume": state.volume.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, tmp)
 
     if resume is None:
-        seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map
+        seed_map = (_ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio
+                    else decoder_map)
         log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
@@ -119,8 +122,8 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
 
     def on_iteration(record: AbInitioIteration, volume) -> None:
         trainer.write_record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
-                              "elapsed_s": clock(), **{
-                                  k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
+                              "elapsed_s": clock(), **{k: v for k, v in dataclasses.asdict(record).items()
+                                                       if k not in ("iteration", "elapsed_s")}})
 
     log(f"ab initio: {settings.iterations} iterations of stochastic EM over poses from a blob "
         f"(band {settings.start_shells}→{settings.end_shells} shells, SO(3) grid {settings.step_deg:g}°)")

@@ -488,7 +488,8 @@ class Trainer:
             done = self._should_stop()
             if self.step % log_every and not done:
                 continue
-            values = dict(zip(STEP_STATS + ("bad",), self.dist.all_reduce_mean(acc).cpu().tolist()))  # the sync
+            means = self.dist.all_reduce_mean(acc).cpu().tolist()  # the sync
+            values = dict(zip(STEP_STATS + ("bad",), means, strict=True))
             now = time.monotonic()
             if values["bad"] > 0:
                 self._rollback(values["bad"])
