@@ -107,9 +107,17 @@ def test_halves_record_round_trips_to_an_fsc_result():
 
 
 def test_plot_viewing_directions(tmp_path):
-    rot = random_rotmat(500, generator=torch.Generator().manual_seed(0))
-    plot_viewing_directions(rot, tmp_path / "views.png")
-    assert matplotlib.image.imread(tmp_path / "views.png").ndim == 3
+    """Uniform poses colour the whole map; poses all looking from one direction colour one cell (the
+    colour bar is in both): the plot shows where the views are."""
+
+    def coloured_pixels(rotmat, name):
+        plot_viewing_directions(rotmat, tmp_path / name)
+        image = matplotlib.image.imread(tmp_path / name)[..., :3]
+        return int(((image.max(-1) - image.min(-1)) > 0.15).sum())  # viridis: saturated; axes, text: grey
+
+    uniform = coloured_pixels(random_rotmat(500, generator=torch.Generator().manual_seed(0)), "uniform.png")
+    one_view = coloured_pixels(torch.eye(3, dtype=torch.float64).expand(500, 3, 3), "one_view.png")
+    assert uniform > 4 * one_view > 0
 
 
 def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch):
