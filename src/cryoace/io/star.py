@@ -222,7 +222,7 @@ class _ParticleReader:
             bfactor=self._get(m, "rlnCtfBfactor", 0.0))
 
     def _pose(self, m: _Merged, ps: np.ndarray | float) -> dict[str, np.ndarray | float]:
-        out = {key: m.numeric(col) for key, col in zip(_POSE_FIELDS, ANGLES, strict=True)}
+        out = {key: m.numeric(col) for key, col in zip(_POSE_FIELDS[:3], ANGLES, strict=True)}
         if {"rlnOriginXAngst", "rlnOriginYAngst"} <= self.have:
             out["shift_x"], out["shift_y"] = m.numeric("rlnOriginXAngst"), m.numeric("rlnOriginYAngst")
         elif {"rlnOriginX", "rlnOriginY"} <= self.have:
