@@ -243,12 +243,16 @@ class Trainer:
 
     def _apply_lr(self) -> None:
         """Learning rates for the coming step: :func:`~cryoace.train.schedules.warmup_multistep_scheduler`
-        on each group's base rate × the rollback factor. The schedule is a pure function of the step, so
-        it is (re)started at ``self.step`` whenever it is not there (first step, resume, rollback) and
-        otherwise stepped after each optimizer step; a resumed run follows the same schedule."""
-        if self._scheduler is not None and self._scheduler.last_epoch == self.step \
-                and self._scheduler_factor == self.lr_factor:
-            return
+        on each group's base rate × the rollback factor. The scheduler steps once per training step (here,
+        after the previous optimizer step, so a step's records show the rate it used); as the schedule
+        is a pure function of the step, it is started afresh at ``self.step`` whenever it is not one
+        step behind (first step, resume, rollback), and a resumed run follows the same schedule."""
+        scheduler = self._scheduler
+        if scheduler is not None and self._scheduler_factor == self.lr_factor:
+            if scheduler.last_epoch == self.step - 1:
+                scheduler.step()
+            if scheduler.last_epoch == self.step:
+                return
         opt = self.config.optim
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group.setdefault("base_lr", group["lr"]) * self.lr_factor
@@ -435,7 +439,6 @@ class Trainer:
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        self._scheduler.step()
         return torch.cat([out[:1], grad_norm.detach().float().reshape(1), out[1:]])
 
     # -- the loop -----------------------------------------------------------------------------
