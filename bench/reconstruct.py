@@ -8,7 +8,8 @@ the final map and poses, and training images/s. Writes bench/results/reconstruct
 
 Targets on the 2-core CPU (issue 4): noise-free ≤ 3.0 px within 20 minutes; −10 dB ≤ 3.5 px.
 
-    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--pip] [--decoder D] [--refine|--no-refine]
+    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--pip] [--decoder D]
+                                [--refine|--no-refine]
         [--refine-rounds N] [--work DIR]
 """
 

@@ -72,9 +72,9 @@ class SyntheticDataset:
                              pixel_size=torch.full((len(rows),), self.pixel_size), ctf=self.ctf[rows], index=rows)
 
     def batches(self, batch_size: int, **kwargs):
-        from cryoace.io.particles import _BatchIterable
+        from cryoace.io.particles import BatchIterable
 
-        return _BatchIterable(self, batch_size, False, None, None, False)
+        return BatchIterable(self, batch_size, False, None, None, False)
 
 
 def sync(device: torch.device) -> None:
@@ -164,9 +164,9 @@ def main() -> None:
                       f"{fmt(row['predict_images_per_s']):>14} {fmt(row['predict_target']):>8}")
     note = ("synthetic images already on the device (like --preload gpu); targets apply to an H100 at L=128"
             + ("" if cuda else "; CPU figures with small step counts, for reference only"))
+    targets = {f"{k[0]}/{k[1]}": v for k, v in TARGETS.items()}
     path = write_result("throughput", device, {"preset": args.preset, "steps": args.steps, "warmup": args.warmup,
-                                               "note": note, "targets": {f"{k[0]}/{k[1]}": v for k, v in TARGETS.items()},
-                                               "runs": rows})
+                                               "note": note, "targets": targets, "runs": rows})
     print(f"wrote {path}")
 
 

@@ -95,3 +95,31 @@ def run_cli(capsys):
         return rc, out, err
 
     return run
+
+
+# -- simulated data shared by several modules (helpers.py holds the plain functions) --------------
+
+@pytest.fixture(scope="session")
+def simulated_adk(tmp_path_factory):
+    """``simulated_adk(n=64, seed=0, ...)`` → the :func:`helpers.simulate_adk` dataset of those
+    arguments, simulated once per session and shared by every module asking for the same one (tests
+    must not modify its files)."""
+    from helpers import simulate_adk
+
+    cache = {}
+
+    def make(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = simulate_adk(tmp_path_factory.mktemp("sim") / "data", **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_config():
+    """:func:`helpers.tiny_config`: ``tiny_config(**changes)`` → the tiny preset on the CPU, batch 8."""
+    from helpers import tiny_config
+
+    return tiny_config

@@ -142,7 +142,7 @@ def test_poses_from_relion_star_reproduce_relion_project(tmp_path):
         relion = m.data.copy()
     ours = _stack(out)
     assert ours.shape == relion.shape
-    for x, y in zip(ours, relion):
+    for x, y in zip(ours, relion, strict=True):
         assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
     given = read_particles(RELION / "rln_proj_64_shifted.star", pixel_size=1.0)
     written = read_particles(out / "particles.star")

@@ -41,7 +41,7 @@ def blobs(size: int = 32, seed: int = 0, n: int = 12, cut: bool = False) -> torc
     centres = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * size * 0.45
     widths = 1.5 + 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
     weights = 0.5 + torch.rand(n, generator=g, dtype=torch.float64)
-    for (cx, cy, cz), w, a in zip(centres, widths, weights):
+    for (cx, cy, cz), w, a in zip(centres, widths, weights, strict=True):
         vol += a * torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * w * w))
     if cut:  # exactly zero beyond radius L/2 − 2: the plane z = L/2 that a mirror about L//2 would
         vol = vol * ((x ** 2 + y ** 2 + z ** 2).sqrt() < size / 2 - 2)  # need never carries signal

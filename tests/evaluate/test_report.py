@@ -33,16 +33,12 @@ def _section(page: str, key: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 10-step tiny run on 64 simulated noisy particles (L=32, CTF): it writes report.html itself."""
-    from cryoace.simulate.molmap import molmap, read_model
-    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
-    from cryoace.simulate.presets import ADK_MODEL
+    from helpers import simulate_adk
     from cryoace.train.config import preset_config
     from cryoace.train.run import run_reconstruction
 
     base = tmp_path_factory.mktemp("report")
-    volume = molmap(read_model(ADK_MODEL), 32, 3.0, 6.0).data
-    sim = simulate_dataset(volume, 3.0, base / "data", SimulationConfig(
-        n=64, snr_db=-10.0, shift_std_angst=2.0, defocus_median=4000.0, seed=1), progress=False)
+    sim = simulate_adk(base / "data", n=64, noise_free=False, seed=1, defocus_spread=0.2)
     config = preset_config("tiny")
     config.steps, config.log_every, config.volume_every, config.device = 10, 5, 0, "cpu"
     messages = []
@@ -111,21 +107,29 @@ def test_halves_record_round_trips_to_an_fsc_result():
 
 
 def test_plot_viewing_directions(tmp_path):
-    rot = random_rotmat(500, generator=torch.Generator().manual_seed(0))
-    plot_viewing_directions(rot, tmp_path / "views.png")
-    assert matplotlib.image.imread(tmp_path / "views.png").ndim == 3
+    """Uniform poses colour the whole map; poses all looking from one direction colour one cell (the
+    colour bar is in both): the plot shows where the views are."""
+
+    def coloured_pixels(rotmat, name):
+        plot_viewing_directions(rotmat, tmp_path / name)
+        image = matplotlib.image.imread(tmp_path / name)[..., :3]
+        return int(((image.max(-1) - image.min(-1)) > 0.15).sum())  # viridis: saturated; axes, text: grey
+
+    uniform = coloured_pixels(random_rotmat(500, generator=torch.Generator().manual_seed(0)), "uniform.png")
+    one_view = coloured_pixels(torch.eye(3, dtype=torch.float64).expand(500, 3, 3), "one_view.png")
+    assert uniform > 4 * one_view > 0
 
 
 def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch):
     import cryoace.evaluate.report as report
-    from cryoace.train.run import _write_report
+    from cryoace.train.rundir import write_run_report
 
     def broken(run_dir, path=None):
         raise RuntimeError("no plots today")
 
     monkeypatch.setattr(report, "write_report", broken)
     messages = []
-    _write_report(tmp_path, messages.append)  # logs, does not raise
+    write_run_report(tmp_path, messages.append)  # logs, does not raise
     assert len(messages) == 1 and "no plots today" in messages[0] and "cryoace report" in messages[0]
 
 

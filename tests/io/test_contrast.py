@@ -16,20 +16,15 @@ from cryoace.io.contrast import check_contrast
 from cryoace.io.mrc import write_mrc
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.train.config import load_config
+from helpers import simulate_adk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _simulate(out, n: int, invert: bool = False):
     """Adenylate kinase at L=32, 3 Å/px, SNR 0.1 (−10 dB), CTF (defocus ~1 µm), shifts."""
-    from cryoace.simulate.molmap import molmap, read_model
-    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
-    from cryoace.simulate.presets import ADK_MODEL
-
-    volume = molmap(read_model(ADK_MODEL), 32, 3.0, 6.0).data
-    cfg = SimulationConfig(n=n, snr_db=-10.0, shift_std_angst=2.0, defocus_median=10000.0,
-                           defocus_spread=0.2, astigmatism=200.0, seed=5, invert_contrast=invert)
-    return simulate_dataset(volume, 3.0, out, cfg, progress=False).star
+    return simulate_adk(out, n, noise_free=False, seed=5, defocus_median=10000.0, defocus_spread=0.2,
+                        invert_contrast=invert).star
 
 
 @pytest.fixture(scope="module")

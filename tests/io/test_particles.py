@@ -181,7 +181,7 @@ def test_batches_iterator(particles_dir):
     assert seen.tolist() == list(range(20))
     shuffled = [b.index for b in ds.batches(6, shuffle=True, generator=7)]
     again = [b.index for b in ds.batches(6, shuffle=True, generator=7)]
-    assert all(torch.equal(p, q) for p, q in zip(shuffled, again))
+    assert all(torch.equal(p, q) for p, q in zip(shuffled, again, strict=True))
     assert sorted(torch.cat(shuffled).tolist()) == list(range(20))
     assert torch.cat(shuffled).tolist() != list(range(20))
     assert len(ds.batches(6, drop_last=True)) == 3

@@ -18,10 +18,8 @@ GiB = 2 ** 30
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> ParticleDataset:
-    from train.test_trainer import simulate_small
-
-    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data", n=24)
+def dataset(simulated_adk) -> ParticleDataset:
+    sim = simulated_adk(n=24)
     return ParticleDataset(read_particles(sim.star), downsample=16, invert_contrast=True)
 
 
@@ -44,7 +42,7 @@ def test_ram_preload_gives_identical_batches(dataset):
     rows = np.random.default_rng(0).permutation(24)[:10]
     assert_same_batch(pre[rows], dataset[rows])
     assert_same_batch(pre[3], dataset[3])
-    for a, b in zip(pre.batches(7), dataset.batches(7)):
+    for a, b in zip(pre.batches(7), dataset.batches(7), strict=True):
         assert_same_batch(a, b)
     assert prepare_dataset(dataset, "none", CPU) is dataset
 

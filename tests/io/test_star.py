@@ -22,7 +22,7 @@ from cryoace.physics.rotations import euler_relion_to_rotmat
 def parse_loop(path: Path, block: str) -> pd.DataFrame:
     """Independent minimal STAR loop parser: the ``data_<block>`` loop as strings (column = label)."""
     lines = Path(path).read_text().splitlines()
-    start = next(i for i, l in enumerate(lines) if l.strip() == f"data_{block}")
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"data_{block}")
     labels, rows, i = [], [], start + 1
     while not lines[i].strip().startswith("loop_"):
         i += 1
@@ -355,7 +355,7 @@ def test_write_keeps_optics_table_and_regenerates_when_changed(particles_dir, tm
     write_star(tmp_path / "b.star", sub)
     back = read_star(tmp_path / "b.star")
     assert_tables_equal(sub, back)
-    assert len(back.optics) == len({(p, c) for p, c in zip(sub.pixel_size, sub.ctf.cs_mm.tolist())})
+    assert len(back.optics) == len({(p, c) for p, c in zip(sub.pixel_size, sub.ctf.cs_mm.tolist(), strict=True)})
 
 
 def test_write_image_paths_relative_to_the_written_file(particles_dir, tmp_path):

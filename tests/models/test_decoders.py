@@ -113,11 +113,24 @@ def test_evaluate_grid_convention_matches_the_physics_voxel_volume():
     torch.testing.assert_close(grid, volume_ft)
 
 
+def mlp_parameters(n_in: int, hidden: int, hidden_layers: int, n_out: int) -> int:
+    """Weights and biases of an MLP n_in → hidden, ``hidden_layers`` × (hidden → hidden), hidden → n_out."""
+    return (n_in + 1) * hidden + hidden_layers * (hidden + 1) * hidden + (hidden + 1) * n_out
+
+
 def test_parameter_counts_comparable_at_defaults():
+    """The counts follow from the architectures (module docstring of cryoace.models.decoders): at
+    hidden 256, FourierNet = two SIRENs 3 → 256, 3 × 256 → 256, 256 → 2; the SIREN one with 6 hidden
+    layers; relu-pe the same MLP on the positional encoding of 3 + 2·3·10 = 63 features."""
+    hidden, n_freqs = 256, 10
+    expected = {"fouriernet": 2 * mlp_parameters(3, hidden, 3, 2),
+                "siren": mlp_parameters(3, hidden, 6, 2),
+                "relu-pe": mlp_parameters(3 + 2 * 3 * n_freqs, hidden, 6, 2)}
     counts = {name: count_parameters(build_decoder(name)) for name in NAMES}
-    assert counts == {"fouriernet": 397_828, "siren": 396_290, "relu-pe": 411_650}
+    assert counts == expected
     assert max(counts.values()) / min(counts.values()) < 1.1
-    assert count_parameters(build_decoder("fouriernet", layers=None, hidden=None)) == 397_828
+    assert count_parameters(build_decoder("fouriernet", layers=None, hidden=None)) == expected["fouriernet"]
+    assert count_parameters(build_decoder("siren", hidden=64, layers=2)) == mlp_parameters(3, 64, 2, 2)
 
 
 def test_build_decoder_names_and_options():

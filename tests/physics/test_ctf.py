@@ -19,20 +19,45 @@ def test_electron_wavelength():
     assert math.isclose(electron_wavelength_angst(100.0).item(), 0.0370141, rel_tol=1e-4)
 
 
-# (kx, ky) in 1/Å, defocus U, V (Å), angle (deg), Cs (mm), w, phase shift (deg), B (Å²) → CTF value.
-# Golden numbers computed by hand from RELION's ctf.h, which negates the defocus internally:
-#   argument = π λ (−Δf) s² + (π/2) Cs λ³ s⁴ − φ − atan(w / √(1−w²));  CTF = −sin(argument)·exp(−B s²/4)
+def relion_ctf(kx: float, ky: float, du: float, dv: float, azimuth_deg: float, voltage_kv: float,
+               cs_mm: float, w: float, phase_shift_deg: float, bfactor: float) -> float:
+    """RELION's CTF::getCTF (ctf.h / ctf.cpp) written out in plain floats, independently of cryoace:
+    RELION stores the defocus negated, deltaf = −(U+V)/2 − (U−V)/2·cos 2(atan2(ky, kx) − azimuth), and
+    returns −sin(K1·deltaf·u² + K2·u⁴ − K5 − K3)·exp(K4·u²) with K1 = πλ, K2 = (π/2)·Cs·λ³,
+    K3 = atan(Q0/√(1−Q0²)), K4 = −B/4, K5 = the phase shift; λ = 12.2643247/√(V(1 + 0.978466e-6·V))
+    Å with V in volts. Frequencies (kx, ky) in 1/Å, defocus in Å, Cs in mm (→ Å), angles in degrees."""
+    volts = voltage_kv * 1e3
+    lam = 12.2643247 / math.sqrt(volts * (1.0 + volts * 0.978466e-6))
+    cs = cs_mm * 1e7
+    k1, k2 = math.pi * lam, math.pi / 2 * cs * lam ** 3
+    k3 = math.atan(w / math.sqrt(1 - w * w))
+    k4, k5 = -bfactor / 4, math.radians(phase_shift_deg)
+    defocus_average, defocus_deviation = -(du + dv) / 2, -(du - dv) / 2
+    u2 = kx * kx + ky * ky
+    ellipsoid_angle = math.atan2(ky, kx) - math.radians(azimuth_deg)
+    deltaf = defocus_average + defocus_deviation * math.cos(2 * ellipsoid_angle)
+    argument = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    return -math.sin(argument) * math.exp(k4 * u2)
+
+
+# (kx, ky) in 1/Å, defocus U, V (Å), angle (deg), Cs (mm), w, phase shift (deg), B (Å²) at 300 kV, and
+# the value first computed by hand from RELION's ctf.h (kept: relion_ctf must reproduce it too).
 GOLDEN = [
     ((0.05, 0.0), 15000, 13000, 30, 2.7, 0.1, 0, 0, 0.7183088862276201),
     ((0.0, 0.05), 15000, 13000, 30, 2.7, 0.1, 0, 0, 0.8168878861744072),
     ((0.03, 0.04), 15000, 13000, 30, 2.7, 0.1, 0, 0, 0.697408791204206),
     ((0.2, -0.1), 20000, 20000, 0, 2.7, 0.07, 0, 0, -0.9888258093529351),
     ((0.1, 0.1), 10000, 8000, -45, 0.01, 0.1, 90, 50, -0.6552589378052961),
+    ((-0.07, 0.12), 25000, 22000, 100, 2.7, 0.07, 30, 80, None),
+    ((0.15, 0.02), 5000, 4000, 170, 0.0, 0.1, 0, 0, None),
 ]
 
 
-@pytest.mark.parametrize("k, du, dv, angle, cs, w, phase, bfac, expected", GOLDEN)
-def test_ctf_golden_values(k, du, dv, angle, cs, w, phase, bfac, expected):
+@pytest.mark.parametrize("k, du, dv, angle, cs, w, phase, bfac, recorded", GOLDEN)
+def test_ctf_golden_values(k, du, dv, angle, cs, w, phase, bfac, recorded):
+    expected = relion_ctf(*k, du, dv, angle, 300.0, cs, w, phase, bfac)
+    if recorded is not None:
+        assert math.isclose(expected, recorded, abs_tol=1e-9)
     params = CTFParams.create(du, dv, math.radians(angle), 300.0, cs, w, math.radians(phase), bfac)
     freq_px = torch.tensor(k, dtype=F64) * 2.0  # pixel size 2 Å: cycles/px = cycles/Å × 2
     value = compute_ctf(params, freq_px, 2.0)

@@ -13,7 +13,7 @@ def test_whole_pixel_shift_is_roll_with_relion_sign():
     images = torch.randn(3, 32, 32, dtype=F64, generator=g)
     shifts = torch.tensor([[3.0, -5.0], [0.0, 7.0], [-2.0, 0.0]], dtype=F64)
     shifted = apply_shift(images, shifts)
-    for img, out, (tx, ty) in zip(images, shifted, shifts.long().tolist()):
+    for img, out, (tx, ty) in zip(images, shifted, shifts.long().tolist(), strict=True):
         assert torch.allclose(out, torch.roll(img, shifts=(-ty, -tx), dims=(-2, -1)), atol=1e-12)
 
 

@@ -104,8 +104,8 @@ def test_ab_initio_from_a_blob_finds_the_structure_at_snr_0_1(noisy_adk):
     assert iterations[0].temperature == pytest.approx(8.0) and iterations[-1].temperature == pytest.approx(1.0)
     # the assignments sharpen as the map forms and the temperature falls
     assert iterations[-1].mean_best_probability > 3 * iterations[0].mean_best_probability
-    from cryoace.reconstruct.ab_initio import _blob
-    blob = _blob(64, "cpu") * float(built.volume.std() / _blob(64, "cpu").std())
+    from cryoace.reconstruct.ab_initio import blob_volume
+    blob = blob_volume(64, "cpu") * float(built.volume.std() / blob_volume(64, "cpu").std())
     assert (mean_search_error(noisy_adk, built.volume, 10, sample=100)
             < mean_search_error(noisy_adk, blob, 10, sample=100))
     # one round against the map itself (no gold-standard low-pass of the start): the poses it gives

@@ -115,7 +115,8 @@ def test_wrong_ctf_sign_breaks_the_search(aspire):
 def test_global_search_top_k_is_sorted_and_starts_with_the_best(aspire):
     dataset, batch, spike = aspire
     volume = VoxelFourierVolume.from_real(spike, 2)
-    args = (volume, batch.images[:4], batch.pixel_size[:4], search_band(64, 8), so3_grid(15.0), _rows(batch.ctf, slice(0, 4)))
+    args = (volume, batch.images[:4], batch.pixel_size[:4], search_band(64, 8), so3_grid(15.0),
+            _rows(batch.ctf, slice(0, 4)))
     best = global_search(*args)
     top = global_search(*args, top_k=5, rotation_chunk=500)
     assert top.error.shape == (4, 5) and top.pose.rotmat.shape == (4, 5, 3, 3)

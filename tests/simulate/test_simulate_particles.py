@@ -66,7 +66,7 @@ def test_fourier_and_real_projectors_agree(adk32):
     vol = torch.from_numpy(adk32)
     a = sim.ParticleRenderer(vol, 3.0, "fourier")(pose, ctf)
     b = sim.ParticleRenderer(vol, 3.0, "real")(pose, ctf)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.98
 
 

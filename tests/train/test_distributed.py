@@ -85,10 +85,8 @@ def worker(star: str, run_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def star(tmp_path_factory) -> Path:
-    from train.test_trainer import simulate_small
-
-    return simulate_small(tmp_path_factory.mktemp("sim") / "data", n=32).star
+def star(simulated_adk) -> Path:
+    return simulated_adk(n=32).star
 
 
 def assert_close(a: dict, b: dict) -> None:
@@ -114,7 +112,7 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume_on_one(st
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4]
     ref_train = [r for r in single.history if r["kind"] == "train"][:2]
-    for r, s in zip(train, ref_train):
+    for r, s in zip(train, ref_train, strict=True):
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-4)
 
     # the 2-process checkpoint resumes in one process and ends where the one-process run did

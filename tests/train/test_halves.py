@@ -31,15 +31,13 @@ from cryoace.train.run import run_reconstruction
 from cryoace.train.trainer import load_checkpoint_file
 from cryoace.types import Pose
 
-from train.test_trainer import simulate_small
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def sim(simulated_adk):
     """160 noise-free adenylate-kinase particles (L=32, 3 Å/px, CTF, shifts; rlnRandomSubset 1, 2, ...)."""
-    return simulate_small(tmp_path_factory.mktemp("sim") / "data", n=160, seed=1)
+    return simulated_adk(n=160, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +185,8 @@ def test_poses_star_holds_each_particles_pose_from_its_own_half(run, sim):
     subset = table.extra_column("rlnRandomSubset")
     saved = json.loads((run_dir / "metrics.json").read_text())["halves"]["alignment"]
     alignment = MapAlignment(rotation=torch.tensor(saved["rotation"], dtype=torch.float64),
-                             flip_hand=saved["flip_hand"], shift_px=torch.tensor(saved["shift_px"], dtype=torch.float64),
+                             flip_hand=saved["flip_hand"],
+                             shift_px=torch.tensor(saved["shift_px"], dtype=torch.float64),
                              voxel_size=saved["voxel_size"], correlation=saved["correlation"],
                              correlation_other_hand=None, aligned=torch.zeros(1))
     for k, name in enumerate(HALF_NAMES):

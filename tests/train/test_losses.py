@@ -6,27 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from cryoace.io.mrc import read_volume
-from cryoace.physics.fourier import circular_mask, fft2_centered, fft3_centered, ifft2_centered, rfft2_centered
+from cryoace.physics.fourier import circular_mask, fft2_centered, ifft2_centered, rfft2_centered
 from cryoace.physics.forward import VoxelFourierVolume, render_images
 from cryoace.physics.rotations import random_rotmat
 from cryoace.train.losses import HalfDiscGrid, compute_loss, rotate_180, unrotate_pose
 from cryoace.types import CTFParams, Pose
 
-from conftest import TEST_DATA  # noqa: E402
+from helpers import adk_volume  # noqa: E402
 
 F64 = torch.float64
-
-
-def _adk_volume(size: int = 32) -> torch.Tensor:
-    """adenylate kinase at 1.5 Å/px, cropped to the central size³ and band-limited inside 0.4 cycles/px
-    (so trilinear slices of its padded transform are Hermitian to rounding)."""
-    v = torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=F64)
-    lo = 32 - size // 2
-    v = v[lo:lo + size, lo:lo + size, lo:lo + size]
-    spectrum = fft3_centered(v) * circular_mask(size, 0.4 * size, 3)
-    from cryoace.physics.fourier import ifft3_centered
-    return ifft3_centered(spectrum).real
 
 
 def test_rotate_180_is_exact_about_the_box_centre():
@@ -51,7 +39,7 @@ def test_rotate_180_is_exact_about_the_box_centre():
 
 def test_rotated_image_has_pose_d_r_and_minus_t_by_rendering():
     size, pixel_size = 32, 1.5
-    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
     g = torch.Generator().manual_seed(3)
     r = random_rotmat(4, g, F64)
     t = torch.randn(4, 2, generator=g, dtype=F64) * 3.0  # Å
@@ -85,7 +73,7 @@ class _FixedPoses(torch.nn.Module):
 
 def test_symmetric_loss_keeps_the_better_path_and_its_pose():
     size, pixel_size, n = 32, 1.5, 6
-    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
     g = torch.Generator().manual_seed(4)
     r_true = random_rotmat(n, g, F64)
     t_true = torch.randn(n, 2, generator=g, dtype=F64) * 2.0
@@ -160,7 +148,7 @@ def test_turned_view_has_pose_rz_r_and_rotated_shift_by_rendering():
     from cryoace.train.losses import rotate_mirror_images, rotated_view_pose
 
     size, pixel_size = 32, 1.5
-    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
     g = torch.Generator().manual_seed(8)
     r = random_rotmat(3, g, F64)
     t = torch.randn(3, 2, generator=g, dtype=F64) * 3.0
@@ -185,7 +173,7 @@ def test_turned_view_has_pose_rz_r_and_rotated_shift_by_rendering():
 
 def test_gsym_keeps_the_best_view_and_reports_an_unmirrored_pose():
     size, pixel_size, n = 32, 1.5, 4
-    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
     g = torch.Generator().manual_seed(9)
     r_true = random_rotmat(n, g, F64)
     images = render_images(volume, Pose(r_true, torch.zeros(n, 2, dtype=F64)), pixel_size, size)

@@ -18,8 +18,8 @@ from cryoace.train.pip import background_noise_std, pip_loss, pip_weight
 from cryoace.train.trainer import Trainer
 from cryoace.types import CTFParams, Pose
 
-from train.test_losses import _adk_volume
-from train.test_trainer import simulate_small, tiny
+from helpers import adk_volume
+from helpers import tiny_config as tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ class OracleEncoder(torch.nn.Module):
 
 
 def _setup(n=8, size=32, pixel_size=1.5, seed=0):
-    volume = VoxelFourierVolume.from_real(_adk_volume(size), pad_factor=2)
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
     g = torch.Generator().manual_seed(seed)
     pose = Pose(random_rotmat(n, g, F64), torch.randn(n, 2, generator=g, dtype=F64) * 2.0)
     ctf = CTFParams.create(defocus_u=torch.linspace(3000, 9000, n, dtype=F64),
@@ -115,8 +115,8 @@ def test_pip_weight_schedule():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data", n=48)
+def dataset(simulated_adk):
+    sim = simulated_adk(n=48)
     return ParticleDataset(read_particles(sim.star))
 
 

@@ -18,14 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    from train.test_trainer import simulate_small
-
-    return ParticleDataset(read_particles(simulate_small(tmp_path_factory.mktemp("sim") / "data", n=16).star))
+def dataset(simulated_adk):
+    return ParticleDataset(read_particles(simulated_adk(n=16).star))
 
 
 def tiny(**changes):
-    from train.test_trainer import tiny as tiny_config
+    from helpers import tiny_config
 
     return dataclasses.replace(tiny_config(steps=3, log_every=3), **changes)
 
@@ -70,7 +68,7 @@ def test_channels_last_encoder_trains_like_the_default_layout(dataset, tmp_path)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     a.fit()
     b.fit()
-    for (k, x), y in zip(a.encoder.state_dict().items(), b.encoder.state_dict().values()):
+    for (k, x), y in zip(a.encoder.state_dict().items(), b.encoder.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
 
 

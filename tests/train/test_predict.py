@@ -19,7 +19,8 @@ SIM = "sim_aspire_spike_L64_ctf_snr0.1/particles.star"
 
 def _truth(n: int, seed: int = 0) -> Pose:
     g = torch.Generator().manual_seed(seed)
-    return Pose(rotmat=random_rotmat(n, g, torch.float64), shift_angst=torch.randn(n, 2, generator=g, dtype=torch.float64))
+    return Pose(rotmat=random_rotmat(n, g, torch.float64),
+                shift_angst=torch.randn(n, 2, generator=g, dtype=torch.float64))
 
 
 def test_spooled_poses_round_trip_exactly_in_row_chunks(tmp_path):

@@ -46,7 +46,7 @@ def test_scheduler_scales_each_parameter_group_and_resumes():
         opt.step()
         sched.step()
     factors = [lr_factor(s, 4, (6,), 0.1, 0.0) for s in range(8)]
-    for (lr_grid, lr_enc), f in zip(seen, factors):
+    for (lr_grid, lr_enc), f in zip(seen, factors, strict=True):
         assert lr_grid == pytest.approx(f) and lr_enc == pytest.approx(1e-3 * f)
     # resume: a fresh scheduler loaded from the state dict continues at the same step
     state = pickle.loads(pickle.dumps(sched.state_dict()))

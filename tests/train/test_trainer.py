@@ -14,38 +14,18 @@ import torch
 from cryoace.errors import CryoaceInputError
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.train import trainer as trainer_module
-from cryoace.train.config import (PRESETS, TrainConfig, load_config, parse_duration, preset_config,
+from cryoace.train.config import (PRESETS, load_config, parse_duration, preset_config,
                                   save_config)
 from cryoace.train.trainer import Trainer, load_checkpoint_file
+from helpers import tiny_config as tiny
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def simulate_small(out, n=64, size=32, noise_free=True, seed=0):
-    """A small adenylate-kinase dataset (L=32 at 3 Å/px, CTF, shifts) through simulate's Python API."""
-    from cryoace.simulate.molmap import molmap, read_model
-    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
-    from cryoace.simulate.presets import ADK_MODEL
-
-    volume = molmap(read_model(ADK_MODEL), size, 3.0, 6.0).data
-    cfg = SimulationConfig(n=n, snr_db=None if noise_free else -10.0, shift_std_angst=2.0,
-                           defocus_median=4000.0, defocus_spread=0.15, astigmatism=200.0, seed=seed)
-    return simulate_dataset(volume, 3.0, out, cfg, progress=False)
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data")
-    return ParticleDataset(read_particles(sim.star))
-
-
-def tiny(**changes) -> TrainConfig:
-    cfg = preset_config("tiny")
-    cfg.batch_size = 8
-    cfg.volume_every = 0
-    cfg.device = "cpu"
-    return dataclasses.replace(cfg, **changes)
+def dataset(simulated_adk):
+    return ParticleDataset(read_particles(simulated_adk(n=64).star))
 
 
 def test_every_trainable_parameter_is_optimized_and_gets_a_gradient(dataset, tmp_path):

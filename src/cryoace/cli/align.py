@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluate.map_align import align_maps
     from ..io.atomic import atomic_path
     from ..io.mrc import read_volume, write_mrc
-    from .fsc import _summary_line
+    from .fsc import fsc_summary_line
 
     _check_args(args)
     moving = read_volume(args.map)
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{key:>12}  {value}")
     if fsc_result is not None:
         for t in DEFAULT_THRESHOLDS:
-            print(_summary_line(fsc_result.resolution(t)))
+            print(fsc_summary_line(fsc_result.resolution(t)))
     written = [args.output, json_path] + ([plot_path] if plot_path else [])
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -121,7 +121,8 @@ def _table(result, out) -> None:
         print(f"{k:5d}  {freq:12.4f}  {1.0 / freq:10.2f}  {result.curve[k]:7.4f}", file=out)
 
 
-def _summary_line(res) -> str:
+def fsc_summary_line(res) -> str:
+    """One line for an FSC crossing: the resolution in px (and Å) and where the curve crossed."""
     a = f", {res.angstrom:.2f} Å" if res.angstrom is not None else ""
     head = f"resolution at FSC {res.threshold:g}: {res.px:.2f} px{a}"
     if res.crossed:
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stderr if to_stdout_json else sys.stdout
     _table(result, out)
     for t in DEFAULT_THRESHOLDS:
-        print(_summary_line(result.resolution(t)), file=out)
+        print(fsc_summary_line(result.resolution(t)), file=out)
     if corrected is not None:
         how = ("no correction needed" if corrected.randomize_from_shell is None else
                f"phases randomized from shell {corrected.randomize_from_shell}")

@@ -4,7 +4,8 @@ Each sub-command module has a docstring (first line = summary, the rest = --help
 example), ``add_args(parser)`` and ``main(args)``, and may have ``resume_hint(args, argv)`` (the
 command that continues after an interruption, see :func:`resume_command`). Input errors, unusable
 options and failed reads or writes of the file system (a read-only folder, a full disk, a directory
-given for a file) become one line on stderr and exit 2.
+given for a file) become one line on stderr and exit 2; a run that fails on good input (training
+diverged) one line and exit 3; an interrupt exit 130.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..errors import CryoaceInputError
+from ..errors import EXIT_INPUT, EXIT_RUN_FAILED, CryoaceInputError, CryoaceRunError
 
 # sub-command name -> module under cryoace.cli (only the chosen one is imported: `cryoace --help` and
 # `--version` import neither the sub-commands nor torch)
@@ -121,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except CryoaceInputError as exc:
         print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except OSError as exc:  # the file system refused a read or write (EACCES, ENOSPC, EROFS, EISDIR...)
         print(f"cryoace {args.command}: error: {_os_error_line(exc)}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except CryoaceRunError as exc:  # good input, failed run (e.g. the loss diverged)
+        print(f"cryoace {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         hint = args._resume_hint(args, argv) if args._resume_hint is not None else None
         print(f"cryoace {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""),

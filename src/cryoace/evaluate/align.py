@@ -47,7 +47,8 @@ from ..physics.fourier import fft3_centered, freq_grid_3d, ifft3_centered
 from ..physics.slicing import sample_grid
 
 __all__ = ["RotationAlignment", "MIRROR", "align_rotations", "apply_alignment", "resample_volume",
-           "transform_volume", "mirror_volume", "shift_volume", "estimate_volume_offset"]
+           "transform_volume", "mirror_volume", "shift_volume", "estimate_volume_offset",
+           "fourier_upsample"]
 
 #: The mirror that models a hand flip: (x, y, z) → (x, y, −z).
 MIRROR = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
@@ -142,7 +143,7 @@ def align_rotations(rot_pred, rot_gt, hands: str = "both") -> RotationAlignment:
 # Maps
 # ---------------------------------------------------------------------------------------------
 
-def _fourier_upsample(volume: torch.Tensor, factor: int) -> torch.Tensor:
+def fourier_upsample(volume: torch.Tensor, factor: int) -> torch.Tensor:
     """Band-limited (trigonometric) interpolation of a real (L, L, L) volume onto a grid ``factor``
     times finer: voxel ``i`` of the input is voxel ``factor·i`` of the output (centre L//2 → factor·L//2),
     and the input samples are reproduced exactly."""
@@ -175,7 +176,7 @@ def resample_volume(volume: torch.Tensor, matrix, oversample: int = 2, chunk_pla
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     size = volume.shape[-1]
     work = volume.to(torch.float64) if volume.dtype == torch.float64 else volume.to(torch.float32)
-    fine = _fourier_upsample(work, oversample) if oversample > 1 else work
+    fine = fourier_upsample(work, oversample) if oversample > 1 else work
     a = torch.as_tensor(matrix, dtype=work.dtype, device=work.device)
     offsets = torch.arange(size, device=work.device, dtype=work.dtype) - size // 2
     y, x = torch.meshgrid(offsets, offsets, indexing="ij")

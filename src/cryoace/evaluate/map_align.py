@@ -40,12 +40,12 @@ import torch
 from ..physics.fourier import fourier_crop, radial_distance
 from ..physics.rotations import axis_angle_to_rotmat, geodesic_angle, quaternion_to_rotmat
 from ..physics.slicing import sample_grid
-from .align import (MIRROR, _fourier_upsample, estimate_volume_offset, mirror_volume, resample_volume,
+from .align import (MIRROR, fourier_upsample, estimate_volume_offset, mirror_volume, resample_volume,
                     shift_volume, transform_volume)
 from .fsc import FSCResult, Resolution, fsc
 
 __all__ = ["MapAlignment", "align_maps", "resample_map", "rotation_grid", "map_correlation",
-           "HalfMapFSC", "half_map_fsc"]
+           "HalfMapFSC", "half_map_fsc", "gaussian_lowpass"]
 
 #: Relative tolerance under which two voxel sizes count as equal.
 VOXEL_SIZE_RTOL = 1e-4
@@ -215,11 +215,11 @@ class _Scorer:
         self.size, self.oversample, self.batch = size, oversample, batch
         mov, ref = moving.to(torch.float32), reference.to(torch.float32)
         if lowpass_sigma is not None:
-            mov, ref = _gaussian_lowpass(mov, lowpass_sigma), _gaussian_lowpass(ref, lowpass_sigma)
+            mov, ref = gaussian_lowpass(mov, lowpass_sigma), gaussian_lowpass(ref, lowpass_sigma)
         self.inside = (radial_distance(size, 3, dtype=torch.float32) <= size / 2 - 1).reshape(-1)
         ball = self.inside.reshape(mov.shape).to(torch.float32)
         mov = (mov - mov[ball > 0].mean()) * ball
-        self.fine = _fourier_upsample(mov, oversample) if oversample > 1 else mov
+        self.fine = fourier_upsample(mov, oversample) if oversample > 1 else mov
         self.ref = ref - ref.mean()  # mean-free: the moving map's DC cannot add to the correlation
         self.ref_ft_conj = torch.fft.rfftn(self.ref).conj()
         self.ref_norm = float(self.ref.norm())
@@ -297,7 +297,7 @@ def _peak_value(cc: torch.Tensor, interpolate: bool) -> torch.Tensor:
     return c0 + gain
 
 
-def _gaussian_lowpass(volume: torch.Tensor, sigma_cyc_px: float) -> torch.Tensor:
+def gaussian_lowpass(volume: torch.Tensor, sigma_cyc_px: float) -> torch.Tensor:
     """Multiply the spectrum by ``exp(−|k|²/(2σ²))`` (k in cycles/px): a smooth low-pass, no ringing."""
     size = volume.shape[-1]
     k = torch.fft.fftfreq(size, dtype=torch.float64)

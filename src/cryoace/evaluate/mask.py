@@ -87,7 +87,7 @@ def make_mask(volume, threshold: float | None = None, extend_px: float = DEFAULT
                     ``voxel_size``, Å/px) before thresholding, for a smoother outline.
     Raises ValueError for negative widths or an empty thresholded region.
     """
-    from .map_align import _gaussian_lowpass
+    from .map_align import gaussian_lowpass
 
     if extend_px < 0 or soft_px < 0:
         raise ValueError(f"extend and soft widths must be >= 0, got {extend_px} and {soft_px}")
@@ -97,7 +97,7 @@ def make_mask(volume, threshold: float | None = None, extend_px: float = DEFAULT
         if not voxel_size or voxel_size <= 0 or lowpass_angst <= 0:
             raise ValueError("a low-pass needs a positive resolution and voxel size")
         # exp(−k²/2σ²) = ½ at k = voxel_size / lowpass_angst cycles/px
-        v = _gaussian_lowpass(v, voxel_size / lowpass_angst / math.sqrt(2 * math.log(2)))
+        v = gaussian_lowpass(v, voxel_size / lowpass_angst / math.sqrt(2 * math.log(2)))
     if threshold is None:
         threshold = default_threshold(v)
     binary = v > threshold

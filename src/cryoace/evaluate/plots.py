@@ -21,8 +21,8 @@ import numpy as np
 from ..io.atomic import atomic_path
 from .fsc import DEFAULT_THRESHOLDS, FSCResult
 
-__all__ = ["plot_fsc", "plot_loss", "plot_volume", "plot_viewing_directions", "plot_resolution_history", "plot_refinement",
-           "read_metrics"]
+__all__ = ["plot_fsc", "plot_loss", "plot_volume", "plot_viewing_directions", "plot_resolution_history",
+           "plot_refinement", "read_metrics"]
 
 def _save_png(fig, target, dpi: int) -> None:
     """Write ``fig`` as PNG to a path (atomically) or into a binary file object."""
@@ -115,8 +115,9 @@ def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLi
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
     """The ``metrics.jsonl`` records of one ``kind`` ("train": the loss records; "halves": half-map
     FSCs; "rollback"; "refine": one per refinement round, "ab_initio": one per iteration, all at the last
-    training step), sorted by step (and round or iteration). Where a step (and round) was logged twice (a rollback or resume re-ran it), the
-    later record wins. A missing file gives ``[]``; a line cut by a crash is skipped."""
+    training step), sorted by step (and round or iteration). Where a step (and round) was logged twice
+    (a rollback or resume re-ran it), the later record wins. A missing file gives ``[]``; a line cut by
+    a crash is skipped."""
     by_step: dict[tuple[int, int], dict] = {}
     path = Path(path)
     if not path.is_file():
@@ -165,7 +166,7 @@ def plot_volume(volume, path: str | os.PathLike | BinaryIO, voxel_size: float | 
                    ("projection along x", v.sum(2))]
     fig = _figure(9.0, 6.4)
     axes = fig.subplots(2, 3)
-    for ax, (label, img) in zip(axes.ravel(), slices + projections):
+    for ax, (label, img) in zip(axes.ravel(), slices + projections, strict=True):
         ax.imshow(img, cmap="gray", origin="lower")
         ax.set_title(label, fontsize=9)
         ax.set_xticks([])
@@ -236,13 +237,15 @@ def plot_refinement(records: Sequence[Mapping], path: str | os.PathLike | Binary
     fig = _figure(7.0, 4.2)
     ax = fig.add_subplot()
     rounds = [int(r["round"]) + 1 for r in records]
-    moved = [(k, r["pose_change_median_deg"]) for k, r in zip(rounds, records)
+    moved = [(k, r["pose_change_median_deg"]) for k, r in zip(rounds, records, strict=True)
              if r.get("pose_change_median_deg") is not None]
     if moved:
-        ax.plot(*zip(*moved), "o-", ms=3, lw=1.4, color="C0", label="pose change since last round (median)")
-    truth = [(k, r["rot_median_deg"]) for k, r in zip(rounds, records) if r.get("rot_median_deg") is not None]
+        ax.plot(*zip(*moved, strict=True), "o-", ms=3, lw=1.4, color="C0",
+                label="pose change since last round (median)")
+    truth = [(k, r["rot_median_deg"]) for k, r in zip(rounds, records, strict=True)
+             if r.get("rot_median_deg") is not None]
     if truth:
-        ax.plot(*zip(*truth), "s-", ms=3, lw=1.4, color="C3", label="error vs the file's poses (median)")
+        ax.plot(*zip(*truth, strict=True), "s-", ms=3, lw=1.4, color="C3", label="error vs the file's poses (median)")
     if moved or truth:
         ax.set_yscale("log")
         ax.legend(loc="best", fontsize=8)

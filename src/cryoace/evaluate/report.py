@@ -305,14 +305,14 @@ def _resolution(halves: list[dict]) -> str:
     if not points:
         return _missing("No half-map resolution records in metrics.jsonl (training with --halves writes "
                         "them), so there is no resolution history.")
-    t, steps, res = (np.array(v, dtype=np.float64) for v in zip(*points))
+    t, steps, res = (np.array(v, dtype=np.float64) for v in zip(*points, strict=True))
     use_time = bool(np.all(np.isfinite(t)))
     x = t / 60.0 if use_time else steps
     img = _png(lambda f: plot_resolution_history({"half maps, FSC 0.143": (x, res)}, f,
                                                  "training time (min)" if use_time else "step"),
                "half-map resolution over training")
     rows = [(f"step {int(s):,}" + (f" ({_duration(e)})" if use_time else ""), f"{r:.2f} Å")
-            for e, s, r in zip(t, steps, res)]
+            for e, s, r in zip(t, steps, res, strict=True)]
     return img + _table(rows[-12:])  # the latest dozen; the plot shows all
 
 

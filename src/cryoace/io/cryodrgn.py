@@ -38,7 +38,7 @@ from ..errors import CryoaceInputError
 from ..types import CTFParams, Pose
 from .atomic import atomic_path
 from .mrc import open_mrc
-from .particles import ParticleTable, no_ctf_params
+from .table import ParticleTable, no_ctf_params
 
 __all__ = ["read_cryodrgn_poses", "read_cryodrgn_ctf", "write_cryodrgn_poses", "write_cryodrgn_ctf",
            "table_from_stack", "read_index_file"]

@@ -58,8 +58,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose
-from .particles import ParticleTable, no_ctf_params, resolve_image_paths
-from .table import absolute_as_written, particle_number
+from .table import ParticleTable, absolute_as_written, no_ctf_params, particle_number, resolve_image_paths
 
 __all__ = ["read_cs", "write_cs", "OWNED_FIELDS"]
 

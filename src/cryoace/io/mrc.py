@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -101,3 +102,73 @@ def write_mrc(path: str | os.PathLike, data: np.ndarray, voxel_size: float,
             if origin is not None:
                 mrc.header.origin = origin
             mrc.update_header_stats()
+
+
+class MrcStackWriter:
+    """Write an (n, size, size) float32 image stack block by block, atomically, in constant memory.
+
+    ``mrcfile`` writes the header (and a sparse file of the final size); the images are then appended
+    with plain sequential writes, so neither RAM nor mapped pages grow with n (a memory map of a
+    stack of millions of images would keep its dirty pages resident). On a clean exit the header's
+    min / max / mean / rms are set from running sums and the file is renamed to ``path``; an error,
+    or fewer than ``n`` images written, leaves nothing under ``path``.
+
+        with MrcStackWriter(path, n, size, voxel_size=1.5) as stack:
+            for block in blocks:
+                stack.write(block)          # (k, size, size)
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, size: int, voxel_size: float):
+        self.path, self.n, self.size, self.voxel_size = Path(path), int(n), int(size), float(voxel_size)
+        self.written = 0
+        self._min, self._max, self._sum, self._sumsq = np.inf, -np.inf, 0.0, 0.0
+
+    def __enter__(self) -> "MrcStackWriter":
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        try:
+            with mrcfile.new_mmap(tmp, shape=(self.n, self.size, self.size), mrc_mode=2, overwrite=True) as mrc:
+                mrc.set_image_stack()
+                mrc.voxel_size = self.voxel_size
+                offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
+            self._tmp = tmp
+            self._file = open(tmp, "r+b")
+            self._file.seek(offset)
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def write(self, images: np.ndarray) -> None:
+        """Append ``images`` (k, size, size), converted to little-endian float32."""
+        block = np.ascontiguousarray(images, dtype="<f4")
+        if block.ndim != 3 or block.shape[1:] != (self.size, self.size):
+            raise ValueError(f"expected images of shape (k, {self.size}, {self.size}), got {block.shape}")
+        if self.written + len(block) > self.n:
+            raise ValueError(f"{self.written + len(block)} images written to a stack of {self.n}")
+        self._file.write(block.tobytes())
+        self.written += len(block)
+        if block.size:
+            self._min = min(self._min, float(block.min()))
+            self._max = max(self._max, float(block.max()))
+            as64 = block.astype(np.float64)
+            self._sum += float(as64.sum())
+            self._sumsq += float(np.square(as64).sum())
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._file.close()
+        if exc_type is not None:  # the temporary file is removed, the error goes on
+            self._atomic.__exit__(exc_type, exc, tb)
+            return False
+        if self.written != self.n:
+            error = ValueError(f"{self.written} of {self.n} images written to {self.path}")
+            self._atomic.__exit__(ValueError, error, None)
+            raise error
+        count = self.written * self.size * self.size
+        mean = self._sum / count
+        with mrcfile.mmap(self._tmp, mode="r+") as mrc:
+            header = mrc.header
+            header.dmin, header.dmax, header.dmean = self._min, self._max, mean
+            header.rms = np.sqrt(max(self._sumsq / count - mean * mean, 0.0))
+        self._atomic.__exit__(None, None, None)
+        return False

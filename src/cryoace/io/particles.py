@@ -44,6 +44,7 @@ __all__ = [
     "no_ctf_params",
     "resolve_image_paths",
     "collate_particles",
+    "BatchIterable",
 ]
 
 
@@ -256,7 +257,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         order = np.argsort(codes, kind="stable")
         sorted_codes = codes[order]
         starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
-        for start, stop in zip(starts, np.r_[starts[1:], len(order)]):
+        for start, stop in zip(starts, np.r_[starts[1:], len(order)], strict=True):
             group = order[start:stop]
             code = int(sorted_codes[start])
             li = local[group]
@@ -332,13 +333,13 @@ class ParticleDataset(torch.utils.data.Dataset):
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | int | None = None, indices=None,
-                drop_last: bool = False) -> "_BatchIterable":
+                drop_last: bool = False) -> "BatchIterable":
         """Iterate over the dataset (or ``indices`` of it) in batches; the result has ``len()`` (tqdm).
 
         ``shuffle`` uses ``generator`` (a torch.Generator or an int seed) and reshuffles on each
         iteration.
         """
-        return _BatchIterable(self, int(batch_size), shuffle, generator, indices, drop_last)
+        return BatchIterable(self, int(batch_size), shuffle, generator, indices, drop_last)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -379,7 +380,7 @@ class ParticleDataset(torch.utils.data.Dataset):
         return list(self._stack_paths)
 
 
-class _BatchIterable:
+class BatchIterable:
     """Batches of a dataset (all rows or ``indices``), optionally reshuffled on each iteration. Over all
     rows no index array is kept and a shuffled pass holds one int32 permutation (4 bytes a particle)."""
 

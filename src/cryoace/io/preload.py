@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CryoaceInputError
-from .particles import ParticleDataset, _BatchIterable
+from .particles import ParticleDataset, BatchIterable
 from .table import as_row_indices
 
 __all__ = ["PRELOAD_MODES", "choose_preload", "dataset_nbytes", "available_ram_bytes", "free_gpu_bytes",
@@ -125,9 +125,9 @@ class PreloadedDataset:
         return batch[0] if single else batch
 
     def batches(self, batch_size: int, shuffle: bool = False, generator=None, indices=None,
-                drop_last: bool = False) -> _BatchIterable:
+                drop_last: bool = False) -> BatchIterable:
         """As :meth:`ParticleDataset.batches`."""
-        return _BatchIterable(self, int(batch_size), shuffle, generator, indices, drop_last)
+        return BatchIterable(self, int(batch_size), shuffle, generator, indices, drop_last)
 
     def __getattr__(self, name: str):
         if name == "base":  # not set yet (unpickling): no recursion

@@ -50,20 +50,13 @@ from .starloop import Loop, LoopColumns, iter_loop, read_loop, scan_star
 from .starwrite import write_star
 from .table import EulerPoses, ParticleTable, absolute_as_written, particle_number, resolve_image_paths
 
-__all__ = ["read_star", "write_star", "read_star_blocks", "OWNED_COLUMNS"]
+__all__ = ["read_star", "write_star", "OWNED_COLUMNS"]
 
 #: RELION's own defaults (``CTF::read``) for microscope columns missing next to a defocus; using one
 #: emits a warning.
 _RELION_CTF_DEFAULTS = {"rlnVoltage": 200.0, "rlnSphericalAberration": 0.0, "rlnAmplitudeContrast": 0.0}
 
 _OPTICS_KEYS = ("rlnOpticsGroup", "rlnOpticsGroupName")
-
-
-def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
-    """All data blocks of a star file as DataFrames (key = name after ``data_``), read whole — for
-    small files; :func:`read_star` streams the particles."""
-    path = Path(path)
-    return {name: read_loop(path, loop) for name, loop in scan_star(path).items()}
 
 
 def _select(blocks: dict[str, Loop], path: Path) -> tuple[Loop, Loop | None]:
@@ -229,7 +222,7 @@ class _ParticleReader:
             bfactor=self._get(m, "rlnCtfBfactor", 0.0))
 
     def _pose(self, m: _Merged, ps: np.ndarray | float) -> dict[str, np.ndarray | float]:
-        out = {key: m.numeric(col) for key, col in zip(_POSE_FIELDS, ANGLES)}
+        out = {key: m.numeric(col) for key, col in zip(_POSE_FIELDS[:3], ANGLES, strict=True)}
         if {"rlnOriginXAngst", "rlnOriginYAngst"} <= self.have:
             out["shift_x"], out["shift_y"] = m.numeric("rlnOriginXAngst"), m.numeric("rlnOriginYAngst")
         elif {"rlnOriginX", "rlnOriginY"} <= self.have:

@@ -98,7 +98,7 @@ class _OpticsPlan:
         for start, stop in row_chunks(len(table), chunk_rows):
             codes, keys = _keys(_optics_values(table, np.arange(start, stop)))
             first = np.unique(codes, return_index=True)[1]
-            for key, row in zip(keys, first):
+            for key, row in zip(keys, first, strict=True):
                 if key not in self.groups:
                     self.groups[key] = len(self.groups) + 1
                     firsts.append(start + int(row))
@@ -151,7 +151,7 @@ def _pose_columns(table: ParticleTable, pose: PoseSource, rows: np.ndarray) -> d
             return {}
         part = angles.take(torch.from_numpy(rows))
         values = [part.rot, part.tilt, part.psi, part.shift_x, part.shift_y]
-        return dict(zip(ANGLES + ("rlnOriginXAngst", "rlnOriginYAngst"), (v.numpy() for v in values)))
+        return dict(zip(ANGLES + ("rlnOriginXAngst", "rlnOriginYAngst"), (v.numpy() for v in values), strict=True))
     part = pose[torch.from_numpy(rows)] if isinstance(pose, Pose) else pose(rows)
     if len(part.rotmat) != len(rows):
         raise ValueError(f"the pose source gave {len(part.rotmat)} poses for {len(rows)} rows")

@@ -35,13 +35,13 @@ relu-pe        PE (3 + 2·3·10 = 63) → 256, 6 × 256→256 ReLU, 256→2     
 so the three compare at equal width and equal parameter count (within 4%). The cryoAI paper used
 about 300k parameters in each ablation network.
 
-The voxel-grid decoders of :mod:`cryoace.models.voxel` (``"voxel-fourier"``, ``"voxel-real"``) are
+The base class and the half-space map live in :mod:`cryoace.models.hermitian`. The voxel-grid
+decoders of :mod:`cryoace.models.voxel` (``"voxel-fourier"``, ``"voxel-real"``) are
 HermitianDecoders too and share the registry :data:`DECODERS` / :func:`build_decoder`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
@@ -49,7 +49,9 @@ import torch
 from torch import nn
 
 from ..physics.fourier import freq_1d
+from .hermitian import HermitianDecoder, hermitian_canonicalize
 from .siren import Siren
+from .voxel import VoxelFourierDecoder, VoxelRealDecoder
 
 __all__ = [
     "HermitianDecoder",
@@ -64,72 +66,6 @@ __all__ = [
     "evaluate_grid",
     "hermitian_canonicalize",
 ]
-
-
-def hermitian_canonicalize(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Map points (..., 3) = (kx, ky, kz) into the canonical half-space H (module docstring).
-
-    Returns ``(canonical, flipped, is_dc)``: ``canonical = −k`` where ``flipped`` else ``k``; ``is_dc``
-    marks k = 0. Comparisons are exact (−0.0 counts as 0), so k and −k always share one canonical
-    point.
-    """
-    kx, ky, kz = coords.unbind(-1)
-    z0 = kz == 0
-    y0 = ky == 0
-    flipped = (kz < 0) | (z0 & (ky < 0)) | (z0 & y0 & (kx < 0))
-    is_dc = z0 & y0 & (kx == 0)
-    canonical = torch.where(flipped[..., None], -coords, coords)
-    return canonical, flipped, is_dc
-
-
-class HermitianDecoder(nn.Module):
-    """Base class: Hermitian-symmetric complex field from a real network ``f: (N, 3) → (N, 2)``.
-
-    Subclasses implement :meth:`network` on canonical coordinates in cycles/px. ``output_scale`` is a
-    constant (non-trainable, saved in the state dict) multiplying the output, so a trainer can put the
-    decoder's values on the scale of its data (unnormalized FFTs are large) without waiting for the
-    last layer's bias to drift there.
-
-    Under ``torch.autocast`` the network still runs in its own dtype (float32) unless
-    ``allow_autocast=True``: a SIREN's ``sin(30·(Wx+b))`` in bfloat16 is off by several per cent, so
-    mixed precision should speed up the encoder, not the neural field.
-    """
-
-    hermitian = True
-    # Suggested learning rate for this decoder's own optimizer parameter group; None = use the
-    # run's learning rate (neural fields). Voxel grids (models.voxel) set 1.0, the ACE-EM setting.
-    default_lr: float | None = None
-
-    def __init__(self, output_scale: float = 1.0, allow_autocast: bool = False):
-        super().__init__()
-        self.register_buffer("output_scale", torch.tensor(float(output_scale)))
-        self.allow_autocast = allow_autocast
-
-    def network(self, coords_cyc_px: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """(N, 3) canonical coordinates in cycles/px → (N, 2) real (Re, Im) before symmetrisation."""
-        raise NotImplementedError
-
-    def forward(self, coords_cyc_px: torch.Tensor) -> torch.Tensor:
-        """V̂ at (..., 3) frequencies in cycles/px → complex (...) (complex64 for float32 weights).
-
-        Coordinates are cast to the decoder's parameter dtype.
-        """
-        batch_shape = coords_cyc_px.shape[:-1]
-        dtype = self.output_scale.dtype
-        k = coords_cyc_px.reshape(-1, 3).to(dtype)
-        canonical, flipped, is_dc = hermitian_canonicalize(k)
-        no_autocast = (contextlib.nullcontext() if self.allow_autocast
-                       else torch.autocast(device_type=k.device.type, enabled=False))
-        with no_autocast:
-            out = self.network(canonical)
-        if out.dtype in (torch.float16, torch.bfloat16):  # autocast: no complex half arithmetic
-            out = out.float()
-        scale = self.output_scale.to(out.dtype)
-        re = out[:, 0] * scale
-        im = out[:, 1] * scale
-        im = torch.where(flipped, -im, im)
-        im = torch.where(is_dc, torch.zeros_like(im), im)
-        return torch.complex(re, im).reshape(batch_shape)
 
 
 class FourierNet(HermitianDecoder):
@@ -225,10 +161,6 @@ class ReluPEDecoder(HermitianDecoder):
     def network(self, coords_cyc_px: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.encoding(coords_cyc_px))
 
-
-# Voxel grids subclass HermitianDecoder, so their module imports this one; importing it here,
-# after HermitianDecoder exists, keeps one registry without an import cycle at load time.
-from .voxel import VoxelFourierDecoder, VoxelRealDecoder  # noqa: E402
 
 DECODERS: dict[str, type[HermitianDecoder]] = {
     "fouriernet": FourierNet,

@@ -180,7 +180,7 @@ class PoseEncoder(FilterBankPoseEncoder):
                          normalize_input, channels_last)
         blocks: list[nn.Module] = []
         in_ch, spatial = self.n_filters, self.image_size
-        for out_ch, n_conv in zip(channels, convs_per_block):
+        for out_ch, n_conv in zip(channels, convs_per_block, strict=True):
             for _ in range(n_conv):
                 blocks += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch),
                            nn.ReLU(inplace=True)]

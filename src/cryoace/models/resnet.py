@@ -67,7 +67,7 @@ class ResNetTrunk(nn.Module):
                                   *([nn.MaxPool2d(3, stride=2, padding=1)] if stem_pool else []))
         stages: list[nn.Module] = []
         in_ch = widths[0]
-        for i, (width, n_blocks) in enumerate(zip(widths, blocks)):
+        for i, (width, n_blocks) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
             stage = [BasicBlock(in_ch if j == 0 else width, width, stride if j == 0 else 1)
                      for j in range(n_blocks)]

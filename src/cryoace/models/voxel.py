@@ -1,6 +1,6 @@
 """Voxel-grid Fourier volumes (ACE-EM's grid decoders) with the neural decoders' interface.
 
-Both classes are :class:`~cryoace.models.decoders.HermitianDecoder` s: ``decoder(coords_cyc_px
+Both classes are :class:`~cryoace.models.hermitian.HermitianDecoder` s: ``decoder(coords_cyc_px
 (..., 3)) → complex (...)``, V̂ on the scale of ``fft3_centered`` of the map times the constant
 ``output_scale`` buffer, Hermitian by construction (``hermitian = True``: only the canonical half
 space kz ≥ 0 is sampled, the rest is its conjugate — bit-exact). ``default_lr = 1.0`` is the
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..physics.fourier import fft3_centered
 from ..physics.slicing import sample_grid
-from .decoders import HermitianDecoder
+from .hermitian import HermitianDecoder
 
 __all__ = ["VoxelFourierDecoder", "VoxelRealDecoder", "hermitian_half_grid", "sample_half_grid"]
 

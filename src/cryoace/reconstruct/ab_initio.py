@@ -38,7 +38,8 @@ from ..physics.fourier import radial_distance
 from .backproject import FourierAccumulator
 from .pose_search import band_coefficients, global_search, pose_posterior, search_band, shift_grid, so3_grid
 
-__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "mean_search_error"]
+__all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "mean_search_error",
+           "blob_volume"]
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ class AbInitioResult:
     iterations: list[AbInitioIteration]
 
 
-def _blob(size: int, device) -> torch.Tensor:
+def blob_volume(size: int, device) -> torch.Tensor:
     """A featureless start: a Gaussian of σ = L/8 px at the box centre (the first iteration's poses
     are then nearly uniform, and its map is the data's rotational average)."""
     r = radial_distance(size, 3, device=device, dtype=torch.float32)
@@ -120,7 +121,7 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
     if volume is not None and tuple(volume.shape) != (size, size, size):
         raise ValueError(f"the start map is {tuple(volume.shape)}, the images need {size}³")
     use_ctf = bool(use_ctf and dataset.has_ctf)
-    current = (_blob(size, device) if volume is None else volume).to(device=device, dtype=torch.float32)
+    current = (blob_volume(size, device) if volume is None else volume).to(device=device, dtype=torch.float32)
     rotations = so3_grid(settings.step_deg, device=device)
     shifts = shift_grid(settings.shift_range_px, 1.0, device=device)
     batch_size = min(settings.batch_size, len(rows))

@@ -110,7 +110,8 @@ class FourierAccumulator:
             ctf_values = torch.ones(spectra.shape, dtype=self.dtype, device=self.device)
         # centre the particles: un-apply each pose's shift
         numerator = (spectra * ctf_values)[:, None] * phase_ramp(freq, -shift_px)   # (B, K, Q)
-        values = torch.stack([numerator.real, numerator.imag, (ctf_values * ctf_values)[:, None].expand_as(numerator.real)], -1)
+        weights = (ctf_values * ctf_values)[:, None].expand_as(numerator.real)
+        values = torch.stack([numerator.real, numerator.imag, weights], -1)
         if weight is not None:
             values = values * weight.to(self.device, self.dtype).reshape(batch, -1, 1, 1)
         coords = central_slice_coords(rotmat, freq)                                     # (B, K, Q, 3)

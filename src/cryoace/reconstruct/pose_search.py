@@ -11,9 +11,10 @@ images' (B·J, K) rows (J shifts) with the slices' (K, R) columns, so millions o
 cost a few GEMMs; slices are computed once per rotation, not per image.
 
 **Global search** (:func:`global_search`): rotations of :func:`so3_grid` (Fibonacci-sphere viewing
-directions × uniform in-plane angles, about ``step`` degrees apart) × shifts on a small grid. **Local search** (:func:`local_search`): each
-image's own rotation turned by every element of a small cube of rotation vectors (:func:`local_offsets`)
-and its shift moved on a small grid; repeated with halving steps and growing band (coarse to fine).
+directions × uniform in-plane angles, about ``step`` degrees apart) × shifts on a small grid.
+**Local search** (:func:`local_search`): each image's own rotation turned by every element of a small
+cube of rotation vectors (:func:`local_offsets`) and its shift moved on a small grid; repeated with
+halving steps and growing band (coarse to fine).
 
 The volume is any callable ``coords (…, 3) cycles/px → complex``: a decoder, or (much faster for
 thousands of rotations) :class:`~cryoace.physics.forward.VoxelFourierVolume` of a map.

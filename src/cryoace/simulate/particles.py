@@ -25,9 +25,9 @@ Outputs (in ``out_dir``): ``particles.mrcs`` (or ``particles_000.mrcs``, ``parti
 at most ``stack_size`` images each), ``particles.star`` (RELION 3.1: optics + particles with the true
 poses, CTF and ``rlnRandomSubset`` alternating 1, 2), ``volume.mrc`` (the ground-truth map) and
 ``simulation.yaml`` (every parameter, the seeds, the noise σ, the cryoace version). Stacks are
-written chunk by chunk with sequential writes after an ``mrcfile`` header, so memory does not grow
-with N; every file is written under a temporary name and renamed when complete, and a failed run
-removes what it wrote.
+written chunk by chunk (:class:`cryoace.io.mrc.MrcStackWriter`: sequential writes after the header),
+so memory does not grow with N; every file is written under a temporary name and renamed when
+complete, and a failed run removes what it wrote.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def _seed_int(seq: np.random.SeedSequence) -> int:
 def spawn_seeds(seed: int) -> dict[str, int]:
     """One integer seed per purpose (``SEED_PURPOSES``) spawned from the run seed."""
     children = np.random.SeedSequence(int(seed)).spawn(len(SEED_PURPOSES))
-    return {purpose: _seed_int(child) for purpose, child in zip(SEED_PURPOSES, children)}
+    return {purpose: _seed_int(child) for purpose, child in zip(SEED_PURPOSES, children, strict=True)}
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -295,25 +295,6 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
                                 "choose another directory or pass --overwrite", out_dir)
 
 
-class _Stats:
-    """Running min / max / mean / rms of everything written to a stack (for the MRC header)."""
-
-    def __init__(self):
-        self.min, self.max, self.sum, self.sumsq, self.count = math.inf, -math.inf, 0.0, 0.0, 0
-
-    def add(self, x: np.ndarray) -> None:
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        x64 = x.astype(np.float64, copy=False)
-        self.sum += float(x64.sum())
-        self.sumsq += float(np.square(x64).sum())
-        self.count += x.size
-
-    def header(self) -> tuple[float, float, float, float]:
-        mean = self.sum / self.count
-        return self.min, self.max, mean, math.sqrt(max(self.sumsq / self.count - mean * mean, 0.0))
-
-
 def _plain(obj: Any) -> Any:
     """Nested dicts/lists of builtin types only (for yaml.safe_dump)."""
     if isinstance(obj, dict):
@@ -349,13 +330,12 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
     log           : called with one-line messages (warnings such as CTF aliasing).
     See the module docstring for the physics, seeds and files.
     """
-    import mrcfile
     import yaml
     from tqdm.auto import tqdm
 
     from .. import __version__
     from ..io.atomic import atomic_path, remove_stale_staging, staged_folder
-    from ..io.mrc import write_mrc
+    from ..io.mrc import MrcStackWriter, write_mrc
     from ..io.particles import ParticleTable, no_ctf_params
     from ..io.star import write_star
 
@@ -428,43 +408,28 @@ def simulate_dataset(volume: np.ndarray | torch.Tensor, pixel_size: float, out_d
     bar = tqdm(total=n, unit="img", desc="simulating", disable=None if progress else True, leave=False)
     try:
         write_mrc(volume_path, volume.numpy(), pixel_size, origin=volume_origin)
-        for stack_path, (s0, s1) in zip((stage / p.name for p in stack_paths), ranges):
-            stats = _Stats()
-            with atomic_path(stack_path) as tmp:
-                # Header (and a sparse file of the final size) by mrcfile; the images are then
-                # appended with plain sequential writes, so neither RAM nor mapped pages grow with N.
-                with mrcfile.new_mmap(tmp, shape=(s1 - s0, size, size), mrc_mode=2, overwrite=True) as mrc:
-                    mrc.set_image_stack()
-                    mrc.voxel_size = pixel_size
-                    data_offset = int(mrc.header.nbytes + mrc.extended_header.nbytes)
-                    file_dtype = mrc.data.dtype
-                with open(tmp, "r+b") as fh:
-                    fh.seek(data_offset)
-                    for start in range(s0, s1, batch):
-                        stop = min(start + batch, s1)
-                        if stop <= n_pilot:
-                            images = pilot[start:stop]
-                        elif start < n_pilot:
-                            images = torch.cat([pilot[start:], render(n_pilot, stop)])
-                        else:
-                            images = render(start, stop)
-                        if sigma > 0:
-                            images = images + sigma * noise_images(seeds["noise"], start, stop, size)
-                        if cfg.invert_contrast:
-                            images = -images
-                        arr = np.ascontiguousarray(images.numpy(), dtype=file_dtype)
-                        fh.write(arr.tobytes())
-                        stats.add(arr)
-                        bar.update(stop - start)
-                with mrcfile.mmap(tmp, mode="r+") as mrc:
-                    h = mrc.header
-                    h.dmin, h.dmax, h.dmean, h.rms = stats.header()
+        for stack_path, (s0, s1) in zip((stage / p.name for p in stack_paths), ranges, strict=True):
+            with MrcStackWriter(stack_path, s1 - s0, size, pixel_size) as stack:
+                for start in range(s0, s1, batch):
+                    stop = min(start + batch, s1)
+                    if stop <= n_pilot:
+                        images = pilot[start:stop]
+                    elif start < n_pilot:
+                        images = torch.cat([pilot[start:], render(n_pilot, stop)])
+                    else:
+                        images = render(start, stop)
+                    if sigma > 0:
+                        images = images + sigma * noise_images(seeds["noise"], start, stop, size)
+                    if cfg.invert_contrast:
+                        images = -images
+                    stack.write(images.numpy())
+                    bar.update(stop - start)
         bar.close()
         del pilot
 
         image_paths = np.empty(n, dtype=object)
         image_indices = np.empty(n, dtype=np.int64)
-        for stack_path, (s0, s1) in zip(stack_paths, ranges):
+        for stack_path, (s0, s1) in zip(stack_paths, ranges, strict=True):
             image_paths[s0:s1] = str((stage / stack_path.name).resolve())
             image_indices[s0:s1] = np.arange(s1 - s0)
         import pandas as pd

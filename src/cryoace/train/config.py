@@ -35,15 +35,43 @@ from typing import Any
 
 from ..errors import CryoaceInputError
 from ..io.preload import PRELOAD_MODES
+from ..models.decoders import DECODERS
+from ..options import option
 from .losses import LOSSES
 from .precision import PRECISIONS
 
-__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig", "PRESETS",
-           "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
+__all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
+           "PRESETS", "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
            "provenance"]
 
-DECODER_NAMES = ("fouriernet", "siren", "relu-pe", "voxel-real", "voxel-fourier")
+DECODER_NAMES = tuple(DECODERS)
 ENCODER_NAMES = ("vgg", "resnet18")
+OPTIMIZER_NAMES = ("adam", "adamw")
+PIP_MODES = ("joint", "alternate")
+
+#: option groups of ``cryoace reconstruct --help``, in order (the fields' ``option(group=...)``)
+OPTION_GROUPS = {
+    "budget": "budget (the first reached stops training)",
+    "model": "model and optimization",
+    "pip": "ACE-EM pose-image-pose (PIP) task",
+    "refine": "refinement after training (projection matching; may change on --resume)",
+    "halves": "gold standard (half sets)",
+    "data": "data",
+    "run": "run",
+}
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    """``"1000,2000"`` → (1000, 2000): the --lr-milestones form."""
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def _duration(text: str) -> float:
+    return parse_duration(text)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g}m"
 
 
 @dataclasses.dataclass
@@ -52,7 +80,8 @@ class EncoderConfig:
     ``vgg`` (cryoAI; ``channels``/``convs_per_block``) or ``resnet18`` (ACE-EM; ``channels`` are the
     four stage widths, 64/128/256/512 at full size)."""
 
-    name: str = "vgg"
+    name: str = option("vgg", flag="--encoder", group="model", choices=ENCODER_NAMES,
+                       help="pose encoder CNN: vgg (cryoAI) or resnet18 (ACE-EM)")
     channels: tuple[int, ...] = (64, 128, 256, 256, 256)
     convs_per_block: tuple[int, ...] = (2, 2, 3, 3, 3)
     mlp_hidden: int = 256
@@ -72,7 +101,9 @@ class DecoderConfig:
                        unnormalized spectrum of a unit-variance image), set when the run starts.
     """
 
-    name: str = "fouriernet"
+    name: str = option("fouriernet", flag="--decoder", group="model", choices=DECODER_NAMES,
+                       help="volume: fouriernet (cryoAI), siren, relu-pe, or an ACE-EM voxel grid in real "
+                       "or Fourier space")
     hidden: int = 256
     layers: int | None = None
     omega_0: float | None = None
@@ -89,29 +120,48 @@ class OptimConfig:
                  linear warm-up over ``warmup_steps``, then ×``gamma`` at each milestone step.
     """
 
-    lr: float = 1e-4
-    amsgrad: bool = True
-    grad_clip: float = 1.0  # max global L2 norm of the gradient; 0 = no clipping
+    lr: float = option(1e-4, flag="--lr", group="model", help="Adam learning rate")
+    amsgrad: bool = option(True, flag="--amsgrad", group="model", kind="both", help="AMSGrad variant of Adam")
+    grad_clip: float = option(1.0, flag="--grad-clip", group="model", metavar="NORM",
+                              help="clip the global L2 norm of the gradient (0 = off)")
     weight_decay: float = 0.0
-    name: str = "adam"      # adam | adamw
-    decoder_lr: float | None = None
-    warmup_steps: int = 0
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
+    name: str = option("adam", flag="--optimizer", group="model", choices=OPTIMIZER_NAMES,
+                       help="adam (cryoAI) or adamw (ACE-EM)")
+    decoder_lr: float | None = option(None, flag="--decoder-lr", group="model", metavar="LR",
+                                      default_text="--lr; voxel grids 1.0",
+                                      help="the decoder's own learning rate")
+    warmup_steps: int = option(0, flag="--lr-warmup", group="model", metavar="STEPS",
+                               help="linear learning-rate warm-up")
+    milestones: tuple[int, ...] = option((), flag="--lr-milestones", group="model", metavar="S1,S2",
+                                         type=_step_list,
+                                         help="steps where the learning rate is multiplied by --lr-gamma")
+    gamma: float = option(0.1, flag="--lr-gamma", group="model", help="learning-rate factor at each milestone")
 
 
 @dataclasses.dataclass
 class DataConfig:
     """How particles are read (the particle file itself is given on the command line)."""
 
-    downsample: int | None = None  # Fourier-crop images to this box; None = as stored
-    invert_contrast: bool = False
-    num_workers: int = 0
-    datadir: str | None = None
-    use_ctf: bool = True  # False ignores the file's CTF columns
-    check_contrast: bool = True  # before training, stop if the particles look dark (io.contrast)
-    auto_invert: bool = False    # ... or, with this, invert them instead of stopping
-    preload: str = "auto"        # gpu | ram | none | auto: prepared images held in memory (io.preload)
+    downsample: int | None = option(None, flag="--downsample", group="data", metavar="L", default_text="as stored",
+                                    help="Fourier-crop images to an L×L box")
+    invert_contrast: bool = option(False, flag="--invert-contrast", group="data", kind="on",
+                                   help="for stacks with dark particles")
+    num_workers: int = option(0, flag="--num-workers", group="data", metavar="N", on_resume="free",
+                              help="data-loading processes")
+    datadir: str | None = option(None, flag="--datadir", group="data", type=Path, convert=str, on_resume="free",
+                                 default_text="where the file says",
+                                 help="directory holding the image stacks, if not where the file says")
+    use_ctf: bool = option(True, flag="--no-ctf", group="data", kind="off", help="ignore the file's CTF columns")
+    check_contrast: bool = option(True, flag="--check-contrast", group="data", kind="both", on_resume="ignored",
+                                  help="before training, test on up to 1000 particles that they are white on a "
+                                  "dark background and stop if they look inverted (io.contrast)")
+    auto_invert: bool = option(False, flag="--auto-invert", group="data", kind="on", on_resume="ignored",
+                               help="invert the images when the contrast check finds dark particles, instead "
+                               "of stopping")
+    preload: str = option("auto", flag="--preload", group="data", choices=PRELOAD_MODES, on_resume="free",
+                          help="hold the prepared images in GPU memory or RAM (auto: GPU if they fit in half "
+                          "the free GPU memory, else RAM if they fit in half the available RAM, else read "
+                          "them from disk; io.preload)")
 
 
 @dataclasses.dataclass
@@ -125,13 +175,21 @@ class PIPConfig:
     shift_sigma_angst : σ (Å) of the random shifts; None = resample the encoder's shifts on the batch.
     """
 
-    enabled: bool = False
-    weight: float = 0.1
-    warmup_steps: int = 0
-    mode: str = "joint"  # joint | alternate
-    freeze_decoder: bool = True
-    snr_db: float | None = None
-    shift_sigma_angst: float | None = None
+    enabled: bool = option(False, flag="--pip", group="pip", kind="both",
+                           help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss")
+    weight: float = option(0.1, flag="--pip-weight", group="pip", metavar="LAMBDA", help="weight of the PIP loss")
+    warmup_steps: int = option(0, flag="--pip-warmup", group="pip", metavar="T",
+                               help="image-loss-only steps before PIP starts")
+    mode: str = option("joint", flag="--pip-mode", group="pip", choices=PIP_MODES,
+                       help="PIP added to every step (joint) or on alternate steps")
+    freeze_decoder: bool = option(True, flag="--pip-freeze-decoder", group="pip", kind="both",
+                                  help="PIP does not update the decoder (frozen in the paper)")
+    snr_db: float | None = option(None, flag="--pip-snr", group="pip", metavar="DB",
+                                  default_text="from the images' background",
+                                  help="noise of the PIP images from this SNR in dB")
+    shift_sigma_angst: float | None = option(None, flag="--pip-shift-sigma", group="pip", metavar="ANGST",
+                                             default_text="the encoder's shifts on the batch",
+                                             help="σ of random PIP shifts in Å")
 
 
 @dataclasses.dataclass
@@ -149,14 +207,29 @@ class RefineConfig:
     map low-passed to ``start_resolution_px`` (px per cycle); their FSC claims a resolution only
     beyond it (:mod:`cryoace.evaluate.gold_standard`)."""
 
-    enabled: bool = False
-    ab_initio: bool = True
-    ab_initio_iterations: int = 30
-    rounds: int = 10
-    max_time_s: float | None = None
-    global_step_deg: float = 8.0
+    enabled: bool = option(False, flag="--refine", group="refine", kind="both", on_resume="free",
+                           help="after training, search every particle's pose against the decoder's map "
+                           "(global over SO(3), then local), rebuild the map from those poses, and repeat "
+                           "with a growing band; its map and poses become volume.mrc and poses.star")
+    ab_initio: bool = option(True, flag="--ab-initio", group="refine", kind="both", on_resume="free",
+                             help="before refining, build a low-resolution map from a featureless blob by "
+                             "stochastic EM over poses (robust at low SNR); refinement starts from it or "
+                             "the decoder's map, whichever explains the images better")
+    ab_initio_iterations: int = option(30, flag="--ab-initio-iterations", group="refine", metavar="N",
+                                       on_resume="free", help="stochastic EM iterations of --ab-initio")
+    rounds: int = option(10, flag="--refine-rounds", group="refine", metavar="N", on_resume="free",
+                         help="refinement rounds")
+    max_time_s: float | None = option(None, flag="--refine-max-time", group="refine", metavar="T", type=str,
+                                      convert=_duration, show=_minutes, on_resume="free",
+                                      default_text="all rounds", help="stop refining after the round that passes T")
+    global_step_deg: float = option(8.0, flag="--refine-step", group="refine", metavar="DEG", on_resume="free",
+                                    help="SO(3) grid spacing of the global search in degrees")
     batch_size: int = 128
-    start_resolution_px: float = 12.0
+    start_resolution_px: float = option(12.0, flag="--refine-start-resolution", group="refine", metavar="PX",
+                                        on_resume="free",
+                                        help="gold standard: the two half sets are refined apart from the "
+                                        "seed map low-passed to this resolution (px per cycle); no "
+                                        "resolution at or below it is claimed")
 
 
 @dataclasses.dataclass
@@ -174,40 +247,75 @@ class TrainConfig:
     """
 
     preset: str = "custom"
-    seed: int = 0
-    batch_size: int = 64
-    loss: str = "symmetric"
-    steps: int | None = None
-    epochs: float | None = None
-    max_time_s: float | None = None
+    seed: int = option(0, flag="--seed", group="model", help="run seed")
+    batch_size: int = option(64, flag="--batch-size", group="model", metavar="B", help="images per step")
+    loss: str = option("symmetric", flag="--loss", group="model", choices=LOSSES,
+                       help="symmetric (cryoAI), l2, or gsym (ACE-EM's generalized symmetric loss: also "
+                       "random in-plane turns and mirrors; meant for voxel decoders)")
+    steps: int | None = option(None, flag="--steps", group="budget", metavar="N", together="budget",
+                               on_resume="free", help="optimizer steps")
+    epochs: float | None = option(None, flag="--epochs", group="budget", metavar="E", together="budget",
+                                  on_resume="free", help="passes over the particles")
+    max_time_s: float | None = option(None, flag="--max-time", group="budget", metavar="T", type=str,
+                                      convert=_duration, show=_minutes, together="budget", on_resume="free",
+                                      help="training time, e.g. 30m, 1.5h, 90s (bare number: minutes)")
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    band_start_cyc_px: float | None = None  # coarse-to-fine: loss band radius at step 0 (None = Nyquist)
-    band_ramp_steps: int = 0     # steps over which the band grows linearly to Nyquist (0.5 cycles/px)
+    band_start_cyc_px: float | None = option(None, flag="--band-start", group="model", metavar="CYC_PX",
+                                             default_text="Nyquist",
+                                             help="coarse to fine: fit frequencies up to this radius "
+                                             "(cycles/px, <= 0.5) first ...")
+    band_ramp_steps: int = option(0, flag="--band-ramp", group="model", metavar="STEPS",
+                                  help="... and widen the band linearly to Nyquist over this many steps")
     pip: PIPConfig = dataclasses.field(default_factory=PIPConfig)
     refine: RefineConfig = dataclasses.field(default_factory=RefineConfig)
-    warmup_label_steps: int = 0  # ACE-EM warm-up labels: low-passed targets for this many steps
-    warmup_label_filter: int = 3  # ... by the encoder's k-th Gaussian filter (1-based; 3 = σ 1 px)
-    shift_l1: float = 0.0        # weight of the L1 penalty on predicted shifts (px)
-    gsym_views: int = 2          # random turned/mirrored views of the generalized symmetric loss
-    eval_every: int | None = None  # steps between pose-coverage/-error checks (None = volume_every)
+    warmup_label_steps: int = option(0, flag="--warmup-labels", group="model", metavar="K",
+                                     help="ACE-EM warm-up labeling: fit low-pass filtered images for the "
+                                     "first K steps")
+    warmup_label_filter: int = option(3, flag="--warmup-filter", group="model", metavar="I",
+                                      help="which of the encoder's Gaussian filters low-passes the warm-up "
+                                      "labels (1-based; 3 = σ 1 px)")
+    shift_l1: float = option(0.0, flag="--shift-l1", group="model", metavar="W",
+                             help="L1 penalty weight on predicted shifts in px")
+    gsym_views: int = option(2, flag="--gsym-views", group="model", metavar="N",
+                             help="random turned/mirrored views of --loss gsym")
+    eval_every: int | None = option(None, flag="--eval-every", group="run", metavar="N", on_resume="free",
+                                    default_text="--volume-every",
+                                    help="steps between pose coverage / error records")
     pose_window: int = 2000      # recent training poses the coverage/error checks use
-    log_every: int = 20          # steps between loss logs (and NaN checks; the only host syncs)
-    checkpoint_every: int = 500  # steps; rounded up to a multiple of log_every
-    volume_every: int = 1000     # steps between volume_STEP.mrc exports (0 = only the final volume)
+    log_every: int = option(20, flag="--log-every", group="run", metavar="N", on_resume="free",
+                            help="steps between loss logs (and NaN checks)")
+    checkpoint_every: int = option(500, flag="--checkpoint-every", group="run", metavar="N", on_resume="free",
+                                   help="steps between checkpoints (rounded up to a multiple of --log-every)")
+    volume_every: int = option(1000, flag="--volume-every", group="run", metavar="N", on_resume="free",
+                               help="steps between volume_STEP.mrc (0 = none)")
     keep_checkpoints: int = 3    # step_XXXXXX.pt files kept (the newest); last.pt always
     volume_chunk: int = 2 ** 16  # decoder points per call when exporting the volume
     predict_batch_size: int = 256
-    device: str = "auto"
-    compile: bool = False        # torch.compile the encoder and the decoder's network for training steps
-    precision: str = "auto"      # fp32 | bf16 | auto (bf16 on CUDA): the encoder's autocast (train.precision)
-    channels_last: bool | None = None  # NHWC encoder convolutions; None = on CUDA only
-    tensorboard: bool = True
+    device: str = option("auto", flag="--device", group="run", on_resume="free", help="auto, cpu or cuda")
+    compile: bool = option(False, flag="--compile", group="run", kind="both", on_resume="free",
+                           help="torch.compile the networks for training (needs a C++ compiler on the CPU, "
+                           "falls back to eager mode if compiling fails)")
+    precision: str = option("auto", flag="--precision", group="run", choices=PRECISIONS, on_resume="free",
+                            help="the encoder's arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on "
+                            "the CPU; the Fourier/CTF math and the decoder are always fp32)")
+    channels_last: bool | None = option(None, flag="--channels-last", group="run", kind="both", on_resume="free",
+                                        default_text="on CUDA only",
+                                        help="NHWC memory layout for the encoder's convolutions")
+    tensorboard: bool = option(True, flag="--no-tensorboard", group="run", kind="off", on_resume="free",
+                               help="no TensorBoard event files")
     max_rollbacks: int = 5       # NaN/Inf recoveries before giving up
-    halves: bool = False         # gold standard: two models on two half sets, half-map FSC (train.halves)
-    halves_patience: int | None = None  # stop when the half-map resolution gained <= 1 % in this many evals
+    halves: bool = option(False, flag="--halves", group="halves", kind="on",
+                          help="train two independent models on two halves of the particles (rlnRandomSubset "
+                          "when the file has it, else a seeded random split; RUN_DIR/half1, half2), compare "
+                          "their aligned maps by FSC every --eval-every steps (0.143 resolution in the log, "
+                          "metrics.jsonl/.json, fsc.png, resolution.png); --max-time is shared by the halves")
+    halves_patience: int | None = option(None, flag="--halves-patience", group="halves", metavar="N",
+                                         on_resume="free", default_text="never",
+                                         help="with --halves: stop when the half-map resolution has not "
+                                         "improved by more than 1% in N evaluations")
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -252,12 +360,12 @@ class TrainConfig:
             raise CryoaceInputError(f"band_ramp_steps must be >= 0, got {self.band_ramp_steps}")
         if self.volume_every < 0:
             raise CryoaceInputError(f"volume_every must be >= 0, got {self.volume_every}")
-        if self.optim.name not in ("adam", "adamw"):
+        if self.optim.name not in OPTIMIZER_NAMES:
             raise CryoaceInputError(f"optimizer must be adam or adamw, got {self.optim.name!r}")
         positive("decoder lr", self.optim.decoder_lr, allow_none=True)
         if self.optim.warmup_steps < 0 or not 0 < self.optim.gamma <= 1:
             raise CryoaceInputError("lr warm-up steps must be >= 0 and gamma in (0, 1]")
-        if self.pip.mode not in ("joint", "alternate"):
+        if self.pip.mode not in PIP_MODES:
             raise CryoaceInputError(f"--pip-mode must be joint or alternate, got {self.pip.mode!r}")
         positive("--refine-rounds", self.refine.rounds)
         positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
@@ -410,7 +518,7 @@ def spawn_seeds(seed: int) -> dict[str, int]:
 
     children = np.random.SeedSequence(int(seed)).spawn(3)
     names = ("model_init", "data_order", "normalization")
-    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children)}
+    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children, strict=True)}
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:

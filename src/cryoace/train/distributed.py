@@ -179,7 +179,7 @@ class GradientSync:
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat /= self.context.world_size
-            for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 grad.copy_(synced)
 
 

@@ -22,10 +22,11 @@ translation: :func:`cryoace.evaluate.map_align.half_map_fsc`) and their FSC is
 With ``halves_patience`` N the run stops once the resolution has not improved by more than 1 % over
 N evaluations (:func:`evaluations_without_gain`). Caveat: early in training the two maps can share
 structure that is not in the data (untrained decoders put a peak of either sign at the box centre, the
-same in every shell), so the first FSCs can be optimistic; evaluate after a real stretch of training. At the end RUN_DIR holds volume_half1.mrc,
-volume_half2.mrc (half 2 in half 1's frame), volume.mrc (their average) and volume.png, and
-poses.star: each particle's pose predicted by the model of its own half, half 2's carried into half
-1's frame (:func:`pose_in_reference_frame`), with ``rlnRandomSubset`` saying which half it was in.
+same in every shell), so the first FSCs can be optimistic; evaluate after a real stretch of training.
+At the end RUN_DIR holds volume_half1.mrc, volume_half2.mrc (half 2 in half 1's frame), volume.mrc
+(their average) and volume.png, and poses.star: each particle's pose predicted by the model of its
+own half, half 2's carried into half 1's frame (:func:`pose_in_reference_frame`), with
+``rlnRandomSubset`` saying which half it was in.
 
 ``--resume`` continues both halves from their own checkpoints; the halves state (the steps, the
 history of resolutions and so the patience count) is read back from the half directories and
@@ -48,7 +49,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..types import Pose
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
-from .run import RunResult, _write_report, check_run_dir, open_training_dataset
+from .rundir import RunResult, check_run_dir, open_training_dataset, write_run_report
 
 if TYPE_CHECKING:
     from ..evaluate.map_align import HalfMapFSC
@@ -68,7 +69,7 @@ def half_seeds(seed: int) -> dict[str, int]:
     ``half1`` and ``half2`` (so the two models start from different, reproducible initialisations)."""
     children = np.random.SeedSequence(int(seed)).spawn(6)[3:]  # children 0-2 are spawn_seeds'
     names = ("split",) + HALF_NAMES
-    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children)}
+    return {n: int(c.generate_state(1, dtype=np.uint32)[0]) for n, c in zip(names, children, strict=True)}
 
 
 def split_particles(table, seed: int, log: Callable[[str], None] | None = None
@@ -231,7 +232,7 @@ def _open_trainers(run_dir: Path, config: TrainConfig, dataset, rows, seeds: dic
     from .trainer import DataInfo, Trainer, load_checkpoint_file
 
     trainers = []
-    for name, half_rows in zip(HALF_NAMES, rows):
+    for name, half_rows in zip(HALF_NAMES, rows, strict=True):
         half_dir = run_dir / name
         last = half_dir / "checkpoints" / "last.pt"
         # each half is an ordinary run of its own seed; --max-time is shared between the two
@@ -375,7 +376,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
 
     poses_path = run_dir / "poses.star"
     write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset}, progress=progress)
-    _write_report(run_dir, log)
+    write_run_report(run_dir, log)
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]
     finals = [f for f in finals if f is not None]

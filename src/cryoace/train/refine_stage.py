@@ -96,7 +96,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         log("refinement skipped: a half set has fewer than 2 particles")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted, {})
-    monitor = PoseMonitor(n, "cpu", trainer._truth_rotmat_of())
+    monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
         write_mrc(run_dir / f"volume_refine_{record.round:02d}.mrc", volume.float().cpu().numpy(), pixel_size)
@@ -105,12 +105,14 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                     "confidence_median": record.confidence_median}
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
-        trainer._record({"kind": "refine", "step": trainer.step, "round": record.round,
-                         "elapsed_s": clock(), "global_shells": record.global_shells,
-                         "local_shells": record.local_shells, "mean_error": record.mean_error,
-                         "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
-        errors = f", median error {summary['rot_median_deg']:.1f}° vs the file's poses" if "rot_median_deg" in summary else ""
-        moved = "" if record.pose_change_median_deg is None else f", poses moved {record.pose_change_median_deg:.2f}° (median)"
+        trainer.write_record({"kind": "refine", "step": trainer.step, "round": record.round,
+                              "elapsed_s": clock(), "global_shells": record.global_shells,
+                              "local_shells": record.local_shells, "mean_error": record.mean_error,
+                              "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
+        errors = (f", median error {summary['rot_median_deg']:.1f}° vs the file's poses"
+                  if "rot_median_deg" in summary else "")
+        moved = ("" if record.pose_change_median_deg is None
+                 else f", poses moved {record.pose_change_median_deg:.2f}° (median)")
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
             f"{record.mean_error:.4g}{moved}, gold-standard half maps FSC-0.143 {gold.angstrom:.2f} Å, median "
             f"pose confidence {record.confidence_median:.2f}{errors} "
@@ -132,7 +134,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                         "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, fh)
 
     if resume is None:
-        seed_map = _ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio else decoder_map
+        seed_map = (_ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio
+                    else decoder_map)
         log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
@@ -193,7 +196,7 @@ def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], floa
     plot_fsc(curves, run_dir / "fsc.png", title="gold-standard FSC of the half maps"
              + ("" if gold.resolved else " (NOT RESOLVED)"))
     record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
-    trainer._record({"kind": "gold_standard", "step": trainer.step, "elapsed_s": clock(), **record})
+    trainer.write_record({"kind": "gold_standard", "step": trainer.step, "elapsed_s": clock(), **record})
     for line in gold.summary():
         log(line)
     return gold
@@ -207,9 +210,9 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
     settings = AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed)
 
     def on_iteration(record: AbInitioIteration, volume) -> None:
-        trainer._record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
-                         "elapsed_s": clock(), **{
-                             k: v for k, v in dataclasses.asdict(record).items() if k not in ("iteration", "elapsed_s")}})
+        trainer.write_record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
+                              "elapsed_s": clock(), **{k: v for k, v in dataclasses.asdict(record).items()
+                                                       if k not in ("iteration", "elapsed_s")}})
 
     log(f"ab initio: {settings.iterations} iterations of stochastic EM over poses from a blob "
         f"(band {settings.start_shells}→{settings.end_shells} shells, SO(3) grid {settings.step_deg:g}°)")
@@ -220,8 +223,8 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable
                                       use_ctf=trainer.use_ctf, device=trainer.device, seed=trainer.config.seed)
               for name, volume in (("decoder", decoder_map), ("ab_initio", built.volume))}
     chosen = min(errors, key=errors.get)
-    trainer._record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
-                     "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
+    trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
+                          "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
     log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
         f"error {errors['ab_initio']:.5g} ab initio vs {errors['decoder']:.5g} decoder, "
         f"band {settings.end_shells} shells)")

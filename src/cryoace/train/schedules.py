@@ -51,15 +51,20 @@ def lr_factor(step: int, warmup_steps: int = 0, milestones: Sequence[int] = (), 
 
 def warmup_multistep_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 0,
                                milestones: Sequence[int] = (), gamma: float = 0.1,
-                               warmup_start_factor: float = 1e-3) -> torch.optim.lr_scheduler.LambdaLR:
+                               warmup_start_factor: float = 1e-3, start_step: int = 0,
+                               ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` applying :func:`lr_factor` to every parameter group of ``optimizer``.
 
     Call ``scheduler.step()`` after each ``optimizer.step()``. Construction already sets the
-    factor of step 0. Its ``state_dict()`` holds the step count (the lambda is rebuilt from the
-    arguments on resume), so checkpoint it with the optimizer.
+    factor of step ``start_step`` (0: a new run). Its ``state_dict()`` holds the step count (the
+    lambda is rebuilt from the arguments on resume), so checkpoint it with the optimizer — or, as the
+    schedule depends on the step alone, start a new one at the resumed step: with ``start_step > 0``
+    every group needs its base rate in ``"initial_lr"`` (PyTorch's convention).
     """
     _check(warmup_steps, milestones, gamma, warmup_start_factor)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     # a partial of a module-level function (not a lambda): picklable, and the arguments are frozen
     factor = functools.partial(lr_factor, warmup_steps=warmup_steps, milestones=tuple(milestones),
                                gamma=gamma, warmup_start_factor=warmup_start_factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)

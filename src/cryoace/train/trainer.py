@@ -48,7 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CryoaceInputError
+from ..errors import CryoaceInputError, CryoaceRunError
 from ..io.atomic import atomic_path
 from ..runtime import resolve_device
 from .config import TrainConfig, spawn_seeds
@@ -58,7 +58,7 @@ from .distributed import GradientSync, current as distributed_context
 from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
 from .monitor import PoseMonitor
 from .pip import background_noise_std, pip_loss, pip_weight, shuffled_ctf
-from .schedules import lr_factor as schedule_factor
+from .schedules import warmup_multistep_scheduler
 
 __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
 
@@ -69,7 +69,7 @@ CHECKPOINT_FORMAT = "cryoace-checkpoint-1"
 STEP_STATS = ("loss", "grad_norm", "rotated_fraction", "pip_loss", "ipi_step", "pip_step")
 
 
-class TrainingDiverged(CryoaceInputError):
+class TrainingDiverged(CryoaceRunError):
     """The loss stayed NaN/Inf after every allowed rollback (reported as one line by the CLI)."""
 
 
@@ -224,7 +224,7 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self._check_optimizer_covers_models()
         self.pip_noise_std = self._pip_noise_std()
-        self.monitor = PoseMonitor(config.pose_window, self.device, self._truth_rotmat_of())
+        self.monitor = PoseMonitor(config.pose_window, self.device, self.truth_rotmat_of())
         self._grids: dict[int, HalfDiscGrid] = {}
         self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
         self._compile = bool(config.compile)
@@ -241,6 +241,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.elapsed_s = 0.0
         self.lr_factor = 1.0
+        self._scheduler = None  # the learning-rate schedule, started by _apply_lr
+        self._scheduler_factor = 1.0
         self.rollbacks = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._until_step: int | None = None  # the end of the chunk fit() was asked for
@@ -260,12 +262,23 @@ class Trainer:
         return cls(groups, lr=opt.lr, amsgrad=opt.amsgrad, weight_decay=opt.weight_decay)
 
     def _apply_lr(self) -> None:
-        """Learning rates for the coming step: base × rollback factor × warm-up multi-step schedule
-        (a pure function of the step, so a resumed run follows the same schedule)."""
+        """Learning rates for the coming step: :func:`~cryoace.train.schedules.warmup_multistep_scheduler`
+        on each group's base rate × the rollback factor. The scheduler steps once per training step (here,
+        after the previous optimizer step, so a step's records show the rate it used); as the schedule
+        is a pure function of the step, it is started afresh at ``self.step`` whenever it is not one
+        step behind (first step, resume, rollback), and a resumed run follows the same schedule."""
+        scheduler = self._scheduler
+        if scheduler is not None and self._scheduler_factor == self.lr_factor:
+            if scheduler.last_epoch == self.step - 1:
+                scheduler.step()
+            if scheduler.last_epoch == self.step:
+                return
         opt = self.config.optim
-        factor = self.lr_factor * schedule_factor(self.step, opt.warmup_steps, tuple(opt.milestones), opt.gamma)
         for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+            group["initial_lr"] = group.setdefault("base_lr", group["lr"]) * self.lr_factor
+        self._scheduler = warmup_multistep_scheduler(self.optimizer, opt.warmup_steps, tuple(opt.milestones),
+                                                     opt.gamma, start_step=self.step)
+        self._scheduler_factor = self.lr_factor
 
     # -- ACE-EM: PIP noise, reference poses --------------------------------------------------------
     def _pip_noise_std(self) -> float:
@@ -277,7 +290,7 @@ class Trainer:
         rows = np.linspace(0, self.n_particles - 1, min(512, self.n_particles)).astype(np.int64)
         return background_noise_std(self.dataset[np.unique(rows)].images)
 
-    def _truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
+    def truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
         """rows → the rotations the particle file gives them (simulated truth or an earlier
         refinement), or None when it has no angles. Matrices are made only for the rows asked."""
         table = getattr(self.dataset, "table", None)
@@ -498,7 +511,8 @@ class Trainer:
             done = self._should_stop()
             if self.step % log_every and not done:
                 continue
-            values = dict(zip(STEP_STATS + ("bad",), self.dist.all_reduce_mean(acc).cpu().tolist()))  # the sync
+            means = self.dist.all_reduce_mean(acc).cpu().tolist()  # the sync
+            values = dict(zip(STEP_STATS + ("bad",), means, strict=True))
             now = time.monotonic()
             if values["bad"] > 0:
                 self._rollback(values["bad"])
@@ -513,7 +527,7 @@ class Trainer:
                       "band_cyc_px": self.band_shells() / self.image_size,
                       "images_per_s": since_log * self.batch_size / max(now - log_start, 1e-9),
                       "elapsed_s": self.elapsed_s}
-            self._record(record)
+            self.write_record(record)
             if loss_mean is not None:
                 bar.set_postfix(loss=f"{loss_mean:.4g}", refresh=False)
             acc = zeros.clone()
@@ -545,8 +559,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.log(f"non-finite loss or gradient in {int(bad_steps)} step(s) before step {bad_step}; rolled back "
                  f"to step {self.step} ({path.name}) with learning rate {lr:.3g}")
-        self._record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
-                      "bad_steps": int(bad_steps)})
+        self.write_record({"kind": "rollback", "step": bad_step, "to_step": self.step, "lr": lr,
+                           "bad_steps": int(bad_steps)})
 
     # -- logging ------------------------------------------------------------------------------
     def _open_writer(self) -> None:
@@ -554,7 +568,8 @@ class Trainer:
             return
         self._writer = open_tensorboard(self.run_dir / "tensorboard", self.log)
 
-    def _record(self, record: dict) -> None:
+    def write_record(self, record: dict) -> None:
+        """Append ``record`` to the history, to metrics.jsonl and (train/poses kinds) to TensorBoard."""
         self.history.append(record)
         if not self.dist.is_main:  # rank 0 alone writes files
             return
@@ -572,7 +587,7 @@ class Trainer:
         if not summary:
             return summary
         record = {"kind": "poses", "step": self.step, "elapsed_s": self.elapsed_s, **summary}
-        self._record(record)
+        self.write_record(record)
         from ..evaluate.plots import plot_viewing_directions
 
         _, rotmat = self.monitor.poses()

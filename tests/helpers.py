@@ -1,0 +1,51 @@
+"""Helpers shared by several test modules (plain functions; the fixtures that use them are at the end
+of conftest.py). Test modules import them as ``from helpers import ...`` (tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def simulate_adk(out, n: int = 64, size: int = 32, noise_free: bool = True, seed: int = 0, *,
+                 snr_db: float = -10.0, defocus_median: float = 4000.0, defocus_spread: float = 0.15,
+                 invert_contrast: bool = False):
+    """A small adenylate-kinase dataset through simulate's Python API: molmap at 3 Å/px (6 Å
+    resolution) in an L = ``size`` box, CTF (astigmatism 200 Å), shifts of σ 2 Å, noise-free or at
+    ``snr_db``; rlnRandomSubset alternates 1, 2. Returns the :class:`SimulationResult`."""
+    from cryoace.simulate.molmap import molmap, read_model
+    from cryoace.simulate.particles import SimulationConfig, simulate_dataset
+    from cryoace.simulate.presets import ADK_MODEL
+
+    volume = molmap(read_model(ADK_MODEL), size, 3.0, 6.0).data
+    cfg = SimulationConfig(n=n, snr_db=None if noise_free else snr_db, shift_std_angst=2.0,
+                           defocus_median=defocus_median, defocus_spread=defocus_spread, astigmatism=200.0,
+                           seed=seed, invert_contrast=invert_contrast)
+    return simulate_dataset(volume, 3.0, out, cfg, progress=False)
+
+
+def tiny_config(**changes):
+    """The tiny preset on the CPU with batch 8 and no intermediate maps, with ``changes`` applied."""
+    from cryoace.train.config import preset_config
+
+    cfg = preset_config("tiny")
+    cfg.batch_size = 8
+    cfg.volume_every = 0
+    cfg.device = "cpu"
+    return dataclasses.replace(cfg, **changes)
+
+
+def adk_volume(size: int = 32) -> torch.Tensor:
+    """Adenylate kinase at 1.5 Å/px (float64), cropped to the central size³ and band-limited inside
+    0.4 cycles/px (so trilinear slices of its padded transform are Hermitian to rounding)."""
+    from conftest import TEST_DATA
+
+    from cryoace.io.mrc import read_volume
+    from cryoace.physics.fourier import circular_mask, fft3_centered, ifft3_centered
+
+    v = torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=torch.float64)
+    lo = 32 - size // 2
+    v = v[lo:lo + size, lo:lo + size, lo:lo + size]
+    spectrum = fft3_centered(v) * circular_mask(size, 0.4 * size, 3)
+    return ifft3_centered(spectrum).real
