@@ -173,3 +173,11 @@ def test_the_private_name_finder_finds_one(tmp_path):
 def test_no_module_imports_another_modules_private_names(tree):
     top = REPO / "src" if tree == "src" else REPO / tree
     assert private_imports(REPO / tree, top) == []
+
+
+def test_the_torch_free_name_lists_match_their_owners():
+    """cryoace.defaults lists the names --help offers; each must be exactly what its module implements."""
+    from cryoace import defaults
+    from cryoace.models.decoders import DECODERS
+
+    assert set(defaults.DECODER_NAMES) == set(DECODERS)

@@ -596,11 +596,11 @@ def read_only(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_run(shared_data, tmp_path_factory) -> Path:
+def trained_run(test_data, tmp_path_factory) -> Path:
     """A 2-step run of the tiny preset (a checkpoint for predict-poses), in a folder whose name is not
     UTF-8 (bytes a file system allows and a report must survive)."""
     run = tmp_path_factory.mktemp("trained") / os.fsdecode(b"run_\xff\xfe")
-    assert main(["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+    assert main(["reconstruct", str(test_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
                  "--steps", "2", "--device", "cpu", "--quiet"]) == 0
     return run
 
@@ -651,9 +651,9 @@ UNWRITABLE = {"full_disk": ("No space left on device",), "read_only": ("Read-onl
 
 @pytest.mark.parametrize("folder", UNWRITABLE)
 @pytest.mark.parametrize("name", OUTPUT_COMMANDS)
-def test_unwritable_output_folder(name, folder, needed_run, shared_data, tmp_path, capsys, request):
+def test_unwritable_output_folder(name, folder, needed_run, test_data, tmp_path, capsys, request):
     out = request.getfixturevalue(folder)  # after needed_run: the trained run is written first
-    work = _make_work(shared_data, tmp_path)
+    work = _make_work(test_data, tmp_path)
     argv = OUTPUT_COMMANDS[name](work, out, needed_run)
     capsys.readouterr()
     rc = _run_cli(argv)
@@ -676,12 +676,12 @@ def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_simulate_killed_leaves_no_partial_dataset(shared_data, tmp_path, capsys):
+def test_simulate_killed_leaves_no_partial_dataset(test_data, tmp_path, capsys):
     """kill -9 in the middle of ``simulate`` (a new folder, then an --overwrite of a finished one):
     the target holds no partial dataset and no temporary; the unfinished staging folder beside it
     is removed by the next run, which works."""
     target = tmp_path / "sim"
-    base = ["simulate", str(shared_data / MAP), "-o", str(target), "--snr-db", "-10", "--quiet", "--device", "cpu"]
+    base = ["simulate", str(test_data / MAP), "-o", str(target), "--snr-db", "-10", "--quiet", "--device", "cpu"]
 
     def killed(*extra) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "cryoace", *base, "-n", "400000", *extra],
@@ -709,13 +709,13 @@ def test_simulate_killed_leaves_no_partial_dataset(shared_data, tmp_path, capsys
     assert len(read_star(target / "particles.star")) == 6
 
 
-def test_second_writer_of_a_run_folder_is_refused(shared_data, tmp_path, capsys):
+def test_second_writer_of_a_run_folder_is_refused(test_data, tmp_path, capsys):
     """While a process holds a run folder (here: this one, through the same lock), reconstruct into
     it is refused with one line naming the folder and the holder; the lock goes with its holder."""
     from cryoace.io.lock import folder_lock, is_locked
 
     run = tmp_path / "run"
-    argv = ["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+    argv = ["reconstruct", str(test_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
             "--steps", "2", "--device", "cpu", "--quiet"]
     with folder_lock(run, "run directory"):
         assert main(argv) == 2
@@ -726,7 +726,7 @@ def test_second_writer_of_a_run_folder_is_refused(shared_data, tmp_path, capsys)
     assert not is_locked(run) and not run.exists()  # released, and the folder it made for nothing removed
 
 
-def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(shared_data, tmp_path, capsys,
+def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(test_data, tmp_path, capsys,
                                                                         monkeypatch):
     """Ctrl-C during the refinement stage: no volume.mrc (the decoder's map is volume_decoder.mrc),
     exit 130, and the message gives the exact command that continues; that command finishes the run."""
@@ -736,7 +736,7 @@ def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(shared_
         raise KeyboardInterrupt
     monkeypatch.setattr(refine_stage, "refine", interrupted)
     run = tmp_path / "run"
-    argv = ["reconstruct", str(shared_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
+    argv = ["reconstruct", str(test_data / SIM / "particles.star"), "-o", str(run), "--preset", "tiny",
             "--steps", "2", "--device", "cpu", "--quiet", "--refine", "--refine-rounds", "1",
             "--refine-step", "30", "--no-ab-initio"]
     assert main(argv) == 130

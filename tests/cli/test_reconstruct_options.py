@@ -49,6 +49,7 @@ FLAGS = [
     ("--refine-rounds", ["3"], "refine.rounds", 3),
     ("--refine-max-time", ["90s"], "refine.max_time_s", 90.0),
     ("--refine-step", ["12"], "refine.global_step_deg", 12.0),
+    ("--refine-start-resolution", ["15"], "refine.start_resolution_px", 15.0),
     ("--no-ab-initio", [], "refine.ab_initio", False),
     ("--ab-initio-iterations", ["4"], "refine.ab_initio_iterations", 4),
     ("--halves", [], "halves", True),

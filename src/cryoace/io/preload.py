@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from ..defaults import PRELOAD_MODES
 from ..errors import CryoaceInputError
 from .particles import ParticleDataset, BatchIterable
 from .table import as_row_indices
@@ -34,8 +35,6 @@ from .table import as_row_indices
 __all__ = ["PRELOAD_MODES", "choose_preload", "dataset_nbytes", "available_ram_bytes", "free_gpu_bytes",
            "PreloadedDataset", "prepare_dataset", "prefetch"]
 
-#: values of ``--preload``
-PRELOAD_MODES = ("auto", "gpu", "ram", "none")
 
 
 def dataset_nbytes(dataset: ParticleDataset) -> int:

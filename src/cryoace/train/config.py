@@ -34,17 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CryoaceInputError
-from ..io.preload import PRELOAD_MODES
-from ..models.decoders import DECODERS
+from ..defaults import DECODER_NAMES, LOSSES, PRECISIONS, PRELOAD_MODES
 from ..options import option
-from .losses import LOSSES
-from .precision import PRECISIONS
 
 __all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
            "PRESETS", "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
            "provenance"]
 
-DECODER_NAMES = tuple(DECODERS)
 ENCODER_NAMES = ("vgg", "resnet18")
 OPTIMIZER_NAMES = ("adam", "adamw")
 PIP_MODES = ("joint", "alternate")

@@ -46,6 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..defaults import LOSSES
 from ..physics.forward import render_spectra
 from ..physics.band import HalfDiscGrid
 from ..physics.rotations import axis_angle_to_rotmat
@@ -54,8 +55,6 @@ from ..types import CTFParams, Pose, map_tensors
 __all__ = ["LOSSES", "HalfDiscGrid", "LossOutput", "compute_loss", "rotate_180", "unrotate_pose",
            "ROT_Z_PI", "rotate_mirror_images", "rotated_view_pose"]
 
-#: the loss names of ``--loss``: cryoAI's symmetric loss, plain L2, ACE-EM's generalized symmetric loss
-LOSSES = ("symmetric", "l2", "gsym")
 
 #: D = Rz(π) = diag(−1, −1, 1): the 3D rotation of an in-plane half turn.
 ROT_Z_PI = (-1.0, -1.0, 1.0)

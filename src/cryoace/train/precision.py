@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..defaults import PRECISIONS
 from ..errors import CryoaceInputError
 
 __all__ = ["PRECISIONS", "resolve_precision", "resolve_channels_last", "use_channels_last", "Autocast"]
 
-#: values of ``--precision``
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
