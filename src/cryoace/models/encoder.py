@@ -20,6 +20,9 @@ Architecture (cryoAI §3.3; widths are configuration):
    shift (B, 2) in Å with RELION's ``rlnOriginX/YAngst`` meaning (the observed image is the centred
    projection translated by −shift). The translation head's last layer starts 100× smaller than
    PyTorch's default (bias 0), so initial shifts are ≈ 0 while every layer receives gradients.
+   The rotation head has a BatchNorm1d after its first hidden layer (cryoAI's reference code) and one
+   on its last hidden features, so that its initial predictions for different images spread over SO(3)
+   instead of starting collapsed on one pose.
 
 Presets: the cryoAI widths are the defaults (channels 64/128/256/256/256, 2/2/3/3/3 convs,
 MLP 256); a CPU-sized encoder is e.g. ``channels=(8, 16, 32), convs_per_block=(1, 1, 1),
@@ -63,14 +66,37 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+def _mlp(in_features: int, hidden: int, out_features: int, layers: int, batchnorm: bool = False) -> nn.Sequential:
+    """``layers`` × (Linear → ReLU) → Linear. With ``batchnorm`` the first hidden layer's ReLU is preceded
+    and the last one's followed by a BatchNorm1d (activation modules ``Sequential(BN, ReLU)``,
+    ``Sequential(ReLU, BN)`` or, for one layer, ``Sequential(BN, ReLU, BN)``), so the Linear layers keep
+    the indices 0, 2, 4 ... they have without it."""
     blocks: list[nn.Module] = []
     width = in_features
-    for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+    for i in range(layers):
+        act: nn.Module = nn.ReLU(inplace=True)
+        if batchnorm:
+            parts = [nn.BatchNorm1d(hidden)] if i == 0 else []
+            parts.append(nn.ReLU(inplace=True))
+            parts += [nn.BatchNorm1d(hidden)] if i == layers - 1 else []
+            act = nn.Sequential(*parts)
+        blocks += [nn.Linear(width, hidden), act]
         width = hidden
     blocks.append(nn.Linear(width, out_features))
     return nn.Sequential(*blocks)
+
+
+def _identity_head_norms(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint written before the rotation head had its BatchNorm1d
+    layers gets identity ones (weight 1, bias 0, running mean 0, variance 1), so older runs still load."""
+    head = getattr(module, "rotation_head", None)
+    if head is None or not any(k.startswith(prefix + "rotation_head.") for k in state_dict):
+        return  # not an encoder state dict: load_state_dict reports it
+    for name, norm in head.named_modules(prefix=prefix + "rotation_head"):
+        if isinstance(norm, nn.BatchNorm1d) and name + ".weight" not in state_dict:
+            for key, tensor in norm.state_dict().items():
+                fill = torch.ones_like(tensor) if key in ("weight", "running_var") else torch.zeros_like(tensor)
+                state_dict[f"{name}.{key}"] = fill
 
 
 class FilterBankPoseEncoder(nn.Module):
@@ -119,7 +145,12 @@ class FilterBankPoseEncoder(nn.Module):
         self.cnn = cnn
         self.feature_size = feature_size
         self.latent_dim = latent_dim
-        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers)
+        # BatchNorm after the rotation head's first hidden layer (cryoAI's reference code) and on its
+        # last hidden features: without them the features of different images share a large common
+        # part and every image starts at nearly the same pose (mean viewing direction ≈ 0.95 long, a
+        # collapse the image loss keeps); centred last features leave the 6D output's mean at the bias
+        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers, batchnorm=True)
+        self._register_load_state_dict_pre_hook(_identity_head_norms, with_module=True)
         self.shift_head = _mlp(self.latent_dim, mlp_hidden, 2, head_layers)
         with torch.no_grad():  # start near shift 0 (but not exactly: every layer gets gradients)
             self.shift_head[-1].weight.mul_(1e-2)
