@@ -64,7 +64,7 @@ _FIXED = {
     "pip_snr": ("pip.snr_db", "--pip-snr"), "pip_shift_sigma": ("pip.shift_sigma_angst", "--pip-shift-sigma"),
     "warmup_labels": ("warmup_label_steps", "--warmup-labels"),
     "warmup_filter": ("warmup_label_filter", "--warmup-filter"), "shift_l1": ("shift_l1", "--shift-l1"),
-    "gsym_views": ("gsym_views", "--gsym-views"),
+    "gsym_views": ("gsym_views", "--gsym-views"), "force_gsym": ("force_gsym", "--force-gsym"),
     "halves": ("halves", "--halves"),
 }
 
@@ -99,6 +99,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="symmetric (cryoAI, default), l2, or gsym (ACE-EM's generalized symmetric loss: "
                    "also random in-plane turns and mirrors; meant for voxel decoders)")
     g.add_argument("--gsym-views", type=int, metavar="N", help="random views of --loss gsym (default 2)")
+    g.add_argument("--force-gsym", action="store_true", default=None,
+                   help="allow --loss gsym with a neural-field decoder (refused otherwise: ACE-EM reports it fails)")
     g.add_argument("--shift-l1", type=float, metavar="W", help="L1 penalty weight on predicted shifts in px (default 0)")
     g.add_argument("--warmup-labels", type=int, metavar="K",
                    help="ACE-EM warm-up labeling: fit low-pass filtered images for the first K steps")
