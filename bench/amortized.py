@@ -30,7 +30,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -40,44 +39,26 @@ from cryoace.runtime import resolve_device  # noqa: E402
 from cryoace.train.config import TrainConfig, parse_duration, preset_config  # noqa: E402
 
 
-def _no_band(cfg: TrainConfig) -> None:
-    cfg.band_start_cyc_px, cfg.band_ramp_steps = None, 0
-
-
-def _no_pip(cfg: TrainConfig) -> None:
-    cfg.pip.enabled = False
-
-
-def _no_pip_band(cfg: TrainConfig) -> None:
-    cfg.pip.band_limited = False
-
-
-def _no_head_batchnorm(cfg: TrainConfig) -> None:
-    cfg.encoder.head_batchnorm = False
-
-
-def _no_joint_batchnorm(cfg: TrainConfig) -> None:
-    cfg.pip.joint_batchnorm = False
-
-
-def _no_group_clip(cfg: TrainConfig) -> None:
-    cfg.optim.clip_per_group = False
-
-
-def _no_amplitude(cfg: TrainConfig) -> None:
-    cfg.decoder.match_amplitude = False
-
-
-#: each fix of issue 14 and how to remove it from a configuration
-FIXES: dict[str, Callable[[TrainConfig], None]] = {
-    "band": _no_band,                  # coarse-to-fine loss band
-    "pip": _no_pip,                    # ACE-EM's PIP task (weight from the SNR, amplitude warm-up)
-    "pip-band": _no_pip_band,          # PIP images rendered inside the band and the Nyquist disc
-    "head-batchnorm": _no_head_batchnorm,  # rotation head spread over SO(3) at initialisation
-    "joint-batchnorm": _no_joint_batchnorm,  # one BatchNorm pass over real and PIP images
-    "group-clip": _no_group_clip,      # gradient clipping per parameter group
-    "amplitude": _no_amplitude,        # decoder started at the data's radial amplitude
+#: each fix of issue 14 and the settings that remove it (dotted TrainConfig path, value)
+FIXES: dict[str, tuple[tuple[str, object], ...]] = {
+    "band": (("band_start_cyc_px", None), ("band_ramp_steps", 0)),  # coarse-to-fine loss band
+    "pip": (("pip.enabled", False),),             # ACE-EM's PIP task (weight from the SNR, amplitude warm-up)
+    "pip-band": (("pip.band_limited", False),),   # PIP images rendered inside the band and the Nyquist disc
+    "head-batchnorm": (("encoder.head_batchnorm", False),),  # rotation head spread over SO(3) at the start
+    "joint-batchnorm": (("pip.joint_batchnorm", False),),    # one BatchNorm pass over real and PIP images
+    "group-clip": (("optim.clip_per_group", False),),        # gradient clipping per parameter group
+    "amplitude": (("decoder.match_amplitude", False),),      # decoder started at the data's radial amplitude
 }
+
+
+def remove_fix(cfg: TrainConfig, fix: str) -> None:
+    """Undo one fix of :data:`FIXES` in ``cfg``."""
+    for dotted, value in FIXES[fix]:
+        *parents, last = dotted.split(".")
+        target = cfg
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, last, value)
 
 
 def variant_config(name: str, preset: str, max_time_s: float, downsample: int | None, device: str) -> TrainConfig:
@@ -89,10 +70,10 @@ def variant_config(name: str, preset: str, max_time_s: float, downsample: int | 
     cfg.device = device
     cfg.tensorboard = False
     if name == "none":
-        for remove in FIXES.values():
-            remove(cfg)
+        for fix in FIXES:
+            remove_fix(cfg, fix)
     elif name.startswith("no-") and name[3:] in FIXES:
-        FIXES[name[3:]](cfg)
+        remove_fix(cfg, name[3:])
     elif name != "all":
         raise SystemExit(f"unknown variant {name!r}: all, none or no-FIX with FIX in {', '.join(FIXES)}")
     return cfg
