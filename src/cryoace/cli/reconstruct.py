@@ -108,14 +108,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="which of the encoder's Gaussian filters low-passes the warm-up labels (1-based, default 3)")
     g.add_argument("--seed", type=int, help="run seed (default 0)")
     g.add_argument("--band-start", type=float, metavar="CYC_PX",
-                   help="coarse to fine: fit frequencies up to this radius (cycles/px, <= 0.5) first ...")
+                   help="coarse to fine: fit frequencies up to this radius (cycles/px, <= 0.5) first (presets: 0.1; "
+                   "0.5 = the full band from the start) ...")
     g.add_argument("--band-ramp", type=int, metavar="STEPS",
                    help="... and widen the band linearly to Nyquist over this many steps")
     g = parser.add_argument_group("ACE-EM pose-image-pose (PIP) task")
     g.add_argument("--pip", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss")
-    g.add_argument("--pip-weight", type=float, metavar="LAMBDA", help="weight of the PIP loss (default 0.1)")
-    g.add_argument("--pip-warmup", type=int, metavar="T", help="image-loss-only steps before PIP starts (default 0)")
+                   help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss (cpu and paper "
+                   "presets: on)")
+    g.add_argument("--pip-weight", type=float, metavar="LAMBDA",
+                   help="weight of the PIP loss (presets: from the data's SNR, ACE-EM's 0.9 noise-free ... 0.07 at -10 dB)")
+    g.add_argument("--pip-warmup", type=int, metavar="T", help="image-loss-only steps before PIP starts (cpu 100, paper 2000; PIP also waits until the "
+                   "decoder renders 0.3 of the data's in-band amplitude)")
     g.add_argument("--pip-mode", choices=("joint", "alternate"),
                    help="PIP added to every step (joint, default) or on alternate steps")
     g.add_argument("--pip-freeze-decoder", action=argparse.BooleanOptionalAction, default=None,
