@@ -141,9 +141,9 @@ def test_registry_options_and_learning_rate_hint():
     fourier = build_decoder("voxel-fourier", size=8, init_std=None)
     assert isinstance(fourier, VoxelFourierDecoder) and fourier.hermitian
     assert fourier.grid.shape == (2, 5, 9, 9) and count_parameters(fourier) == 2 * 5 * 81
-    assert set(fourier.state_dict()) == {"output_scale", "grid"}
+    assert set(fourier.state_dict()) == {"output_scale", "shell_scale", "grid"}
     real = build_decoder("voxel-real", size=8, pad_factor=1)
-    assert set(real.state_dict()) == {"output_scale", "volume"} and real.volume.shape == (8, 8, 8)
+    assert set(real.state_dict()) == {"output_scale", "shell_scale", "volume"} and real.volume.shape == (8, 8, 8)
     assert VoxelFourierDecoder.default_lr == VoxelRealDecoder.default_lr == 1.0
     assert all(build_decoder(n).default_lr is None for n in ("fouriernet", "siren", "relu-pe"))
     with pytest.raises(TypeError):

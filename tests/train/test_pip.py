@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from cryoace.io.particles import ParticleDataset, read_particles
-from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.band import HalfDiscGrid
+from cryoace.physics.forward import VoxelFourierVolume, render_spectra
+from cryoace.physics.fourier import freq_grid_2d_half, rfft2_centered
 from cryoace.physics.rotations import random_rotmat
 from cryoace.train.monitor import PoseMonitor
 from cryoace.train.pip import background_noise_std, pip_loss, pip_weight
@@ -34,7 +36,7 @@ class OracleEncoder(torch.nn.Module):
     def __init__(self, volume, pose, pixel_size, size, ctf):
         super().__init__()
         self.candidates = [pose, Pose(D @ pose.rotmat, -pose.shift_angst)]
-        self.renders = [render_images(volume, p, pixel_size, size, ctf) for p in self.candidates]
+        self.renders = [_disc_render(volume, p, pixel_size, size, ctf) for p in self.candidates]
 
     def forward(self, images):
         errors = torch.stack([(images - r).flatten(1).norm(dim=1) for r in self.renders])
@@ -42,6 +44,12 @@ class OracleEncoder(torch.nn.Module):
         rotmat = torch.stack([c.rotmat for c in self.candidates])[pick, torch.arange(len(pick))]
         shift = torch.stack([c.shift_angst for c in self.candidates])[pick, torch.arange(len(pick))]
         return Pose(rotmat, shift)
+
+
+def _disc_render(volume, pose, pixel_size, size, ctf, radius_cyc_px=0.5):
+    """Images rendered inside the disc |k| <= radius (zero outside), as PIP renders them."""
+    grid = HalfDiscGrid(size, dtype=F64, radius_cyc_px=radius_cyc_px)
+    return grid.images(render_spectra(volume, pose, pixel_size, size, ctf, freq_cyc_px=grid.freq))
 
 
 def _setup(n=8, size=32, pixel_size=1.5, seed=0):
@@ -71,6 +79,26 @@ def test_pip_loss_is_zero_for_a_perfect_encoder_on_noise_free_renders():
     off = Pose(pose.rotmat, pose.shift_angst + torch.tensor([1.5, 0.0], dtype=F64))
     shifted = pip_loss(lambda images: off, volume, ctf, ps, 32, pose=pose, symmetric=False)
     assert shifted.shift.item() == pytest.approx(1.0) and shifted.rotation.item() < 1e-20
+
+
+@pytest.mark.parametrize("radius", [0.125, 0.5])
+def test_pip_images_are_band_limited_to_the_loss_band_and_the_nyquist_disc(radius):
+    """PIP renders have no energy outside the trainer's loss band (nor, at full band, in the corners
+    beyond Nyquist), where the decoder is untrained (issue 14); inside they equal the decoder's slice."""
+    volume, pose, ctf, ps = _setup()
+    grid = HalfDiscGrid(32, dtype=F64, radius_cyc_px=radius)
+    torch.manual_seed(0)
+    out = pip_loss(lambda images: pose, volume, ctf, ps, 32, pose=pose, symmetric=False, grid=grid)
+    spectra = rfft2_centered(out.images)
+    k = freq_grid_2d_half(32, dtype=F64).norm(dim=-1)
+    outside = spectra[:, k > radius + 1e-9].abs().pow(2).sum() / spectra.abs().pow(2).sum()
+    assert outside.item() < 1e-20
+    expected = render_spectra(volume, pose, ps, 32, ctf, half=True)
+    inside = k <= radius
+    exact = k < min(radius + 1e-9, 0.5 - 1e-9)  # the Nyquist points (0, ±0.5), (0.5, 0) are not self-mirror
+    torch.testing.assert_close(spectra[:, exact], expected[:, exact], rtol=1e-9, atol=1e-9)
+    # the decoder does have energy out there: the full-grid render would put it into the PIP images
+    assert (expected[:, ~inside].abs().pow(2).sum() / expected.abs().pow(2).sum()).item() > 1e-7
 
 
 def test_pip_noise_from_snr_and_from_the_background():

@@ -20,6 +20,9 @@ Architecture (cryoAI §3.3; widths are configuration):
    shift (B, 2) in Å with RELION's ``rlnOriginX/YAngst`` meaning (the observed image is the centred
    projection translated by −shift). The translation head's last layer starts 100× smaller than
    PyTorch's default (bias 0), so initial shifts are ≈ 0 while every layer receives gradients.
+   The rotation head has a BatchNorm1d after its first hidden layer (cryoAI's reference code) and one
+   on its last hidden features, so that its initial predictions for different images spread over SO(3)
+   instead of starting collapsed on one pose.
 
 Presets: the cryoAI widths are the defaults (channels 64/128/256/256/256, 2/2/3/3/3 convs,
 MLP 256); a CPU-sized encoder is e.g. ``channels=(8, 16, 32), convs_per_block=(1, 1, 1),
@@ -63,14 +66,45 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+def _mlp(in_features: int, hidden: int, out_features: int, layers: int, batchnorm: bool = False) -> nn.Sequential:
+    """``layers`` × (Linear → ReLU) → Linear. With ``batchnorm`` the first hidden layer's ReLU is preceded
+    and the last one's followed by a BatchNorm1d (activation modules ``Sequential(BN, ReLU)``,
+    ``Sequential(ReLU, BN)`` or, for one layer, ``Sequential(BN, ReLU, BN)``), so the Linear layers keep
+    the indices 0, 2, 4 ... they have without it."""
     blocks: list[nn.Module] = []
     width = in_features
-    for _ in range(layers):
-        blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+    for i in range(layers):
+        act: nn.Module = nn.ReLU(inplace=True)
+        if batchnorm:
+            parts = [nn.BatchNorm1d(hidden)] if i == 0 else []
+            parts.append(nn.ReLU(inplace=True))
+            parts += [nn.BatchNorm1d(hidden)] if i == layers - 1 else []
+            act = nn.Sequential(*parts)
+        # a bias before BatchNorm has no effect and a zero gradient up to rounding, which Adam would
+        # blow up into full-size random steps: the first layer has none when a BatchNorm follows
+        blocks += [nn.Linear(width, hidden, bias=not (batchnorm and i == 0)), act]
         width = hidden
     blocks.append(nn.Linear(width, out_features))
     return nn.Sequential(*blocks)
+
+
+def _identity_head_norms(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: a checkpoint written before the rotation head had its BatchNorm1d
+    layers gets identity ones (weight 1, bias 0, running mean 0, variance 1), and the first layer's
+    bias moves into the first norm's bias, so older runs still load and predict as before."""
+    head = getattr(module, "rotation_head", None)
+    if head is None or not any(k.startswith(prefix + "rotation_head.") for k in state_dict):
+        return  # not an encoder state dict: load_state_dict reports it
+    first_bias = state_dict.get(prefix + "rotation_head.0.bias")
+    filled = []
+    for name, norm in head.named_modules(prefix=prefix + "rotation_head"):
+        if isinstance(norm, nn.BatchNorm1d) and name + ".weight" not in state_dict:
+            for key, tensor in norm.state_dict().items():
+                fill = torch.ones_like(tensor) if key in ("weight", "running_var") else torch.zeros_like(tensor)
+                state_dict[f"{name}.{key}"] = fill
+            filled.append(name)
+    if filled and first_bias is not None and head[0].bias is None:
+        state_dict[filled[0] + ".bias"] = state_dict.pop(prefix + "rotation_head.0.bias")
 
 
 class FilterBankPoseEncoder(nn.Module):
@@ -113,13 +147,22 @@ class FilterBankPoseEncoder(nn.Module):
         return len(self.sigmas_px)
 
     def _attach_trunk(self, cnn: nn.Module, feature_size: int, latent_dim: int, mlp_hidden: int,
-                      head_layers: int) -> None:
+                      head_layers: int, head_batchnorm: bool = True) -> None:
         """Install the trunk (its flattened output has ``latent_dim`` features; ``feature_size`` is the
-        side of its last map before any final pooling, for information) and build both heads."""
+        side of its last map before any final pooling, for information) and build both heads
+        (``head_batchnorm=False``: the rotation head without its BatchNorm layers, for ablations)."""
         self.cnn = cnn
         self.feature_size = feature_size
         self.latent_dim = latent_dim
-        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers)
+        # BatchNorm after the rotation head's first hidden layer (cryoAI's reference code) and on its
+        # last hidden features: without them the features of different images share a large common
+        # part and every image starts at nearly the same pose (mean viewing direction ≈ 0.95 long, a
+        # collapse the image loss keeps); centred last features leave the 6D output's mean at the bias
+        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers, batchnorm=head_batchnorm)
+        if head_batchnorm:
+            with torch.no_grad():  # ... so a zero bias centres the 6D outputs of a batch on 0
+                self.rotation_head[-1].bias.zero_()
+        self._register_load_state_dict_pre_hook(_identity_head_norms, with_module=True)
         self.shift_head = _mlp(self.latent_dim, mlp_hidden, 2, head_layers)
         with torch.no_grad():  # start near shift 0 (but not exactly: every layer gets gradients)
             self.shift_head[-1].weight.mul_(1e-2)
@@ -165,6 +208,7 @@ class PoseEncoder(FilterBankPoseEncoder):
                       values log-spaced over 0.1 … 10 px.
     pooled_size     : spatial side of the adaptive average pooling before flattening.
     normalize_input : standardise each image before filtering (robust to the data's scale).
+    head_batchnorm  : the rotation head's BatchNorm layers (module docstring); False only for ablations.
     """
 
     def __init__(self, image_size: int, pixel_size: float,
@@ -173,7 +217,7 @@ class PoseEncoder(FilterBankPoseEncoder):
                  mlp_hidden: int = 256, max_shift_angst: float | None = None,
                  n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
                  head_layers: int = 2, pooled_size: int = 2, normalize_input: bool = True,
-                 channels_last: bool = False):
+                 channels_last: bool = False, head_batchnorm: bool = True):
         if len(channels) != len(convs_per_block):
             raise ValueError("channels and convs_per_block must have the same length")
         super().__init__(image_size, pixel_size, max_shift_angst, n_filters, filter_size, sigmas,
@@ -190,4 +234,5 @@ class PoseEncoder(FilterBankPoseEncoder):
                 spatial //= 2
         pooled = max(1, min(pooled_size, spatial))
         blocks.append(nn.AdaptiveAvgPool2d(pooled))
-        self._attach_trunk(nn.Sequential(*blocks), spatial, in_ch * pooled * pooled, mlp_hidden, head_layers)
+        self._attach_trunk(nn.Sequential(*blocks), spatial, in_ch * pooled * pooled, mlp_hidden, head_layers,
+                           head_batchnorm)

@@ -54,7 +54,33 @@ class HermitianDecoder(nn.Module):
     def __init__(self, output_scale: float = 1.0, allow_autocast: bool = False):
         super().__init__()
         self.register_buffer("output_scale", torch.tensor(float(output_scale)))
+        # radial amplitude profile (n,) on |k| = 0, 0.5/(n−1), ..., 0.5 cycles/px (linear in between,
+        # constant beyond): a constant preconditioner set from the data (set_shell_scale); empty = 1
+        self.register_buffer("shell_scale", torch.ones(0))
         self.allow_autocast = allow_autocast
+
+    def set_shell_scale(self, scale: torch.Tensor) -> None:
+        """Multiply the output by a radial profile ``scale`` (n ≥ 2,) sampled at |k| = i·0.5/(n−1)
+        cycles/px (e.g. per Fourier shell of the data, so that the initial decoder has the data's
+        radial amplitude); an empty tensor removes it."""
+        if scale.ndim != 1 or scale.numel() == 1:
+            raise ValueError(f"shell_scale must be empty or have >= 2 shells, got shape {tuple(scale.shape)}")
+        self.shell_scale = scale.detach().to(device=self.output_scale.device, dtype=self.output_scale.dtype)
+
+    def _radial_scale(self, coords: torch.Tensor) -> torch.Tensor:
+        """The profile of :meth:`set_shell_scale` at points (N, 3), linearly interpolated."""
+        n = self.shell_scale.numel()
+        pos = torch.nan_to_num(coords.norm(dim=-1) * (2 * (n - 1))).clamp(0, n - 1)  # NaN: the network's own
+        lo = pos.floor().long().clamp(max=n - 2)
+        frac = pos - lo
+        return self.shell_scale[lo] * (1 - frac) + self.shell_scale[lo + 1] * frac
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the profile's length is the data's (L/2 + 1 shells); checkpoints from before it had none
+        key = prefix + "shell_scale"
+        saved = state_dict.setdefault(key, torch.ones(0))
+        self.shell_scale = torch.empty(saved.shape, dtype=self.output_scale.dtype, device=self.output_scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def network(self, coords_cyc_px: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """(N, 3) canonical coordinates in cycles/px → (N, 2) real (Re, Im) before symmetrisation."""
@@ -76,6 +102,8 @@ class HermitianDecoder(nn.Module):
         if out.dtype in (torch.float16, torch.bfloat16):  # autocast: no complex half arithmetic
             out = out.float()
         scale = self.output_scale.to(out.dtype)
+        if self.shell_scale.numel():
+            scale = scale * self._radial_scale(canonical).to(out.dtype)
         re = out[:, 0] * scale
         im = out[:, 1] * scale
         im = torch.where(flipped, -im, im)

@@ -113,9 +113,9 @@ class ResNetPoseEncoder(FilterBankPoseEncoder):
                  mlp_hidden: int = 256, max_shift_angst: float | None = None,
                  n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
                  head_layers: int = 2, normalize_input: bool = True, channels_last: bool = False,
-                 stem_kernel: int = 7, stem_pool: bool = True):
+                 stem_kernel: int = 7, stem_pool: bool = True, head_batchnorm: bool = True):
         super().__init__(image_size, pixel_size, max_shift_angst, n_filters, filter_size, sigmas,
                          normalize_input, channels_last)
         trunk = ResNetTrunk(self.n_filters, widths, blocks, stem_kernel, stem_pool)
         self._attach_trunk(trunk, trunk.output_size(self.image_size), trunk.out_channels, mlp_hidden,
-                           head_layers)
+                           head_layers, head_batchnorm)

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .fourier import freq_grid_2d_half, half_grid_weights, rfft2_centered
+from .fourier import freq_grid_2d_half, half_grid_weights, irfft2_centered, rfft2_centered
 
 __all__ = ["HalfDiscGrid"]
 
@@ -58,5 +58,16 @@ class HalfDiscGrid:
 
     def error(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Weighted squared error per image (B,) ≈ mean squared real-space pixel error."""
-        diff = predicted - target
-        return ((diff.real ** 2 + diff.imag ** 2) * self.weights).sum(-1)
+        return self.power(predicted - target)
+
+    def images(self, spectra: torch.Tensor) -> torch.Tensor:
+        """Real images (B, L, L) whose spectrum is ``spectra`` (B, Q) at the grid's points and zero
+        everywhere else: images band-limited to the grid's disc (the inverse of :meth:`target`)."""
+        half = spectra.new_zeros(*spectra.shape[:-1], self.size * (self.size // 2 + 1))
+        half[..., self.index] = spectra
+        return irfft2_centered(half.reshape(*spectra.shape[:-1], self.size, self.size // 2 + 1), self.size)
+
+    def power(self, spectra: torch.Tensor) -> torch.Tensor:
+        """Weighted power per image (B,) of spectra (B, Q) at the grid's points: the mean squared pixel
+        value of the band-limited images (the :meth:`error` of predicting them as 0)."""
+        return ((spectra.real ** 2 + spectra.imag ** 2) * self.weights).sum(-1)

@@ -18,6 +18,12 @@ Presets:
 * ``paper`` — cryoAI's settings: VGG16-like encoder (64/128/256/256/256 channels, 2/2/3/3/3 convs,
   MLP 256), FourierNet with 256 hidden units, batch 64, Adam with AMSGrad at lr 1e-4, gradient
   clipping at 1.0.
+
+Every preset trains coarse to fine (loss band from 0.1 cycles/px, widened linearly to Nyquist over
+40 / 2000 / 10000 steps), starts the decoder at the data's radial amplitude and clips the encoder's and
+the decoder's gradients separately; ``cpu`` and ``paper`` add ACE-EM's PIP task with the paper's weight
+for the data's SNR (0.9 noise-free … 0.07 at −10 dB) after a warm-up of 100 / 2000 steps and once
+the decoder renders 0.3 of the data's in-band amplitude (issue 14: without these the encoder collapses).
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ class EncoderConfig:
     n_filters: int = 5
     filter_size: int = 11
     pooled_size: int = 2
+    head_batchnorm: bool = True  # BatchNorm1d in the rotation head (initial poses spread over SO(3))
 
 
 @dataclasses.dataclass
@@ -95,6 +102,9 @@ class DecoderConfig:
     layers / omega_0 : None = the decoder class's default (FourierNet: 3 layers per SIREN).
     output_scale     : constant factor on the decoder's output; None = L (the RMS magnitude of the
                        unnormalized spectrum of a unit-variance image), set when the run starts.
+    match_amplitude  : neural fields: at the start of a run, give the decoder the data's radial
+                       amplitude (per-shell power / CTF², :mod:`cryoace.train.amplitude`), so that the
+                       pose gradients carry signal from the first step.
     """
 
     name: str = option("fouriernet", flag="--decoder", group="model", choices=DECODER_NAMES,
@@ -104,6 +114,7 @@ class DecoderConfig:
     layers: int | None = None
     omega_0: float | None = None
     output_scale: float | None = None
+    match_amplitude: bool = False
 
 
 @dataclasses.dataclass
@@ -120,6 +131,7 @@ class OptimConfig:
     amsgrad: bool = option(True, flag="--amsgrad", group="model", kind="both", help="AMSGrad variant of Adam")
     grad_clip: float = option(1.0, flag="--grad-clip", group="model", metavar="NORM",
                               help="clip the global L2 norm of the gradient (0 = off)")
+    clip_per_group: bool = True  # clip the encoder's and the decoder's gradients separately (else jointly)
     weight_decay: float = 0.0
     name: str = option("adam", flag="--optimizer", group="model", choices=OPTIMIZER_NAMES,
                        help="adam (cryoAI) or adamw (ACE-EM)")
@@ -165,17 +177,30 @@ class PIPConfig:
     """ACE-EM's pose → image → pose task (:mod:`cryoace.train.pip`).
 
     weight        : λ of the PIP loss added to the image loss (``joint``), or of the PIP-only steps
-                    (``alternate``: after the warm-up, every other step is PIP-only).
+                    (``alternate``: after the warm-up, every other step is PIP-only); None = from the
+                    data's SNR (:func:`cryoace.train.pip.auto_pip_weight`: ACE-EM's 0.9 on noise-free
+                    data, 0.07 at −10 dB).
     warmup_steps  : T, image-loss-only steps before PIP starts.
+    warmup_amplitude : PIP also waits until the decoder's rendered amplitude in the loss band (RMS)
+                    reaches this fraction of the data's signal amplitude there (None = no such wait).
+    band_limited  : render the PIP images only inside the loss band and the Nyquist disc (False: the
+                    whole grid, for ablations).
+    joint_batchnorm : encode the PIP images in one pass with the real images (one BatchNorm batch).
     snr_db        : noise of the PIP images from this SNR (dB); None = σ from the images' background.
     shift_sigma_angst : σ (Å) of the random shifts; None = resample the encoder's shifts on the batch.
     """
 
     enabled: bool = option(False, flag="--pip", group="pip", kind="both",
                            help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss")
-    weight: float = option(0.1, flag="--pip-weight", group="pip", metavar="LAMBDA", help="weight of the PIP loss")
+    weight: float | None = option(0.1, flag="--pip-weight", group="pip", metavar="LAMBDA",
+                                  default_text="from the data's SNR: ACE-EM's 0.9 noise-free ... 0.07 at -10 dB",
+                                  help="weight of the PIP loss")
     warmup_steps: int = option(0, flag="--pip-warmup", group="pip", metavar="T",
-                               help="image-loss-only steps before PIP starts")
+                               help="image-loss-only steps before PIP starts (PIP also waits until the decoder "
+                               "renders 0.3 of the data's in-band amplitude)")
+    warmup_amplitude: float | None = None
+    band_limited: bool = True
+    joint_batchnorm: bool = True
     mode: str = option("joint", flag="--pip-mode", group="pip", choices=PIP_MODES,
                        help="PIP added to every step (joint) or on alternate steps")
     freeze_decoder: bool = option(True, flag="--pip-freeze-decoder", group="pip", kind="both",
@@ -312,6 +337,9 @@ class TrainConfig:
                                          on_resume="free", default_text="never",
                                          help="with --halves: stop when the half-map resolution has not "
                                          "improved by more than 1% in N evaluations")
+    force_gsym: bool = option(False, flag="--force-gsym", group="model", kind="on",
+                              help="allow --loss gsym with a neural-field decoder (refused otherwise: ACE-EM "
+                              "reports that it fails there)")
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -336,6 +364,10 @@ class TrainConfig:
         if self.decoder.name not in DECODER_NAMES:
             raise CryoaceInputError(f"--decoder must be one of {', '.join(DECODER_NAMES)}, "
                                     f"got {self.decoder.name!r}")
+        if self.loss == "gsym" and not self.decoder.name.startswith("voxel") and not self.force_gsym:
+            raise CryoaceInputError(f"--loss gsym is meant for voxel decoders (ACE-EM reports that it fails "
+                                    f"with FourierNet), not --decoder {self.decoder.name}; use "
+                                    "--decoder voxel-real/voxel-fourier, or --force-gsym to try it anyway")
         positive("decoder hidden", self.decoder.hidden)
         if self.encoder.name not in ENCODER_NAMES:
             raise CryoaceInputError(f"--encoder must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder.name!r}")
@@ -371,8 +403,10 @@ class TrainConfig:
         if not self.refine.start_resolution_px >= 2.0:
             raise CryoaceInputError(f"--refine-start-resolution must be at least 2 px (Nyquist), got "
                                     f"{self.refine.start_resolution_px}")
-        if self.pip.weight < 0 or self.pip.warmup_steps < 0:
+        if (self.pip.weight is not None and self.pip.weight < 0) or self.pip.warmup_steps < 0:
             raise CryoaceInputError("--pip-weight and --pip-warmup must be >= 0")
+        if self.pip.warmup_amplitude is not None and not 0 < self.pip.warmup_amplitude <= 1:
+            raise CryoaceInputError(f"pip warmup_amplitude must be in (0, 1], got {self.pip.warmup_amplitude}")
         if self.warmup_label_steps < 0 or self.shift_l1 < 0 or self.gsym_views < 0:
             raise CryoaceInputError("--warmup-labels, --shift-l1 and gsym views must be >= 0")
         if not 1 <= self.warmup_label_filter <= self.encoder.n_filters:
@@ -443,11 +477,21 @@ def _build(cls, data: Any, source, prefix: str):
 # Presets
 # ---------------------------------------------------------------------------------------------
 
+#: coarse to fine in every preset (issue 14): with the full band from step 0 the encoder collapses onto
+#: one viewing direction; the band starts at 0.1 cycles/px and widens linearly to Nyquist
+BAND_START_CYC_PX = 0.1
+#: PIP waits until the decoder renders this fraction of the data's in-band signal amplitude (RMS): with
+#: poses still wrong a fitted decoder renders about 0.4-0.5 of it (a fifth of the power), a fresh
+#: neural field without the amplitude match 0.01-0.1
+PIP_WARMUP_AMPLITUDE = 0.3
+
+
 def _tiny() -> TrainConfig:
     return TrainConfig(
         preset="tiny", batch_size=16, steps=40, log_every=5, checkpoint_every=20, volume_every=20,
+        band_start_cyc_px=BAND_START_CYC_PX, band_ramp_steps=40,
         encoder=EncoderConfig(channels=(8, 16, 32), convs_per_block=(1, 1, 1), mlp_hidden=32),
-        decoder=DecoderConfig(name="fouriernet", hidden=32, layers=2),
+        decoder=DecoderConfig(name="fouriernet", hidden=32, layers=2, match_amplitude=True),
         optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0), tensorboard=False)
 
 
@@ -455,17 +499,21 @@ def _cpu() -> TrainConfig:
     return TrainConfig(
         preset="cpu", batch_size=32, max_time_s=8 * 60, log_every=25, checkpoint_every=200,
         volume_every=1000, refine=RefineConfig(enabled=True, rounds=10),
+        band_start_cyc_px=BAND_START_CYC_PX, band_ramp_steps=2000,
+        pip=PIPConfig(enabled=True, weight=None, warmup_steps=100, warmup_amplitude=PIP_WARMUP_AMPLITUDE),
         encoder=EncoderConfig(channels=(16, 32, 64, 64), convs_per_block=(1, 1, 1, 1), mlp_hidden=128),
-        decoder=DecoderConfig(name="fouriernet", hidden=64, layers=3),
+        decoder=DecoderConfig(name="fouriernet", hidden=64, layers=3, match_amplitude=True),
         optim=OptimConfig(lr=1e-3, amsgrad=True, grad_clip=1.0))
 
 
 def _paper() -> TrainConfig:
     return TrainConfig(
         preset="paper", batch_size=64, epochs=20, log_every=50, checkpoint_every=1000, volume_every=2000,
+        band_start_cyc_px=BAND_START_CYC_PX, band_ramp_steps=10000,
+        pip=PIPConfig(enabled=True, weight=None, warmup_steps=2000, warmup_amplitude=PIP_WARMUP_AMPLITUDE),
         encoder=EncoderConfig(channels=(64, 128, 256, 256, 256), convs_per_block=(2, 2, 3, 3, 3),
                               mlp_hidden=256),
-        decoder=DecoderConfig(name="fouriernet", hidden=256, layers=3),
+        decoder=DecoderConfig(name="fouriernet", hidden=256, layers=3, match_amplitude=True),
         optim=OptimConfig(lr=1e-4, amsgrad=True, grad_clip=1.0))
 
 

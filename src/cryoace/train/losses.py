@@ -116,17 +116,24 @@ class LossOutput:
     error       : (B,) the kept (smaller) per-image error.
     pose        : the predicted pose of each image in its original frame (winner of the two paths).
     rotated_won : (B,) bool, True where the 180°-rotated path had the smaller error (all False with l2).
+    predicted_power, observed_power : (B,) band power (:meth:`HalfDiscGrid.power`) of the kept
+                  prediction and of the image (detached): how far the decoder's amplitude is from the data's.
+    extra_pose  : the encoder's poses of ``extra_images`` (encoded in the same pass), or None.
     """
 
     loss: torch.Tensor
     error: torch.Tensor
     pose: Pose
     rotated_won: torch.Tensor
+    predicted_power: torch.Tensor | None = None
+    observed_power: torch.Tensor | None = None
+    extra_pose: Pose | None = None
 
 
 def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_size: torch.Tensor,
                  grid: HalfDiscGrid, ctf: CTFParams | None = None, loss: str = "symmetric",
-                 target_lowpass_sigma_px: float | None = None, n_random: int = 2) -> LossOutput:
+                 target_lowpass_sigma_px: float | None = None, n_random: int = 2,
+                 extra_images: torch.Tensor | None = None) -> LossOutput:
     """Encode, render and compare one batch (the whole model's forward pass).
 
     images     : (B, L, L) real images as the encoder and the loss see them (normalized).
@@ -136,17 +143,22 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
                  symmetric paths plus ``n_random`` randomly turned/mirrored views drawn from the
                  global torch RNG); see the module docstring.
     target_lowpass_sigma_px : warm-up labels — Gaussian low-pass of the targets (None = raw).
+    extra_images : more images (E, L, L) encoded in the same encoder call (one BatchNorm batch with
+                 the real ones, e.g. the PIP images); their poses are :attr:`LossOutput.extra_pose`.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     target = grid.target(images, target_lowpass_sigma_px)
     batch = images.shape[0]
+    observed_power = grid.power(target.detach())
     if loss == "l2":
-        pose = encoder(images)
+        pose, extra_pose = _encode(encoder, [images], extra_images)
         pred = render_spectra(decoder, pose, pixel_size, grid.size, ctf, freq_cyc_px=grid.freq)
         error = grid.error(pred, target)
         rotated_won = torch.zeros(batch, dtype=torch.bool, device=images.device)
-        return LossOutput(loss=error.mean(), error=error, pose=pose, rotated_won=rotated_won)
+        return LossOutput(loss=error.mean(), error=error, pose=pose, rotated_won=rotated_won,
+                          predicted_power=grid.power(pred.detach()), observed_power=observed_power,
+                          extra_pose=extra_pose)
 
     views, targets = [images, rotate_180(images)], [target, target.conj()]  # conj: exact 180° spectrum
     angles, mirrors = [], []
@@ -159,7 +171,7 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
         angles.append(angle)
         mirrors.append(mirror)
     n_views = len(views)
-    poses = encoder(torch.cat(views))
+    poses, extra_pose = _encode(encoder, views, extra_images)
     pred = render_spectra(decoder, poses, pixel_size.repeat(n_views), grid.size, _repeat(ctf, n_views),
                           freq_cyc_px=grid.freq)
     errors = grid.error(pred, torch.cat(targets)).reshape(n_views, batch)
@@ -174,8 +186,21 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
     pick = pose_errors.argmin(0)
     rotmat = torch.stack([c.rotmat for c in candidates])[pick, torch.arange(batch, device=images.device)]
     shift = torch.stack([c.shift_angst for c in candidates])[pick, torch.arange(batch, device=images.device)]
+    predicted_power = grid.power(pred.detach()).reshape(n_views, batch)[best, torch.arange(batch, device=images.device)]
     return LossOutput(loss=error.mean(), error=error, pose=Pose(rotmat=rotmat, shift_angst=shift),
-                      rotated_won=best != 0)
+                      rotated_won=best != 0, predicted_power=predicted_power, observed_power=observed_power,
+                      extra_pose=extra_pose)
+
+
+def _encode(encoder, views: list[torch.Tensor], extra: torch.Tensor | None) -> tuple[Pose, Pose | None]:
+    """One encoder call on the concatenated views (and ``extra`` images after them): their poses, and
+    those of ``extra`` (None without)."""
+    if extra is None:
+        return encoder(torch.cat(views)), None
+    n = sum(v.shape[0] for v in views)
+    poses = encoder(torch.cat([*views, extra.to(views[0].dtype)]))
+    head = Pose(rotmat=poses.rotmat[:n], shift_angst=poses.shift_angst[:n])
+    return head, Pose(rotmat=poses.rotmat[n:], shift_angst=poses.shift_angst[n:])
 
 
 def _repeat(obj, times: int):

@@ -17,6 +17,16 @@ particle with pose (D·R, −t), D = diag(−1, −1, 1) (see :mod:`cryoace.trai
 images (drawn at random) are therefore rotated by 180° and get the correspondingly rotated target, so
 that PIP teaches the encoder exactly the relation the IPI loss assumes.
 
+**Band limit.** The clean images are rendered only inside the current loss band and the Nyquist
+disc (``grid``, the trainer's :class:`~cryoace.physics.band.HalfDiscGrid`) and are zero outside it:
+beyond the band the decoder has not been fitted, and its extrapolation there would teach the encoder
+features the data do not have. (The added noise stays white, as in the data.)
+
+**One encoder pass.** :func:`pip_render` and :func:`pip_pose_loss` split the task around the encoder
+so that a trainer can encode the PIP images in the same pass as the real images (one BatchNorm batch:
+the running statistics used at prediction time are not updated by synthetic images alone);
+:func:`pip_loss` does all three for one batch.
+
 **Frozen decoder** (the paper's default): the render runs under ``torch.no_grad``, so the PIP loss
 cannot change the decoder at all; unfrozen, its gradient flows into the decoder too.
 """
@@ -24,15 +34,18 @@ cannot change the decoder at all; unfrozen, its gradient flows into the decoder 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
-from ..physics.forward import render_images
+from ..physics.band import HalfDiscGrid
+from ..physics.forward import render_images, render_spectra
 from ..physics.rotations import random_rotmat
 from ..types import CTFParams, Pose, map_tensors
 from .losses import ROT_Z_PI, rotate_180
 
-__all__ = ["PIPOutput", "background_noise_std", "pip_loss", "pip_weight", "shuffled_ctf"]
+__all__ = ["PIPBatch", "PIPOutput", "auto_pip_weight", "background_noise_std", "estimate_snr_db", "pip_loss", "pip_pose_loss", "pip_render", "pip_weight",
+           "shuffled_ctf"]
 
 
 @dataclasses.dataclass
@@ -55,6 +68,31 @@ def background_noise_std(images: torch.Tensor, radius_fraction: float = 0.45) ->
     return float(corners.double().std()) if corners.numel() > 1 else 0.0
 
 
+#: ACE-EM's PIP weights (§4.1): 0.9 on noise-free (200 dB) data, 0.05–0.09 at −10 dB
+PIP_WEIGHT_CLEAN, PIP_WEIGHT_NOISY = 0.9, 0.07
+#: the SNRs (dB, whole box) between which :func:`auto_pip_weight` interpolates
+PIP_SNR_NOISY_DB, PIP_SNR_CLEAN_DB = -10.0, 10.0
+
+
+def auto_pip_weight(snr_db: float) -> float:
+    """λ of the PIP loss for data of ``snr_db`` (whole-box SNR): ACE-EM's 0.9 at ≥ +10 dB (noise-free
+    in practice) and 0.07 at ≤ −10 dB, log-linear in between (where ACE-EM gives no value). Noisier
+    data get less PIP because the decoder — and so the PIP images — are less reliable there."""
+    frac = (float(snr_db) - PIP_SNR_NOISY_DB) / (PIP_SNR_CLEAN_DB - PIP_SNR_NOISY_DB)
+    frac = min(1.0, max(0.0, frac)) if math.isfinite(frac) else (1.0 if snr_db > 0 else 0.0)
+    return math.exp(math.log(PIP_WEIGHT_NOISY) + frac * (math.log(PIP_WEIGHT_CLEAN) - math.log(PIP_WEIGHT_NOISY)))
+
+
+def estimate_snr_db(images: torch.Tensor, radius_fraction: float = 0.45) -> float:
+    """Whole-box SNR (dB) of images (B, L, L): (pixel variance − σ²) / σ², σ from the background
+    (:func:`background_noise_std`); +inf for noise-free images."""
+    sigma2 = background_noise_std(images, radius_fraction) ** 2
+    signal = float(images.double().var()) - sigma2
+    if sigma2 <= 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-12 * sigma2) / sigma2)
+
+
 def pip_weight(step: int, weight: float, warmup_steps: int, mode: str) -> float:
     """λ of the PIP loss at ``step``: 0 during the IPI-only warm-up, then ``weight`` every step
     (``joint``) or, with ``alternate``, on odd steps only (even steps are IPI-only, odd PIP-only)."""
@@ -65,22 +103,23 @@ def pip_weight(step: int, weight: float, warmup_steps: int, mode: str) -> float:
     return weight
 
 
-def pip_loss(encoder: torch.nn.Module, decoder, ctf: CTFParams | None, pixel_size: torch.Tensor, size: int,
-             noise_std: float | None = None, snr_db: float | None = None, shift_sigma_angst: float | None = None,
-             shift_pool_angst: torch.Tensor | None = None, freeze_decoder: bool = True,
-             symmetric: bool = True, pose: Pose | None = None) -> PIPOutput:
-    """The PIP loss for one batch of B random poses (B = len(pixel_size)).
+@dataclasses.dataclass
+class PIPBatch:
+    """PIP inputs: noisy rendered ``images`` (B, L, L) and the poses they show (the targets)."""
 
-    ctf               : CTFs (B,) of randomly drawn particles, or None (no CTF).
-    pixel_size        : (B,) Å/px.
-    noise_std         : σ of the added white noise in normalized image units (from the background);
-    snr_db            : ... or the target SNR in dB (overrides ``noise_std``); neither = noise-free.
-    shift_sigma_angst : σ (Å) of Gaussian random shifts; otherwise shifts are resampled (with
-                        replacement) from ``shift_pool_angst`` (P, 2) — e.g. the encoder's shifts on
-                        the batch — and are zero if neither is given.
-    symmetric         : rotate a random half of the inputs by 180° with target (D·R, −t).
-    pose              : the poses to render (B) instead of random ones (for tests and replays).
-    """
+    images: torch.Tensor
+    rotmat: torch.Tensor       # (B, 3, 3)
+    shift_angst: torch.Tensor  # (B, 2)
+
+
+def pip_render(decoder, ctf: CTFParams | None, pixel_size: torch.Tensor, size: int,
+               noise_std: float | None = None, snr_db: float | None = None, shift_sigma_angst: float | None = None,
+               shift_pool_angst: torch.Tensor | None = None, freeze_decoder: bool = True,
+               symmetric: bool = True, pose: Pose | None = None, grid: HalfDiscGrid | None = None,
+               full_grid: bool = False) -> PIPBatch:
+    """B random poses (B = len(pixel_size)) rendered through ``decoder`` inside ``grid``'s band, made
+    noisy; arguments as in :func:`pip_loss`. ``full_grid`` renders the whole L×L grid instead (corners
+    beyond Nyquist included; the behaviour before issue 14, kept for ablations)."""
     batch = pixel_size.shape[0]
     device = pixel_size.device
     dtype = pixel_size.dtype
@@ -91,12 +130,19 @@ def pip_loss(encoder: torch.nn.Module, decoder, ctf: CTFParams | None, pixel_siz
         shift = torch.randn(batch, 2, dtype=dtype, device=device) * float(shift_sigma_angst)
     elif shift_pool_angst is not None and shift_pool_angst.shape[0] > 0:
         pick = torch.randint(shift_pool_angst.shape[0], (batch,), device=device)
-        shift = shift_pool_angst.detach().to(dtype)[pick]
+        shift = shift_pool_angst.detach().to(device=device, dtype=dtype)[pick]
     else:
         shift = torch.zeros(batch, 2, dtype=dtype, device=device)
 
+    if grid is None:
+        grid = HalfDiscGrid(size, device=device, dtype=dtype)  # the Nyquist disc
     with torch.no_grad() if freeze_decoder else torch.enable_grad():
-        clean = render_images(decoder, Pose(rotmat, shift), pixel_size, size, ctf)
+        if full_grid:
+            clean = render_images(decoder, Pose(rotmat, shift), pixel_size, size, ctf)
+        else:
+            spectra = render_spectra(decoder, Pose(rotmat, shift), pixel_size, size, ctf,
+                                     freq_cyc_px=grid.freq.to(dtype))
+            clean = grid.images(spectra).to(dtype)
     if snr_db is not None:
         signal_var = clean.detach().flatten(1).var(dim=1).mean()
         sigma = torch.sqrt(signal_var / 10.0 ** (float(snr_db) / 10.0))
@@ -110,12 +156,40 @@ def pip_loss(encoder: torch.nn.Module, decoder, ctf: CTFParams | None, pixel_siz
         d = torch.tensor(ROT_Z_PI, dtype=dtype, device=device)
         rotmat = torch.where(turn[:, None, None], rotmat * d[:, None], rotmat)
         shift = torch.where(turn[:, None], -shift, shift)
+    return PIPBatch(images=images, rotmat=rotmat, shift_angst=shift)
 
-    pred = encoder(images)
-    rotation = (pred.rotmat.to(dtype) - rotmat).pow(2).sum((-2, -1)).mean()
-    shift_px = (pred.shift_angst.to(dtype) - shift) / pixel_size[:, None]
+
+def pip_pose_loss(pred: Pose, target: PIPBatch, pixel_size: torch.Tensor) -> PIPOutput:
+    """ACE-EM's PIP loss of the encoder's predictions ``pred`` for ``target.images``: mean squared
+    Frobenius error of the rotations plus mean squared shift error in px."""
+    dtype = target.rotmat.dtype
+    rotation = (pred.rotmat.to(dtype) - target.rotmat).pow(2).sum((-2, -1)).mean()
+    shift_px = (pred.shift_angst.to(dtype) - target.shift_angst) / pixel_size[:, None]
     shift_err = shift_px.pow(2).sum(-1).mean()
-    return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=images.detach())
+    return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=target.images.detach())
+
+
+def pip_loss(encoder: torch.nn.Module, decoder, ctf: CTFParams | None, pixel_size: torch.Tensor, size: int,
+             noise_std: float | None = None, snr_db: float | None = None, shift_sigma_angst: float | None = None,
+             shift_pool_angst: torch.Tensor | None = None, freeze_decoder: bool = True,
+             symmetric: bool = True, pose: Pose | None = None, grid: HalfDiscGrid | None = None) -> PIPOutput:
+    """The PIP loss for one batch of B random poses (B = len(pixel_size)).
+
+    ctf               : CTFs (B,) of randomly drawn particles, or None (no CTF).
+    pixel_size        : (B,) Å/px.
+    noise_std         : σ of the added white noise in normalized image units (from the background);
+    snr_db            : ... or the target SNR in dB (overrides ``noise_std``); neither = noise-free.
+    shift_sigma_angst : σ (Å) of Gaussian random shifts; otherwise shifts are resampled (with
+                        replacement) from ``shift_pool_angst`` (P, 2) — e.g. the encoder's shifts on
+                        the batch — and are zero if neither is given.
+    symmetric         : rotate a random half of the inputs by 180° with target (D·R, −t).
+    pose              : the poses to render (B) instead of random ones (for tests and replays).
+    grid              : the band the images are rendered in (None = the whole Nyquist disc).
+    """
+    target = pip_render(decoder, ctf, pixel_size, size, noise_std=noise_std, snr_db=snr_db,
+                        shift_sigma_angst=shift_sigma_angst, shift_pool_angst=shift_pool_angst,
+                        freeze_decoder=freeze_decoder, symmetric=symmetric, pose=pose, grid=grid)
+    return pip_pose_loss(encoder(target.images), target, pixel_size)
 
 
 def shuffled_ctf(ctf: CTFParams | None, device) -> CTFParams | None:

@@ -2,7 +2,7 @@
 
 One step: a batch of normalized images (the dataset's order is a pure function of the data-order
 seed and the epoch), :func:`cryoace.train.losses.compute_loss` (symmetric or L2), backward,
-gradient clipping (global norm), ``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder
+gradient clipping (per parameter group — encoder and decoder separately — or global), ``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder
 with both heads, the decoder — checked at construction), ``zero_grad(set_to_none=True)``.
 
 With ``compile`` the encoder and the decoder's real-valued network are run through
@@ -57,8 +57,10 @@ from ..io.preload import prefetch
 from .distributed import GradientSync, current as distributed_context
 from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
 from .monitor import PoseMonitor
-from .pip import background_noise_std, pip_loss, pip_weight, shuffled_ctf
+from .pip import (auto_pip_weight, background_noise_std, estimate_snr_db, pip_pose_loss, pip_render, pip_weight,
+                  shuffled_ctf)
 from .schedules import warmup_multistep_scheduler
+from ..types import Pose
 
 __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
 
@@ -102,7 +104,7 @@ def build_models(config: TrainConfig, image_size: int, pixel_size: float) -> tup
 
     enc = config.encoder
     common = dict(mlp_hidden=enc.mlp_hidden, head_layers=enc.head_layers, max_shift_angst=enc.max_shift_angst,
-                  n_filters=enc.n_filters, filter_size=enc.filter_size)
+                  n_filters=enc.n_filters, filter_size=enc.filter_size, head_batchnorm=enc.head_batchnorm)
     if enc.name == "resnet18":
         encoder = ResNetPoseEncoder(image_size, pixel_size, widths=resnet_widths(enc.channels), **common)
     else:
@@ -223,7 +225,14 @@ class Trainer:
         self.params = [p for m in (self.encoder, self.decoder) for p in m.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
         self._check_optimizer_covers_models()
-        self.pip_noise_std = self._pip_noise_std()
+        self._sample = self._data_sample()
+        self.data_noise_std = background_noise_std(self._sample.images) if self._sample is not None else 0.0
+        self.pip_noise_std = self.data_noise_std if config.pip.enabled and config.pip.snr_db is None else 0.0
+        self.pip_lambda = self._pip_lambda()
+        self._match_decoder_amplitude()
+        self._sample = None  # only needed at the start
+        self._pip_open = not (config.pip.enabled and config.pip.warmup_amplitude)  # amplitude warm-up passed
+        self._pip_shift_pool: torch.Tensor | None = None  # the encoder's shifts on the last batch (Å)
         self.monitor = PoseMonitor(config.pose_window, self.device, self.truth_rotmat_of())
         self._grids: dict[int, HalfDiscGrid] = {}
         self._compiled = None  # (encoder, decoder network) compiled for training steps, built lazily
@@ -281,14 +290,37 @@ class Trainer:
         self._scheduler_factor = self.lr_factor
 
     # -- ACE-EM: PIP noise, reference poses --------------------------------------------------------
-    def _pip_noise_std(self) -> float:
-        """σ of the PIP images' noise, from the background of up to 512 normalized images (0 without PIP
-        or with a given SNR)."""
-        pip = self.config.pip
-        if not pip.enabled or pip.snr_db is not None:
-            return 0.0
+    def _data_sample(self):
+        """Up to 512 normalized particles spread over the set (a ParticleBatch), when PIP or the
+        amplitude match needs the data's noise level or spectrum; else None."""
+        if not (self.config.pip.enabled or self.config.decoder.match_amplitude):
+            return None
         rows = np.linspace(0, self.n_particles - 1, min(512, self.n_particles)).astype(np.int64)
-        return background_noise_std(self.dataset[np.unique(rows)].images)
+        return self.dataset[np.unique(rows)]
+
+    def _pip_lambda(self) -> float:
+        """λ of the PIP loss: the configured weight, or ACE-EM's for the data's SNR (weight None)."""
+        pip = self.config.pip
+        if not pip.enabled:
+            return 0.0
+        if pip.weight is not None:
+            return float(pip.weight)
+        snr_db = estimate_snr_db(self._sample.images)
+        weight = auto_pip_weight(snr_db)
+        self.log(f"PIP weight {weight:.3g} for the data's SNR of {snr_db:.1f} dB")
+        return weight
+
+    def _match_decoder_amplitude(self) -> None:
+        """Neural fields with ``match_amplitude``: start the decoder at the data's radial amplitude
+        (:mod:`cryoace.train.amplitude`; a checkpoint's decoder state replaces it on resume)."""
+        if not self.config.decoder.match_amplitude or self.config.decoder.name.startswith("voxel"):
+            return
+        from .amplitude import match_decoder_amplitude
+
+        sample = self._sample
+        ctf = sample.ctf if self.use_ctf else None
+        match_decoder_amplitude(self.decoder, sample.images, sample.pixel_size, ctf, self.data_noise_std,
+                                seed=self.seeds["model_init"])
 
     def truth_rotmat_of(self) -> Callable[[np.ndarray], torch.Tensor] | None:
         """rows → the rotations the particle file gives them (simulated truth or an earlier
@@ -372,8 +404,9 @@ class Trainer:
         return self._grids[shells]
 
     # -- one step -----------------------------------------------------------------------------
-    def loss_on(self, batch, encoder=None, decoder=None):
-        """The model's forward pass and loss on a ParticleBatch (moved to the device)."""
+    def loss_on(self, batch, encoder=None, decoder=None, extra_images: torch.Tensor | None = None):
+        """The model's forward pass and loss on a ParticleBatch (moved to the device); ``extra_images``
+        are encoded in the same pass (compute_loss)."""
         images = batch.images.to(self.device, non_blocking=True)
         pixel_size = batch.pixel_size.to(self.device)
         ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
@@ -383,7 +416,7 @@ class Trainer:
         warmup = self.step < cfg.warmup_label_steps
         sigma = self.encoder.sigmas_px[cfg.warmup_label_filter - 1] if warmup else None
         return compute_loss(encoder, decoder, images, pixel_size, self.grid(), ctf, loss=cfg.loss,
-                            target_lowpass_sigma_px=sigma, n_random=cfg.gsym_views)
+                            target_lowpass_sigma_px=sigma, n_random=cfg.gsym_views, extra_images=extra_images)
 
     @contextlib.contextmanager
     def _training_modules(self):
@@ -409,34 +442,82 @@ class Trainer:
         """Loss and backward of one step; returns the step's :data:`STEP_STATS` but the grad norm.
 
         The image (IPI) loss plus ``shift_l1``·mean |t| (px), plus λ·PIP (``pip_weight``); with PIP in
-        ``alternate`` mode a PIP step has no image loss.
+        ``alternate`` mode a PIP step has no image loss. The PIP images (rendered in the current band,
+        with shifts drawn from the encoder's on the previous batch) go through the encoder in the same
+        call as the real images (``joint_batchnorm``), so BatchNorm sees both in one batch.
         """
         cfg = self.config
-        lam = pip_weight(self.step, cfg.pip.weight, cfg.pip.warmup_steps, cfg.pip.mode) if cfg.pip.enabled else 0.0
+        lam = 0.0
+        if cfg.pip.enabled and self._pip_open:
+            lam = pip_weight(self.step, self.pip_lambda, cfg.pip.warmup_steps, cfg.pip.mode)
         pip_only = lam > 0 and cfg.pip.mode == "alternate"
         zero = torch.zeros((), device=self.device)
         with self._training_modules() as (encoder, decoder):
             pixel_size = batch.pixel_size.to(self.device)
-            total, ipi, rotated, shifts = zero, zero, zero, None
+            target = None
+            if lam > 0:
+                ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
+                target = pip_render(decoder, shuffled_ctf(ctf, self.device), pixel_size, self.image_size,
+                                    noise_std=self.pip_noise_std, snr_db=cfg.pip.snr_db,
+                                    shift_sigma_angst=cfg.pip.shift_sigma_angst,
+                                    shift_pool_angst=self._pip_shift_pool, freeze_decoder=cfg.pip.freeze_decoder,
+                                    symmetric=self.symmetric, grid=self.grid(), full_grid=not cfg.pip.band_limited)
+            joint = target.images if target is not None and cfg.pip.joint_batchnorm else None
+            total, ipi, rotated, pip_pose = zero, zero, zero, None
             if not pip_only:
-                out = self.loss_on(batch, encoder, decoder)
+                out = self.loss_on(batch, encoder, decoder, extra_images=joint)
                 self.monitor.update(batch.index, out.pose.rotmat)
-                ipi, shifts = out.loss, out.pose.shift_angst
+                ipi, shifts, pip_pose = out.loss, out.pose.shift_angst, out.extra_pose
+                self._pip_shift_pool = shifts.detach()
                 rotated = out.rotated_won.float().mean()
                 total = ipi
                 if cfg.shift_l1 > 0:
                     total = total + cfg.shift_l1 * (shifts / pixel_size[:, None]).abs().sum(-1).mean()
+                if not self._pip_open:
+                    self._check_pip_amplitude(out)
+            elif joint is not None:  # a PIP-only step still normalizes over real + PIP images
+                images = batch.images.to(self.device, non_blocking=True)
+                poses = encoder(torch.cat([images, joint.to(images.dtype)]))
+                n = images.shape[0]
+                pip_pose = Pose(rotmat=poses.rotmat[n:], shift_angst=poses.shift_angst[n:])
             pip = zero
-            if lam > 0:
-                ctf = batch.ctf.to(device=self.device) if self.use_ctf else None
-                pip = pip_loss(encoder, decoder, shuffled_ctf(ctf, self.device), pixel_size, self.image_size,
-                               noise_std=self.pip_noise_std, snr_db=cfg.pip.snr_db,
-                               shift_sigma_angst=cfg.pip.shift_sigma_angst, shift_pool_angst=shifts,
-                               freeze_decoder=cfg.pip.freeze_decoder, symmetric=self.symmetric).loss
+            if target is not None:
+                if pip_pose is None:  # joint_batchnorm off: a pass of its own
+                    pip_pose = encoder(target.images)
+                pip = pip_pose_loss(pip_pose, target, pixel_size).loss
                 total = total + lam * pip
             total.backward()
         flags = torch.tensor([float(not pip_only), float(lam > 0)], device=self.device)
         return torch.cat([torch.stack([ipi.detach().float(), rotated, pip.detach().float()]), flags])
+
+    def _check_pip_amplitude(self, out) -> None:
+        """Open PIP (from the next step) once ``warmup_steps`` have passed and the decoder's rendered
+        amplitude in the loss band (RMS over the band) reaches ``warmup_amplitude`` × the data's signal
+        amplitude there (from the images' in-band power minus the white noise's, σ² per pixel spread
+        over the band's share of the frequencies). One host sync per step, during this warm-up only."""
+        cfg = self.config
+        if self.step + 1 < cfg.pip.warmup_steps:
+            return
+        grid = self.grid()
+        powers = self.dist.all_reduce_mean(torch.stack([out.predicted_power.mean(), out.observed_power.mean()]))
+        predicted, observed = powers.tolist()
+        noise = self.data_noise_std ** 2 * self.image_size ** 2 * float(grid.weights.sum())
+        signal = max(observed - noise, 1e-6 * observed)
+        if math.sqrt(predicted / signal) >= cfg.pip.warmup_amplitude:
+            self._pip_open = True
+            self.write_record({"kind": "pip_start", "step": self.step + 1, "pip_weight": self.pip_lambda,
+                          "predicted_power": predicted, "signal_power": signal})
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradient norm at ``grad_clip`` per parameter group (encoder, decoder: a growing
+        decoder gradient must not shrink the encoder's steps) or over all parameters; returns the total
+        norm before clipping."""
+        clip = self.config.optim.grad_clip
+        limit = clip if clip > 0 else float("inf")
+        if not self.config.optim.clip_per_group:
+            return torch.nn.utils.clip_grad_norm_(self.params, limit)
+        norms = [torch.nn.utils.clip_grad_norm_(group["params"], limit) for group in self.optimizer.param_groups]
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def train_step(self, batch) -> torch.Tensor:
         """One optimizer step; returns its :data:`STEP_STATS` as one tensor on the device (no sync)."""
@@ -456,8 +537,7 @@ class Trainer:
         else:
             out = self._forward_backward(batch)
         self._grad_sync.average(self.params)  # mean over ranks (no-op in one process)
-        clip = self.config.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        grad_norm = self._clip_gradients()
         self.optimizer.step()
         return torch.cat([out[:1], grad_norm.detach().float().reshape(1), out[1:]])
 
@@ -604,6 +684,8 @@ class Trainer:
             "elapsed_s": self.elapsed_s, "lr_factor": self.lr_factor, "rollbacks": self.rollbacks,
             "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": _rng_state(), "monitor": self.monitor.state_dict(),
+            "pip_open": self._pip_open,
+            "pip_shift_pool": self._pip_shift_pool.cpu() if self._pip_shift_pool is not None else None,
             "config": self.config.to_dict(), "data": self.data_info.to_dict(),
         }
 
@@ -636,6 +718,9 @@ class Trainer:
         self.rollbacks = int(state["rollbacks"])
         if "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
+        self._pip_open = bool(state.get("pip_open", self._pip_open))
+        pool = state.get("pip_shift_pool")
+        self._pip_shift_pool = pool.to(self.device) if pool is not None else None
         _set_rng_state(state["rng"])
 
     # -- outputs ------------------------------------------------------------------------------
