@@ -1,4 +1,4 @@
-# Developer entry points. `make test` works on a fresh machine: it installs, then runs the test suite.
+# Developer entry points. `make test` works on a fresh machine: it installs, lints, then runs the tests.
 PYTHON ?= python3
 
 .PHONY: install test lint
@@ -6,9 +6,10 @@ PYTHON ?= python3
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
-test: install
-	$(PYTHON) -m pytest -q
-
-# Lint (ruff; config in pyproject.toml). Not yet part of `make test`.
+# Lint (ruff: pycodestyle, pyflakes, isort, bugbear, pyupgrade; config in pyproject.toml).
 lint:
 	$(PYTHON) -m ruff check src tests bench
+
+test: install
+	$(MAKE) lint PYTHON=$(PYTHON)
+	$(PYTHON) -m pytest -q

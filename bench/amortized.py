@@ -38,7 +38,6 @@ from runs import demo_dataset, train_and_score  # noqa: E402
 from cryoace.runtime import resolve_device  # noqa: E402
 from cryoace.train.config import TrainConfig, parse_duration, preset_config  # noqa: E402
 
-
 #: each fix of issue 14 and the settings that remove it (dotted TrainConfig path, value)
 FIXES: dict[str, tuple[tuple[str, object], ...]] = {
     "band": (("band_start_cyc_px", None), ("band_ramp_steps", 0)),  # coarse-to-fine loss band
@@ -82,11 +81,12 @@ def variant_config(name: str, preset: str, max_time_s: float, downsample: int | 
 def backprojection_fsc(star: Path, poses: Path, truth_map: Path, downsample: int | None, work: Path) -> float | None:
     """FSC-0.5 (px) of a backprojection of the particles with the predicted ``poses`` against the truth,
     after the same global alignment as the poses (the map those poses allow)."""
+    from runs import resolution_px
+
     from cryoace.cli.main import main as cli
     from cryoace.evaluate.truth import compare_maps, evaluate_poses
     from cryoace.io.mrc import read_volume
     from cryoace.io.particles import read_particles
-    from runs import resolution_px
 
     out = work / "backprojection.mrc"
     argv = ["backproject", str(poses), "-o", str(out)] + (["--downsample", str(downsample)] if downsample else [])

@@ -33,8 +33,8 @@ from common import write_result  # noqa: E402
 from runs import demo_dataset  # noqa: E402
 
 from cryoace.cli.main import main as cli  # noqa: E402
-from cryoace.evaluate.map_align import align_maps  # noqa: E402
 from cryoace.evaluate.fsc import fsc  # noqa: E402
+from cryoace.evaluate.map_align import align_maps  # noqa: E402
 from cryoace.evaluate.plots import read_metrics  # noqa: E402
 from cryoace.io.mrc import read_volume, write_mrc  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402

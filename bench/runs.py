@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from cryoace.evaluate.align import RotationAlignment
+from cryoace.evaluate.plots import read_metrics
 from cryoace.evaluate.truth import compare_maps, evaluate_poses
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import read_particles
 from cryoace.train.config import TrainConfig
-from cryoace.evaluate.plots import read_metrics
 from cryoace.train.run import run_reconstruction
 
 

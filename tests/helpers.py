@@ -39,10 +39,10 @@ def tiny_config(**changes):
 def adk_volume(size: int = 32) -> torch.Tensor:
     """Adenylate kinase at 1.5 Å/px (float64), cropped to the central size³ and band-limited inside
     0.4 cycles/px (so trilinear slices of its padded transform are Hermitian to rounding)."""
-    from conftest import TEST_DATA
-
     from cryoace.io.mrc import read_volume
     from cryoace.physics.fourier import circular_mask, fft3_centered, ifft3_centered
+
+    from conftest import TEST_DATA
 
     v = torch.tensor(read_volume(TEST_DATA / "volumes/adk_open_4ake_L64_1.5A.mrc").data, dtype=torch.float64)
     lo = 32 - size // 2

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 __all__ = ["option", "OptionSpec", "option_fields", "add_options", "apply_options", "ResumeConflict"]
 

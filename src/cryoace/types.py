@@ -7,7 +7,8 @@ to a device, cast, or indexed as a whole, so no code passes dicts of tensors aro
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -71,7 +72,7 @@ class CTFParams(_TensorContainer):
     @classmethod
     def create(cls, defocus_u, defocus_v=None, defocus_angle=0.0, voltage_kv=300.0, cs_mm=2.7,
                amplitude_contrast=0.1, phase_shift=0.0, bfactor=0.0,
-               dtype: torch.dtype = torch.float64) -> "CTFParams":
+               dtype: torch.dtype = torch.float64) -> CTFParams:
         """Build from numbers/arrays (broadcast to a common shape); defocus_v defaults to defocus_u."""
         defocus_v = defocus_u if defocus_v is None else defocus_v
         values = [torch.as_tensor(v, dtype=dtype) for v in

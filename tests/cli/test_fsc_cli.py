@@ -17,6 +17,7 @@ from cryoace.io.mrc import read_volume, write_mrc
 from cryoace.physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 
 from conftest import TEST_DATA  # noqa: E402
+
 ADK_L64 = TEST_DATA / "volumes" / "adk_open_4ake_L64_1.5A.mrc"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

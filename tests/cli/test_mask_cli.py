@@ -3,7 +3,6 @@ voxels inside; bad input is one line, exit 2."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cryoace.io.mrc import read_volume

@@ -19,7 +19,6 @@ from cryoace.io.particles import read_particles
 from cryoace.train.config import load_config
 from cryoace.train.trainer import load_checkpoint_file
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -11,12 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from cryoace.evaluate.align import (MIRROR, align_rotations, apply_alignment, estimate_volume_offset,
-                                    mirror_volume, resample_volume, shift_volume, transform_volume)
+from cryoace.evaluate.align import (
+    MIRROR,
+    align_rotations,
+    apply_alignment,
+    estimate_volume_offset,
+    mirror_volume,
+    resample_volume,
+    shift_volume,
+    transform_volume,
+)
 from cryoace.evaluate.fsc import fsc
-from cryoace.evaluate.pose_metrics import (equal_area_bands, expected_uniform_coverage, fit_global_offset,
-                                           pose_coverage, rotation_errors, translation_error,
-                                           viewing_direction_bin)
+from cryoace.evaluate.pose_metrics import (
+    equal_area_bands,
+    expected_uniform_coverage,
+    fit_global_offset,
+    pose_coverage,
+    rotation_errors,
+    translation_error,
+    viewing_direction_bin,
+)
 from cryoace.io.mrc import read_volume
 from cryoace.physics.projector import project_real_space
 from cryoace.physics.rotations import axis_angle_to_rotmat, random_rotmat

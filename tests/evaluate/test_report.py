@@ -33,9 +33,10 @@ def _section(page: str, key: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 10-step tiny run on 64 simulated noisy particles (L=32, CTF): it writes report.html itself."""
-    from helpers import simulate_adk
     from cryoace.train.config import preset_config
     from cryoace.train.run import run_reconstruction
+
+    from helpers import simulate_adk
 
     base = tmp_path_factory.mktemp("report")
     sim = simulate_adk(base / "data", n=64, noise_free=False, seed=1, defocus_spread=0.2)

@@ -16,6 +16,7 @@ from cryoace.io.contrast import check_contrast
 from cryoace.io.mrc import write_mrc
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.train.config import load_config
+
 from helpers import simulate_adk
 
 pytestmark = pytest.mark.usefixtures("one_thread")

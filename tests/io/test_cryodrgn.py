@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from cryoace.errors import CryoaceInputError
-from cryoace.io.cryodrgn import (read_cryodrgn_ctf, read_cryodrgn_poses, table_from_stack,
-                                 write_cryodrgn_ctf, write_cryodrgn_poses)
+from cryoace.io.cryodrgn import (
+    read_cryodrgn_ctf,
+    read_cryodrgn_poses,
+    table_from_stack,
+    write_cryodrgn_ctf,
+    write_cryodrgn_poses,
+)
 from cryoace.io.particles import ParticleDataset
 from cryoace.io.star import read_star
 from cryoace.types import CTFParams

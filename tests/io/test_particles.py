@@ -13,8 +13,7 @@ import torch
 from cryoace.errors import CryoaceInputError
 from cryoace.io.cryodrgn import table_from_stack
 from cryoace.io.mrc import open_mrc, write_mrc
-from cryoace.io.particles import (ParticleDataset, ParticleTable, collate_particles, no_ctf_params,
-                                  read_particles)
+from cryoace.io.particles import ParticleDataset, ParticleTable, collate_particles, no_ctf_params, read_particles
 from cryoace.io.star import read_star
 from cryoace.physics.fourier import fourier_crop
 

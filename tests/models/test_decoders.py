@@ -3,10 +3,18 @@
 import pytest
 import torch
 
-from cryoace.models import (DECODERS, FourierNet, ReluPEDecoder, SirenDecoder, build_decoder,
-                            count_parameters, evaluate_grid, hermitian_canonicalize)
+from cryoace.models import (
+    DECODERS,
+    FourierNet,
+    ReluPEDecoder,
+    SirenDecoder,
+    build_decoder,
+    count_parameters,
+    evaluate_grid,
+    hermitian_canonicalize,
+)
 from cryoace.physics.forward import VoxelFourierVolume, render_spectra
-from cryoace.physics.fourier import fft3_centered, freq_grid_2d, freq_grid_3d
+from cryoace.physics.fourier import fft3_centered, freq_grid_3d
 from cryoace.physics.rotations import random_rotmat
 from cryoace.types import Pose
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cryoace.models import (FilterBankPoseEncoder, PoseEncoder, ResNetPoseEncoder, count_parameters)
+from cryoace.models import FilterBankPoseEncoder, PoseEncoder, ResNetPoseEncoder, count_parameters
 from cryoace.models.resnet import BasicBlock, ResNetTrunk
 from cryoace.types import Pose
 

@@ -4,8 +4,14 @@ Nyquist edge, export through evaluate_grid, gradients, registry, and fitting a k
 import pytest
 import torch
 
-from cryoace.models import (DECODERS, VoxelFourierDecoder, VoxelRealDecoder, build_decoder,
-                            count_parameters, evaluate_grid)
+from cryoace.models import (
+    DECODERS,
+    VoxelFourierDecoder,
+    VoxelRealDecoder,
+    build_decoder,
+    count_parameters,
+    evaluate_grid,
+)
 from cryoace.physics.forward import VoxelFourierVolume, render_spectra
 from cryoace.physics.fourier import fft3_centered, freq_grid_2d, freq_grid_2d_half, ifft3_centered
 from cryoace.physics.rotations import random_rotmat

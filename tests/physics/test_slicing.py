@@ -1,14 +1,13 @@
 """Fourier slice theorem, the real-space projector, and agreement with RELION's relion_project."""
 
-import math
 
 import numpy as np
 import pytest
 import torch
 
 from cryoace.io.mrc import open_mrc, read_volume
-from cryoace.physics.fourier import circular_mask, fft2_centered, fft3_centered, freq_grid_2d
 from cryoace.physics.forward import VoxelFourierVolume, render_images, render_spectra
+from cryoace.physics.fourier import circular_mask, fft2_centered, fft3_centered, freq_grid_2d
 from cryoace.physics.projector import project_real_space
 from cryoace.physics.rotations import euler_relion_to_rotmat, random_rotmat
 from cryoace.physics.shift import apply_shift

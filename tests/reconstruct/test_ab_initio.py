@@ -5,7 +5,6 @@ blob the stage must find a map whose refinement recovers the simulated poses."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,10 +12,9 @@ from cryoace.evaluate.align import align_rotations
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.physics.rotations import geodesic_angle, random_rotmat
 from cryoace.reconstruct.ab_initio import AbInitioSettings, ab_initio, mean_search_error
-from cryoace.reconstruct.pose_search import pose_posterior
 from cryoace.reconstruct.backproject import FourierAccumulator
+from cryoace.reconstruct.pose_search import pose_posterior
 from cryoace.reconstruct.refine import RefineSettings, refine
-from cryoace.types import map_tensors
 
 from conftest import TEST_DATA
 

@@ -14,13 +14,14 @@ from cryoace.cli.main import main as cli
 from cryoace.evaluate.fsc import fsc
 from cryoace.io.mrc import open_mrc, read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
-from cryoace.physics.fourier import fft3_centered, ifft3_centered
 from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.fourier import fft3_centered, ifft3_centered
 from cryoace.physics.rotations import random_rotmat
 from cryoace.reconstruct.backproject import FourierAccumulator, split_half_sets
 from cryoace.types import CTFParams, Pose
 
 from conftest import TEST_DATA  # noqa: E402
+
 SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
 NYQUIST_90 = 2.0 / 0.9  # px: FSC must stay ≥ 0.5 at least out to 0.9 × Nyquist
 

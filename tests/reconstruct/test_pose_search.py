@@ -8,7 +8,6 @@ least-squares factor between the two (on images at the file's poses) — the sea
 the true poses.
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -16,11 +15,16 @@ import torch
 
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
-from cryoace.physics.band import HalfDiscGrid
 from cryoace.physics.forward import VoxelFourierVolume, render_images, render_spectra
 from cryoace.physics.rotations import geodesic_angle, random_rotmat
-from cryoace.reconstruct.pose_search import (global_search, local_offsets, local_search, search_band,
-                                             shift_grid, so3_grid)
+from cryoace.reconstruct.pose_search import (
+    global_search,
+    local_offsets,
+    local_search,
+    search_band,
+    shift_grid,
+    so3_grid,
+)
 from cryoace.reconstruct.refine import RefineSettings, refine
 from cryoace.types import Pose, map_tensors
 

@@ -20,7 +20,6 @@ from cryoace.train.config import PRESETS, preset_config
 from cryoace.train.pip import auto_pip_weight, estimate_snr_db
 from cryoace.train.trainer import Trainer
 from cryoace.types import Pose
-
 from train.test_trainer import simulate_small, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,7 +122,7 @@ def test_gradients_are_clipped_per_parameter_group(dataset, tmp_path):
     norm = tr._clip_gradients()
     enc_norm = torch.linalg.vector_norm(torch.stack([b.norm() for b in before]))
     assert enc_norm < tr.config.optim.grad_clip
-    assert all(torch.equal(p.grad, b) for p, b in zip(enc, before))
+    assert all(torch.equal(p.grad, b) for p, b in zip(enc, before, strict=True))
     dec_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in dec]))
     assert dec_norm.item() == pytest.approx(tr.config.optim.grad_clip, rel=1e-4)
     assert norm.item() > 10  # the reported norm is the total before clipping

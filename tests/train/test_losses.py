@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from cryoace.physics.fourier import circular_mask, fft2_centered, ifft2_centered, rfft2_centered
 from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.fourier import circular_mask, fft2_centered, ifft2_centered, rfft2_centered
 from cryoace.physics.rotations import random_rotmat
 from cryoace.train.losses import HalfDiscGrid, compute_loss, rotate_180, unrotate_pose
 from cryoace.types import CTFParams, Pose

@@ -14,11 +14,10 @@ import torch
 from cryoace.errors import CryoaceInputError
 from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.train import trainer as trainer_module
-from cryoace.train.config import (PRESETS, load_config, parse_duration, preset_config,
-                                  save_config)
+from cryoace.train.config import PRESETS, load_config, parse_duration, preset_config, save_config
 from cryoace.train.trainer import Trainer, load_checkpoint_file
-from helpers import tiny_config as tiny
 
+from helpers import tiny_config as tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

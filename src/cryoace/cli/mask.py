@@ -21,7 +21,8 @@ from ..errors import CryoaceInputError
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    from ..defaults import MASK_EXTEND_PX as DEFAULT_EXTEND_PX, MASK_SOFT_PX as DEFAULT_SOFT_PX
+    from ..defaults import MASK_EXTEND_PX as DEFAULT_EXTEND_PX
+    from ..defaults import MASK_SOFT_PX as DEFAULT_SOFT_PX
 
     parser.add_argument("map", type=Path, metavar="MAP", help="the map (.mrc)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="MASK.mrc",

@@ -25,9 +25,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..defaults import CHUNK_ROWS
 from ..errors import CryoaceInputError
 from .particle_input import add_particle_input_args, open_particle_table
-from ..defaults import CHUNK_ROWS
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

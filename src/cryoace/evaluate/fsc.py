@@ -144,7 +144,7 @@ class FSCResult:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FSCResult":
+    def from_dict(cls, d: dict[str, Any]) -> FSCResult:
         """Inverse of :meth:`to_dict` (the resolutions are recomputed, not read)."""
         return cls(freq_cyc_px=np.asarray(d["freq_cyc_px"], dtype=np.float64),
                    curve=np.asarray(d["curve"], dtype=np.float64),

@@ -93,7 +93,7 @@ class GoldStandard:
                 "fsc": self.fsc.to_dict(thresholds)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GoldStandard":
+    def from_dict(cls, data: dict[str, Any]) -> GoldStandard:
         """Inverse of :meth:`to_dict` (raises KeyError / TypeError / ValueError on a malformed dict)."""
         curves = data["fsc"]
         randomization = curves["phase_randomization"]

@@ -40,8 +40,15 @@ import torch
 from ..physics.fourier import fourier_crop, radial_distance
 from ..physics.rotations import axis_angle_to_rotmat, geodesic_angle, quaternion_to_rotmat
 from ..physics.slicing import sample_grid
-from .align import (MIRROR, fourier_upsample, estimate_volume_offset, mirror_volume, resample_volume,
-                    shift_volume, transform_volume)
+from .align import (
+    MIRROR,
+    estimate_volume_offset,
+    fourier_upsample,
+    mirror_volume,
+    resample_volume,
+    shift_volume,
+    transform_volume,
+)
 from .fsc import FSCResult, Resolution, fsc
 
 __all__ = ["MapAlignment", "align_maps", "resample_map", "rotation_grid", "map_correlation",

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO, Mapping, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -185,8 +186,7 @@ def plot_viewing_directions(rotmat, path: str | os.PathLike | BinaryIO, title: s
     about N/20 of them (between 6 × 12 and 36 × 72), so uniform poses give a readable map. The title
     gives the coverage (:func:`~cryoace.evaluate.pose_metrics.pose_coverage`) and what N uniform
     poses would reach."""
-    from .pose_metrics import (DEFAULT_COVERAGE_BINS, expected_uniform_coverage, pose_coverage,
-                               viewing_directions)
+    from .pose_metrics import DEFAULT_COVERAGE_BINS, expected_uniform_coverage, pose_coverage, viewing_directions
 
     d = viewing_directions(rotmat).cpu().numpy()
     d = d / np.linalg.norm(d, axis=1, keepdims=True)

@@ -28,8 +28,15 @@ from ..physics.fourier import fourier_crop
 from ..physics.rotations import rotmat_to_axis_angle
 from .align import RotationAlignment, align_rotations, estimate_volume_offset, shift_volume, transform_volume
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, fsc
-from .pose_metrics import (DEFAULT_COVERAGE_BINS, RotationErrors, expected_uniform_coverage,
-                           fit_global_offset, pose_coverage, rotation_errors, translation_error)
+from .pose_metrics import (
+    DEFAULT_COVERAGE_BINS,
+    RotationErrors,
+    expected_uniform_coverage,
+    fit_global_offset,
+    pose_coverage,
+    rotation_errors,
+    translation_error,
+)
 
 __all__ = ["ParticleMatch", "match_particles", "PoseEvaluation", "evaluate_poses", "MapComparison",
            "compare_maps", "fourier_crop_volume"]

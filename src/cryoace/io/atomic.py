@@ -12,8 +12,8 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["atomic_path", "atomic_paths", "naming", "os_error_in", "remove_stale_staging", "staged_folder"]
 
@@ -67,12 +67,12 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             if cause is None or (named is not None and named not in map(str, temps)):
                 raise  # not a failed write of these outputs (e.g. an input that could not be read)
             # name the target whose temporary failed (a nameless ENOSPC: the first)
-            culprit = next((t for t, p in zip(targets, temps) if named == str(p)), targets[0])
+            culprit = next((t for t, p in zip(targets, temps, strict=True) if named == str(p)), targets[0])
             raise naming(cause, culprit) from exc
         # mkstemp creates the file private (0600); give it the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
-        for tmp, path in zip(temps, targets):
+        for tmp, path in zip(temps, targets, strict=True):
             try:
                 os.chmod(tmp, 0o666 & ~umask)
                 os.replace(tmp, path)

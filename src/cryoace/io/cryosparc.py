@@ -48,8 +48,8 @@ them; that is not detected here.)
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -213,8 +213,8 @@ def write_cs(path: str | os.PathLike, table: ParticleTable, pose: Pose | None = 
     ``alignments3D/pose`` = rotation vector of ``Rᵀ`` (module docstring), ``alignments3D/shift`` (px
     at ``blob/psize_A``, RELION's sign) and ``alignments3D/psize_A``. Other columns are not written.
     """
-    from .atomic import atomic_path
     from ..physics.rotations import rotmat_to_axis_angle
+    from .atomic import atomic_path
     from .starwrite import relative_stack_names
 
     path = Path(path)

@@ -123,7 +123,7 @@ class MrcStackWriter:
         self.written = 0
         self._min, self._max, self._sum, self._sumsq = np.inf, -np.inf, 0.0, 0.0
 
-    def __enter__(self) -> "MrcStackWriter":
+    def __enter__(self) -> MrcStackWriter:
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
         try:

@@ -22,8 +22,8 @@ import copy
 import dataclasses
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,7 @@ from ..physics.fourier import fourier_crop
 from ..types import ParticleBatch
 from .columns import row_chunks
 from .mrc import open_mrc
-from .table import (COUNTED_FROM_1, ParticleTable, as_row_indices, no_ctf_params, particle_number,
-                    resolve_image_paths)
+from .table import COUNTED_FROM_1, ParticleTable, as_row_indices, no_ctf_params, particle_number, resolve_image_paths
 
 __all__ = [
     "ParticleTable",
@@ -322,7 +321,7 @@ class ParticleDataset(torch.utils.data.Dataset):
             pose=None if pose is None else pose.to(torch.float32),
         )
 
-    def subset(self, indices) -> "ParticleDataset":
+    def subset(self, indices) -> ParticleDataset:
         """A dataset of the rows ``indices`` of this one (in that order), prepared exactly like it: the
         same box, contrast and normalization (``norm_mean``/``norm_std`` are copied, not re-estimated,
         so e.g. two half sets see the same image scale). Cheap: the stacks are not checked again."""
@@ -333,7 +332,7 @@ class ParticleDataset(torch.utils.data.Dataset):
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | int | None = None, indices=None,
-                drop_last: bool = False) -> "BatchIterable":
+                drop_last: bool = False) -> BatchIterable:
         """Iterate over the dataset (or ``indices`` of it) in batches; the result has ``len()`` (tqdm).
 
         ``shuffle`` uses ``generator`` (a torch.Generator or an int seed) and reshuffles on each

@@ -22,14 +22,14 @@ import dataclasses
 import os
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from ..defaults import PRELOAD_MODES
 from ..errors import CryoaceInputError
-from .particles import ParticleDataset, BatchIterable
+from .particles import BatchIterable, ParticleDataset
 from .table import as_row_indices
 
 __all__ = ["PRELOAD_MODES", "choose_preload", "dataset_nbytes", "available_ram_bytes", "free_gpu_bytes",

@@ -24,8 +24,8 @@ import os
 import re
 import shlex
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -296,13 +296,13 @@ class LoopColumns:
     stamp: tuple[int, int] | None = None
 
     @classmethod
-    def of(cls, path: Path, loop: Loop, names: Sequence[str]) -> "LoopColumns":
+    def of(cls, path: Path, loop: Loop, names: Sequence[str]) -> LoopColumns:
         return cls(Path(path), loop, tuple(names), None, _stamp(Path(path)))
 
     def __len__(self) -> int:
         return self.loop.n_rows if self.rows is None else len(self.rows)
 
-    def take(self, rows: np.ndarray) -> "LoopColumns":
+    def take(self, rows: np.ndarray) -> LoopColumns:
         """The rows ``rows`` (positions in this selection)."""
         rows = np.asarray(rows, dtype=np.int64)
         return dataclasses.replace(self, rows=rows if self.rows is None else self.rows[rows])

@@ -17,8 +17,8 @@ digits (reading back gives the same float32); float64 values with 12 significant
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd

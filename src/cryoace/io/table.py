@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -79,11 +79,11 @@ class EulerPoses:
     shift_y: torch.Tensor
 
     @classmethod
-    def from_degrees(cls, rot, tilt, psi, shift_x, shift_y) -> "EulerPoses":
+    def from_degrees(cls, rot, tilt, psi, shift_x, shift_y) -> EulerPoses:
         return cls(*(compact_tensor(v, torch.float32) for v in (rot, tilt, psi, shift_x, shift_y)))
 
     @classmethod
-    def from_pose(cls, pose: Pose) -> "EulerPoses":
+    def from_pose(cls, pose: Pose) -> EulerPoses:
         """From matrices (RELION's ``Euler_matrix2angles``) and shifts."""
         degrees = torch.rad2deg(rotmat_to_euler_relion(pose.rotmat.double()))
         shift = pose.shift_angst.double()
@@ -92,7 +92,7 @@ class EulerPoses:
     def __len__(self) -> int:
         return len(self.rot)
 
-    def take(self, rows: torch.Tensor) -> "EulerPoses":
+    def take(self, rows: torch.Tensor) -> EulerPoses:
         return map_tensors(self, lambda t: _take_tensor(t, rows))
 
     def pose(self, dtype: torch.dtype = torch.float64) -> Pose:
@@ -308,7 +308,7 @@ class ParticleTable:
             yield pd.DataFrame(columns=self.extra_columns if columns is None else list(columns))
 
     # -- new tables -------------------------------------------------------------------------------
-    def subset(self, indices) -> "ParticleTable":
+    def subset(self, indices) -> ParticleTable:
         """A new table with the rows ``indices`` (int array, list, slice or boolean mask), in that order."""
         idx = as_row_indices(indices, len(self))
         rows = torch.from_numpy(idx)
@@ -322,13 +322,13 @@ class ParticleTable:
             None if self.image_size is None else take(self.image_size, idx),
             None if self.optics is None else self.optics.copy(), extra, self.absolute_stacks)
 
-    def _derived(self, *fields) -> "ParticleTable":
+    def _derived(self, *fields) -> ParticleTable:
         """A new table of ``fields`` (the constructor's arguments) that keeps this one's ``datadir``."""
         table = ParticleTable(*fields)
         table.datadir = self.datadir
         return table
 
-    def remap_stacks(self, mapping: Mapping[str, str | os.PathLike]) -> "ParticleTable":
+    def remap_stacks(self, mapping: Mapping[str, str | os.PathLike]) -> ParticleTable:
         """Point stacks elsewhere: keys are absolute stack paths or stack file names (basenames).
 
         E.g. ``table.remap_stacks({"batch_0_restacked.mrc": "/data/trpv1_small_stack.mrcs"})``.

@@ -12,8 +12,17 @@
 * :func:`evaluate_grid` — a decoder on the full centred 3D frequency grid, in chunks, for export.
 """
 
-from .decoders import (DECODERS, FourierNet, HermitianDecoder, ReluPEDecoder, SirenDecoder,
-                       build_decoder, count_parameters, evaluate_grid, hermitian_canonicalize)
+from .decoders import (
+                       DECODERS,
+                       FourierNet,
+                       HermitianDecoder,
+                       ReluPEDecoder,
+                       SirenDecoder,
+                       build_decoder,
+                       count_parameters,
+                       evaluate_grid,
+                       hermitian_canonicalize,
+)
 from .encoder import FilterBankPoseEncoder, PoseEncoder, gaussian_filter_bank
 from .resnet import ResNetPoseEncoder
 from .siren import SineLayer, Siren, siren_init_

@@ -43,7 +43,7 @@ HermitianDecoders too and share the registry :data:`DECODERS` / :func:`build_dec
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

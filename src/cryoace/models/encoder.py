@@ -33,7 +33,7 @@ converted before the CNN) and/or call ``encoder.to(memory_format=torch.channels_
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

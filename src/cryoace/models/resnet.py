@@ -17,7 +17,7 @@ convolution with padding 1 maps 1 px to 1 px, so any L ≥ 2 runs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -40,7 +40,7 @@ class HalfDiscGrid:
         weights = columns.expand(self.size, -1).reshape(-1)[self.index]
         self.weights = (weights / float(self.size) ** 4).to(dtype)
 
-    def to(self, device) -> "HalfDiscGrid":
+    def to(self, device) -> HalfDiscGrid:
         out = object.__new__(HalfDiscGrid)
         out.size, out.radius_cyc_px = self.size, self.radius_cyc_px
         out.index, out.freq, out.weights = (t.to(device) for t in (self.index, self.freq, self.weights))

@@ -11,7 +11,7 @@ values (*Q): a voxel grid (:class:`VoxelFourierVolume`) or a neural field.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +31,7 @@ class VoxelFourierVolume:
         self.volume_ft = volume_ft
 
     @classmethod
-    def from_real(cls, volume: torch.Tensor, pad_factor: int = 1) -> "VoxelFourierVolume":
+    def from_real(cls, volume: torch.Tensor, pad_factor: int = 1) -> VoxelFourierVolume:
         """From a real-space volume (L, L, L), zero-padded to ``pad_factor``·L for finer Fourier sampling.
 
         Padding does not change the pixel size, so frequencies in cycles/px mean the same; the padded

@@ -119,7 +119,7 @@ class FourierAccumulator:
         splat_trilinear(self.grid, self.grid_size, index, values.reshape(-1, 3))
         self.count += batch
 
-    def merged(self, other: "FourierAccumulator") -> "FourierAccumulator":
+    def merged(self, other: FourierAccumulator) -> FourierAccumulator:
         """A new accumulator holding both this one's and ``other``'s data (e.g. two half sets)."""
         both = FourierAccumulator(self.size, self.padded_size // self.size, self.device, self.dtype)
         both.grid = self.grid + other.grid
@@ -142,7 +142,7 @@ class FourierAccumulator:
         return padded[lo:lo + self.size, lo:lo + self.size, lo:lo + self.size]
 
 
-def accumulate(dataset: "ParticleDataset", rows: np.ndarray, accumulator: FourierAccumulator,
+def accumulate(dataset: ParticleDataset, rows: np.ndarray, accumulator: FourierAccumulator,
                batch_size: int = 128, use_ctf: bool = True, progress: bool = True,
                desc: str = "backprojecting") -> None:
     """Insert the particles ``rows`` of ``dataset`` (which must carry poses) into ``accumulator``.
@@ -160,7 +160,7 @@ def accumulate(dataset: "ParticleDataset", rows: np.ndarray, accumulator: Fourie
                            batch.ctf if use_ctf else None)
 
 
-def split_half_sets(table: "ParticleTable", rows: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_half_sets(table: ParticleTable, rows: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Gold-standard halves of ``rows``: RELION's ``rlnRandomSubset`` (1/2) when the file has it,
     otherwise a seeded random split into two halves of (nearly) equal size."""
     subset = table.extra_column("rlnRandomSubset")

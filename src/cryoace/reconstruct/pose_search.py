@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..physics.ctf import compute_ctf
 from ..physics.band import HalfDiscGrid
+from ..physics.ctf import compute_ctf
 from ..physics.rotations import axis_angle_to_rotmat, euler_relion_to_rotmat, geodesic_angle
 from ..physics.shift import phase_ramp
 from ..physics.slicing import central_slice_coords

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -50,8 +50,16 @@ from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 from ..physics.rotations import geodesic_angle
 from ..types import Pose
 from .backproject import FourierAccumulator
-from .pose_search import (SearchResult, global_search, local_offsets, local_search, pose_confidence, search_band,
-                          shift_grid, so3_grid)
+from .pose_search import (
+    SearchResult,
+    global_search,
+    local_offsets,
+    local_search,
+    pose_confidence,
+    search_band,
+    shift_grid,
+    so3_grid,
+)
 
 __all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted", "lowpass",
            "scale_shells", "alternate_half_sets"]

@@ -108,7 +108,7 @@ def guess_element(atom_name: str, residue_name: str = "", single_atom_residue: b
 def _open_text(path: Path):
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", errors="replace")
-    return open(path, "rt", errors="replace")
+    return open(path, errors="replace")
 
 
 def _pdb_has_element_column(path: Path) -> bool:

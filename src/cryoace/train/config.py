@@ -39,8 +39,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ..errors import CryoaceInputError
 from ..defaults import DECODER_NAMES, LOSSES, PRECISIONS, PRELOAD_MODES
+from ..errors import CryoaceInputError
 from ..options import option
 
 __all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
@@ -440,7 +440,7 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike | None = None) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], source: str | os.PathLike | None = None) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`CryoaceInputError`."""
         return _build(cls, data, source, "")
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ The PNG helpers (:func:`plot_volume`, :func:`plot_loss`) and :func:`read_metrics
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

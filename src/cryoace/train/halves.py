@@ -40,8 +40,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ class _Evaluation:
 
     step: int
     half1: torch.Tensor
-    result: "HalfMapFSC"
+    result: HalfMapFSC
 
     @property
     def half2_aligned(self) -> torch.Tensor:

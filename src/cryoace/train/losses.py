@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from ..defaults import LOSSES
-from ..physics.forward import render_spectra
 from ..physics.band import HalfDiscGrid
+from ..physics.forward import render_spectra
 from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose, map_tensors
 

@@ -11,7 +11,7 @@ median angle after the global alignment over both hands (:func:`cryoace.evaluate
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -44,8 +44,8 @@ from ..physics.rotations import random_rotmat
 from ..types import CTFParams, Pose, map_tensors
 from .losses import ROT_Z_PI, rotate_180
 
-__all__ = ["PIPBatch", "PIPOutput", "auto_pip_weight", "background_noise_std", "estimate_snr_db", "pip_loss", "pip_pose_loss", "pip_render", "pip_weight",
-           "shuffled_ctf"]
+__all__ = ["PIPBatch", "PIPOutput", "auto_pip_weight", "background_noise_std", "estimate_snr_db", "pip_loss",
+           "pip_pose_loss", "pip_render", "pip_weight", "shuffled_ctf"]
 
 
 @dataclasses.dataclass

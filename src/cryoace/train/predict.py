@@ -15,8 +15,8 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CryoaceInputError
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
@@ -122,7 +122,7 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
     if owns_group:  # training is over: the other ranks may leave while rank 0 writes the outputs
         distributed.cleanup()
     # with a refinement stage the decoder's map is not the result: volume.mrc waits for the stage's map
-    paths = trainer.finalize(DECODER_MAP if config.refine.enabled else "volume.mrc")
+    trainer.finalize(DECODER_MAP if config.refine.enabled else "volume.mrc")
     poses_path = run_dir / "poses.star"
     gold = None
     if ctx.is_main:

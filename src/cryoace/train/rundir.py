@@ -8,8 +8,8 @@ Its own module so that :mod:`cryoace.train.run` (which dispatches ``--halves`` r
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CryoaceInputError
 from .config import TrainConfig

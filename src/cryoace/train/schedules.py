@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

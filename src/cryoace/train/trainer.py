@@ -2,8 +2,9 @@
 
 One step: a batch of normalized images (the dataset's order is a pure function of the data-order
 seed and the epoch), :func:`cryoace.train.losses.compute_loss` (symmetric or L2), backward,
-gradient clipping (per parameter group — encoder and decoder separately — or global), ``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder
-with both heads, the decoder — checked at construction), ``zero_grad(set_to_none=True)``.
+gradient clipping (per parameter group — encoder and decoder separately — or global),
+``Adam(amsgrad=...)`` over *every* trainable parameter (the encoder with both heads, the decoder —
+checked at construction), ``zero_grad(set_to_none=True)``.
 
 With ``compile`` the encoder and the decoder's real-valued network are run through
 ``torch.compile`` for training steps only (export and pose prediction use the plain modules); if
@@ -42,25 +43,33 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import CryoaceInputError, CryoaceRunError
 from ..io.atomic import atomic_path
-from ..runtime import resolve_device
-from .config import TrainConfig, spawn_seeds
-from .losses import HalfDiscGrid, compute_loss
 from ..io.preload import prefetch
-from .distributed import GradientSync, current as distributed_context
-from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
-from .monitor import PoseMonitor
-from .pip import (auto_pip_weight, background_noise_std, estimate_snr_db, pip_pose_loss, pip_render, pip_weight,
-                  shuffled_ctf)
-from .schedules import warmup_multistep_scheduler
+from ..runtime import resolve_device
 from ..types import Pose
+from .config import TrainConfig, spawn_seeds
+from .distributed import GradientSync
+from .distributed import current as distributed_context
+from .losses import HalfDiscGrid, compute_loss
+from .monitor import PoseMonitor
+from .pip import (
+    auto_pip_weight,
+    background_noise_std,
+    estimate_snr_db,
+    pip_pose_loss,
+    pip_render,
+    pip_weight,
+    shuffled_ctf,
+)
+from .precision import Autocast, resolve_channels_last, resolve_precision, use_channels_last
+from .schedules import warmup_multistep_scheduler
 
 __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOINT_FORMAT"]
 
