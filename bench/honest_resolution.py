@@ -36,7 +36,7 @@ from cryoace.cli.main import main as cli  # noqa: E402
 from cryoace.evaluate.fsc import fsc  # noqa: E402
 from cryoace.evaluate.map_align import align_maps  # noqa: E402
 from cryoace.evaluate.plots import read_metrics  # noqa: E402
-from cryoace.io.mrc import read_volume, write_mrc  # noqa: E402
+from cryoace.io.mrc import open_mrc, read_volume, write_mrc  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402
 from cryoace.runtime import resolve_device  # noqa: E402
 
@@ -51,7 +51,7 @@ def noise_dataset(signal_star: Path, directory: Path, seed: int = 0) -> Path:
     table = read_particles(signal_star)
     rng = np.random.default_rng(seed)
     for stack in map(Path, table.stack_paths):
-        count = read_volume(stack).data.shape[0]
+        count = open_mrc(stack, mmap=True).data.shape[0]
         write_mrc(directory / stack.name, rng.standard_normal((count, table.image_size, table.image_size))
                   .astype(np.float32), float(table.pixel_size))
     return star

@@ -18,7 +18,7 @@ from cryoace.train.config import DECODER_NAMES, PRESETS, TrainConfig, preset_con
 FLAGS = [
     ("--seed", ["7"], "seed", 7),
     ("--batch-size", ["8"], "batch_size", 8),
-    ("--loss", ["gsym"], "loss", "gsym"),
+    ("--loss", ["l2"], "loss", "l2"),
     ("--steps", ["12"], "steps", 12),
     ("--epochs", ["1.5"], "epochs", 1.5),
     ("--max-time", ["1h30m"], "max_time_s", 5400.0),
@@ -32,13 +32,14 @@ FLAGS = [
     ("--lr-warmup", ["10"], "optim.warmup_steps", 10),
     ("--lr-milestones", ["100,200"], "optim.milestones", (100, 200)),
     ("--lr-gamma", ["0.5"], "optim.gamma", 0.5),
-    ("--band-start", ["0.1"], "band_start_cyc_px", 0.1),
+    ("--band-start", ["0.2"], "band_start_cyc_px", 0.2),
     ("--band-ramp", ["50"], "band_ramp_steps", 50),
     ("--warmup-labels", ["5"], "warmup_label_steps", 5),
     ("--warmup-filter", ["2"], "warmup_label_filter", 2),
     ("--shift-l1", ["0.3"], "shift_l1", 0.3),
     ("--gsym-views", ["4"], "gsym_views", 4),
-    ("--pip", [], "pip.enabled", True),
+    ("--force-gsym", [], "force_gsym", True),
+    ("--no-pip", [], "pip.enabled", False),
     ("--pip-weight", ["0.5"], "pip.weight", 0.5),
     ("--pip-warmup", ["3"], "pip.warmup_steps", 3),
     ("--pip-mode", ["alternate"], "pip.mode", "alternate"),
@@ -110,6 +111,7 @@ def test_every_generated_option_is_covered_here():
     assert flags == {f[0].replace("--no-amsgrad", "--amsgrad").replace("--no-pip-freeze-decoder",
                                                                         "--pip-freeze-decoder")
                      .replace("--no-ab-initio", "--ab-initio").replace("--no-check-contrast", "--check-contrast")
+                     .replace("--no-pip", "--pip")
                      for f in FLAGS} | {"--halves-patience"}
 
 
@@ -127,7 +129,8 @@ def test_help_shows_each_default_from_the_presets(capsys):
     assert "--batch-size B images per step (presets: tiny 16, cpu 32, paper 64)" in text
     assert "(presets: tiny none, cpu 8m, paper none)" in text  # --max-time, shown in minutes
     assert "--lr-gamma LR_GAMMA learning-rate factor at each milestone (default: 0.1)" in text
-    assert "--pip-weight LAMBDA weight of the PIP loss (default: 0.1)" in text
+    assert ("--pip-weight LAMBDA weight of the PIP loss (from the data's SNR: ACE-EM's 0.9 noise-free ... 0.07 "
+            "at -10 dB) (presets: tiny 0.1, cpu from the data's SNR, paper from the data's SNR)") in text
     assert "more than 1% in N evaluations" in text
     assert "{" + ",".join(DECODER_NAMES) + "}" in text
     assert "tiny, cpu, paper" in text

@@ -20,20 +20,21 @@ from cryoace.train.config import PRESETS, preset_config
 from cryoace.train.pip import auto_pip_weight, estimate_snr_db
 from cryoace.train.trainer import Trainer
 from cryoace.types import Pose
-from train.test_trainer import simulate_small, tiny
+
+from helpers import simulate_adk, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    sim = simulate_small(tmp_path_factory.mktemp("sim") / "data")
+    sim = simulate_adk(tmp_path_factory.mktemp("sim") / "data")
     return ParticleDataset(read_particles(sim.star))
 
 
 @pytest.fixture(scope="module")
 def noisy_dataset(tmp_path_factory):
-    sim = simulate_small(tmp_path_factory.mktemp("sim_noisy") / "data", noise_free=False)
+    sim = simulate_adk(tmp_path_factory.mktemp("sim_noisy") / "data", noise_free=False)
     return ParticleDataset(read_particles(sim.star))
 
 
@@ -65,7 +66,7 @@ def test_pip_weight_from_the_data_snr(dataset, noisy_dataset, tmp_path):
     assert estimate_snr_db(images) == pytest.approx(-10.0, abs=2.0)
     assert estimate_snr_db(dataset[list(range(64))].images) > 20
     for data, expected in ((dataset, 0.9), (noisy_dataset, 0.07)):
-        cfg = tiny(steps=1)
+        cfg = tiny_config(steps=1)
         cfg.pip = dataclasses.replace(cfg.pip, enabled=True, weight=None)
         tr = Trainer(cfg, data, tmp_path / f"w{expected}", progress=False)
         assert tr.pip_lambda == pytest.approx(expected, rel=0.25)
@@ -74,7 +75,7 @@ def test_pip_weight_from_the_data_snr(dataset, noisy_dataset, tmp_path):
 def test_pip_waits_until_the_decoder_matches_the_data_amplitude(dataset, tmp_path):
     """With a decoder far too weak PIP does not start after its step warm-up; started at the data's
     amplitude it starts right after it."""
-    cfg = tiny(steps=4, log_every=2)
+    cfg = tiny_config(steps=4, log_every=2)
     cfg.pip = dataclasses.replace(cfg.pip, enabled=True, weight=0.9, warmup_steps=2, warmup_amplitude=0.3)
     cfg.decoder = dataclasses.replace(cfg.decoder, match_amplitude=False, output_scale=1e-3)
     weak = Trainer(cfg, dataset, tmp_path / "weak", progress=False)
@@ -92,7 +93,7 @@ def test_pip_waits_until_the_decoder_matches_the_data_amplitude(dataset, tmp_pat
 def test_real_and_pip_images_share_one_batchnorm_pass(dataset, tmp_path, mode):
     """Each step updates the encoder's BatchNorm statistics once, over real and PIP images together
     (alternate: steps 0 and 2 are image-loss only, step 1 PIP only but normalized with the real images)."""
-    cfg = tiny(steps=3)
+    cfg = tiny_config(steps=3)
     cfg.pip = dataclasses.replace(cfg.pip, enabled=True, weight=0.5, mode=mode)
     tr = Trainer(cfg, dataset, tmp_path, progress=False)
     norms = [m for m in tr.encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -111,7 +112,7 @@ def test_real_and_pip_images_share_one_batchnorm_pass(dataset, tmp_path, mode):
 
 def test_gradients_are_clipped_per_parameter_group(dataset, tmp_path):
     """A large decoder gradient is clipped on its own and leaves the encoder's gradient untouched."""
-    tr = Trainer(tiny(steps=1), dataset, tmp_path, progress=False)
+    tr = Trainer(tiny_config(steps=1), dataset, tmp_path, progress=False)
     enc = [p for p in tr.encoder.parameters() if p.requires_grad]
     dec = [p for p in tr.decoder.parameters() if p.requires_grad]
     for p in enc:
@@ -139,7 +140,7 @@ def test_decoder_starts_at_the_data_radial_amplitude(dataset, tmp_path):
     """Rendered through the particles' CTFs at random poses, the initial decoder's images have the
     data's power per low-frequency shell (within 2×), so pose gradients carry signal from step 0
     (a bare FourierNet is 10-1000× off there)."""
-    tr = Trainer(tiny(steps=1), dataset, tmp_path, progress=False)
+    tr = Trainer(tiny_config(steps=1), dataset, tmp_path, progress=False)
     batch = dataset[list(range(64))]
     size = tr.image_size
     shells = range(1, 8)
@@ -152,9 +153,9 @@ def test_decoder_starts_at_the_data_radial_amplitude(dataset, tmp_path):
 
 
 def test_amplitude_profile_survives_a_checkpoint(dataset, tmp_path):
-    tr = Trainer(tiny(steps=1), dataset, tmp_path / "a", progress=False)
+    tr = Trainer(tiny_config(steps=1), dataset, tmp_path / "a", progress=False)
     tr.save_checkpoint()
-    cfg = tiny(steps=1)
+    cfg = tiny_config(steps=1)
     cfg.decoder = dataclasses.replace(cfg.decoder, match_amplitude=False)
     other = Trainer(cfg, dataset, tmp_path / "b", progress=False)
     assert other.decoder.shell_scale.numel() == 0
@@ -166,7 +167,7 @@ def test_amplitude_profile_survives_a_checkpoint(dataset, tmp_path):
 
 
 def test_gsym_is_refused_with_a_neural_field_unless_forced(particles_star, tmp_path, run_cli):
-    cfg = tiny(loss="gsym")
+    cfg = tiny_config(loss="gsym")
     with pytest.raises(CryoaceInputError, match="voxel decoders"):
         cfg.validate()
     dataclasses.replace(cfg, force_gsym=True).validate()

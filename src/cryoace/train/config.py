@@ -193,8 +193,9 @@ class PIPConfig:
     enabled: bool = option(False, flag="--pip", group="pip", kind="both",
                            help="add the PIP task: random poses -> decoder -> noisy images -> encoder -> pose loss")
     weight: float | None = option(0.1, flag="--pip-weight", group="pip", metavar="LAMBDA",
-                                  default_text="from the data's SNR: ACE-EM's 0.9 noise-free ... 0.07 at -10 dB",
-                                  help="weight of the PIP loss")
+                                  show=lambda v: "from the data's SNR" if v is None else f"{v:g}",
+                                  help="weight of the PIP loss (from the data's SNR: ACE-EM's 0.9 noise-free "
+                                  "... 0.07 at -10 dB)")
     warmup_steps: int = option(0, flag="--pip-warmup", group="pip", metavar="T",
                                help="image-loss-only steps before PIP starts (PIP also waits until the decoder "
                                "renders 0.3 of the data's in-band amplitude)")
