@@ -47,13 +47,13 @@ def noise_dataset(signal_star: Path, directory: Path, seed: int = 0) -> Path:
     if star.is_file():
         return star
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(signal_star, star)
     table = read_particles(signal_star)
     rng = np.random.default_rng(seed)
     for stack in map(Path, table.stack_paths):
-        count = open_mrc(stack, mmap=True).data.shape[0]
-        write_mrc(directory / stack.name, rng.standard_normal((count, table.image_size, table.image_size))
-                  .astype(np.float32), float(table.pixel_size))
+        shape = open_mrc(stack, mmap=True).data.shape  # (count, L, L)
+        write_mrc(directory / stack.name, rng.standard_normal(shape).astype(np.float32),
+                  float(np.asarray(table.pixel_size).ravel()[0]))
+    shutil.copy(signal_star, star)  # last: a star file here means the dataset is complete
     return star
 
 

@@ -116,7 +116,7 @@ def _scalar_type(hint: Any) -> Callable[[str], Any] | None:
 
 def _show(value: Any, spec: OptionSpec | None = None) -> str:
     """A setting's value as the help and the messages print it."""
-    if spec is not None and spec.show is not None and value is not None:
+    if spec is not None and spec.show is not None:  # None too: "none" may not be what None means there
         return spec.show(value)
     if spec is not None and spec.kind == "off":  # --no-ctf: "on" would read as "no CTF: on"
         value = not value

@@ -72,8 +72,8 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:g}m"
+def _minutes(seconds: float | None) -> str:
+    return "none" if seconds is None else f"{seconds / 60:g}m"
 
 
 @dataclasses.dataclass
