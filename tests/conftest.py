@@ -123,3 +123,11 @@ def tiny_config():
     from helpers import tiny_config
 
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def aspire():
+    """:func:`helpers.aspire_spike_clean`: (dataset, batch of all 100 images, the true map in their units)."""
+    from helpers import aspire_spike_clean
+
+    return aspire_spike_clean()

@@ -49,3 +49,25 @@ def adk_volume(size: int = 32) -> torch.Tensor:
     v = v[lo:lo + size, lo:lo + size, lo:lo + size]
     spectrum = fft3_centered(v) * circular_mask(size, 0.4 * size, 3)
     return ifft3_centered(spectrum).real
+
+
+def aspire_spike_clean():
+    """The 100 noise-free ASPIRE spike particles (another simulator: RELION-convention poses, shifts and
+    CTFs), all of them as one batch, and the true map scaled to their units — the least-squares factor
+    between the map's projections at the file's poses and the images (ASPIRE's intensity units are
+    not our projector's). Returns ``(dataset, batch, map)``."""
+    import numpy as np
+
+    from cryoace.io.mrc import read_volume
+    from cryoace.io.particles import ParticleDataset, read_particles
+    from cryoace.physics.forward import VoxelFourierVolume, render_images
+
+    from conftest import TEST_DATA
+
+    dataset = ParticleDataset(read_particles(TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"),
+                              normalize=False)
+    spike = torch.tensor(read_volume(TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc").data, dtype=torch.float32)
+    batch = dataset[np.arange(len(dataset))]
+    rendered = render_images(VoxelFourierVolume.from_real(spike, 2), batch.pose, batch.pixel_size, 64, batch.ctf)
+    scale = float((rendered * batch.images).sum() / (rendered * rendered).sum())
+    return dataset, batch, spike * scale

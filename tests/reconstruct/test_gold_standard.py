@@ -16,28 +16,13 @@ from cryoace.evaluate.gold_standard import GoldStandard, assess
 from cryoace.evaluate.map_align import align_maps
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
-from cryoace.physics.forward import VoxelFourierVolume, render_images
+from cryoace.physics.forward import VoxelFourierVolume
 from cryoace.physics.fourier import fft3_centered, radial_shell_index
 from cryoace.reconstruct.pose_search import global_search, pose_confidence, search_band, shift_grid, so3_grid
 from cryoace.reconstruct.refine import RefineSettings, alternate_half_sets, lowpass, refine
 from cryoace.types import map_tensors
 
-from conftest import TEST_DATA
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-CLEAN = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
-SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
-
-
-@pytest.fixture(scope="module")
-def aspire():
-    """The 100 noise-free ASPIRE spike particles and the true map in their units."""
-    dataset = ParticleDataset(read_particles(CLEAN), normalize=False)
-    spike = torch.tensor(read_volume(SPIKE).data, dtype=torch.float32)
-    batch = dataset[np.arange(len(dataset))]
-    rendered = render_images(VoxelFourierVolume.from_real(spike, 2), batch.pose, batch.pixel_size, 64, batch.ctf)
-    scale = float((rendered * batch.images).sum() / (rendered * rendered).sum())
-    return dataset, batch, spike * scale
 
 
 class _Replaced:

@@ -9,13 +9,10 @@ the true poses.
 """
 
 
-import numpy as np
 import pytest
 import torch
 
-from cryoace.io.mrc import read_volume
-from cryoace.io.particles import ParticleDataset, read_particles
-from cryoace.physics.forward import VoxelFourierVolume, render_images, render_spectra
+from cryoace.physics.forward import VoxelFourierVolume, render_spectra
 from cryoace.physics.rotations import geodesic_angle, random_rotmat
 from cryoace.reconstruct.pose_search import (
     global_search,
@@ -32,7 +29,6 @@ from conftest import TEST_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ASPIRE = TEST_DATA / "particles/sim_aspire_spike_L64_ctf_clean/particles.star"
-SPIKE = TEST_DATA / "volumes/spike_6vyb_L64_3.0A.mrc"
 
 
 def _rows(ctf, rows):
@@ -41,16 +37,6 @@ def _rows(ctf, rows):
 
 def _angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.rad2deg(geodesic_angle(a.double(), b.double()))
-
-
-@pytest.fixture(scope="module")
-def aspire():
-    dataset = ParticleDataset(read_particles(ASPIRE), normalize=False)
-    spike = torch.tensor(read_volume(SPIKE).data, dtype=torch.float32)
-    batch = dataset[np.arange(len(dataset))]
-    rendered = render_images(VoxelFourierVolume.from_real(spike, 2), batch.pose, batch.pixel_size, 64, batch.ctf)
-    scale = float((rendered * batch.images).sum() / (rendered * rendered).sum())
-    return dataset, batch, spike * scale
 
 
 def test_so3_grid_covers_so3_within_its_step():
