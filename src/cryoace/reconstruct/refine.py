@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..evaluate.fsc import FSCResult, fsc
+from ..evaluate.gold_standard import MIN_GAIN_OVER_START
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 from ..physics.rotations import geodesic_angle
@@ -138,8 +139,9 @@ class RefineResult:
     @property
     def resolved_beyond_start(self) -> bool:
         """Whether the halves agree (FSC 0.143) clearly beyond the start's low-pass — 25 % further
-        in frequency. When they do not, the run has resolved nothing the start did not already hold."""
-        return self.half_map_fsc.resolution(0.143).px * 1.25 <= self.start_resolution_px
+        in frequency (:data:`~cryoace.evaluate.gold_standard.MIN_GAIN_OVER_START`). When they do not,
+        the run has resolved nothing the start did not already hold."""
+        return self.half_map_fsc.resolution(0.143).px * MIN_GAIN_OVER_START <= self.start_resolution_px
 
 
 @dataclasses.dataclass

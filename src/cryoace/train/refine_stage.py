@@ -46,7 +46,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..evaluate.gold_standard import GoldStandard, assess
+from ..evaluate.gold_standard import MIN_GAIN_OVER_START, GoldStandard, assess
 from ..io.atomic import atomic_path
 from ..io.mrc import read_volume, write_mrc
 from ..reconstruct.ab_initio import AbInitioIteration, AbInitioSettings, ab_initio, mean_search_error
@@ -113,9 +113,11 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                   if "rot_median_deg" in summary else "")
         moved = ("" if record.pose_change_median_deg is None
                  else f", poses moved {record.pose_change_median_deg:.2f}° (median)")
+        within = ("" if gold.px * MIN_GAIN_OVER_START <= settings.start_resolution_px else
+                  f" (not beyond the start's {settings.start_resolution_px:g}-px low-pass: no resolution yet)")
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
-            f"{record.mean_error:.4g}{moved}, gold-standard half maps FSC-0.143 {gold.angstrom:.2f} Å, median "
-            f"pose confidence {record.confidence_median:.2f}{errors} "
+            f"{record.mean_error:.4g}{moved}, gold-standard half maps FSC-0.143 {gold.angstrom:.2f} Å{within}, "
+            f"median pose confidence {record.confidence_median:.2f}{errors} "
             f"({record.elapsed_s:.0f} s)")
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
