@@ -255,6 +255,11 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
 
     assert (evaluate_poses(refined, truth).errors.median_angle_deg
             < evaluate_poses(encoder, truth).errors.median_angle_deg)
+    # gold standard: the file's own half sets (rlnRandomSubset) were refined apart, and poses.star says so
+    assert np.array_equal(refined.extra_column("rlnRandomSubset"), truth.extra_column("rlnRandomSubset"))
+    assert set(np.unique(truth.extra_column("rlnRandomSubset")).tolist()) == {1, 2}
+    for name in ("volume_half1.mrc", "volume_half2.mrc", "volume_mask.mrc", "gold_standard.json", "fsc.png"):
+        assert (run / name).is_file()
 
 
 def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
