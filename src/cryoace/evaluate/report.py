@@ -233,7 +233,7 @@ def _gold_standard(run_dir: Path) -> tuple[str, bool]:
                    f"phase-randomization corrected): <strong>{html.escape(_res_text(gold.resolution()))}</strong>; "
                    f"unmasked {html.escape(_res_text(gold.resolution(masked=False)))}.</p>")
     else:
-        verdict = ('<p class="unresolved"><strong>NOT RESOLVED — no resolution is claimed.</strong> '
+        verdict = ('<p class="unresolved"><strong>NOT RESOLVED — no resolution is claimed:</strong> '
                    + html.escape("; ".join(gold.reasons)) + ".</p>")
     curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
     if gold.fsc.randomized is not None:
