@@ -497,6 +497,8 @@ def _tiny() -> TrainConfig:
 
 
 def _cpu() -> TrainConfig:
+    """Small networks for a 2-core CPU, then the refinement stage. The networks alone (bench/amortized.py,
+    demo at 32 px, noise-free) predict poses at a 9.8° median error after 20 minutes."""
     return TrainConfig(
         preset="cpu", batch_size=32, max_time_s=8 * 60, log_every=25, checkpoint_every=200,
         volume_every=1000, refine=RefineConfig(enabled=True, rounds=10),
@@ -508,6 +510,7 @@ def _cpu() -> TrainConfig:
 
 
 def _paper() -> TrainConfig:
+    """cryoAI's networks and optimizer (20 epochs): meant for a GPU."""
     return TrainConfig(
         preset="paper", batch_size=64, epochs=20, log_every=50, checkpoint_every=1000, volume_every=2000,
         band_start_cyc_px=BAND_START_CYC_PX, band_ramp_steps=10000,
