@@ -215,19 +215,26 @@ def _loss(metrics: Path, train: list[dict]) -> str:
     return _png(lambda f: plot_loss(metrics, f), "training loss against step")
 
 
-def _gold_standard(run_dir: Path) -> tuple[str, bool]:
-    """The gold-standard part of the FSC section (verdict, curves with the 0.143 line, table) and
-    whether the run has one."""
+def _read_gold_standard(run_dir: Path):
+    """The run's :class:`~cryoace.evaluate.gold_standard.GoldStandard` (None without one) and, when
+    its file exists but cannot be read, why (else None)."""
     from .gold_standard import GoldStandard
-    from .plots import plot_fsc
 
     path = run_dir / GOLD_STANDARD_FILE
     if not path.is_file():
-        return "", False
+        return None, None
     try:
-        gold = GoldStandard.from_dict(json.loads(path.read_text()))
+        return GoldStandard.from_dict(json.loads(path.read_text())), None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return _missing(f"The gold-standard FSC ({GOLD_STANDARD_FILE}) could not be read ({exc})."), False
+        return None, f"The gold-standard FSC ({GOLD_STANDARD_FILE}) could not be read ({exc})."
+
+
+def _gold_standard(gold, problem: str | None) -> str:
+    """The gold-standard part of the FSC section (verdict, curves with the 0.143 line, table)."""
+    from .plots import plot_fsc
+
+    if gold is None:
+        return "" if problem is None else _missing(problem)
     if gold.resolved:
         verdict = (f"<p>Gold-standard resolution (half maps refined apart, FSC 0.143, masked and "
                    f"phase-randomization corrected): <strong>{html.escape(_res_text(gold.resolution()))}</strong>; "
@@ -247,16 +254,12 @@ def _gold_standard(run_dir: Path) -> tuple[str, bool]:
     rows += [(f"FSC 0.143, {label}", _res_text(curve.resolution(0.143))) for label, curve in curves.items()]
     plot = _png(lambda f: plot_fsc(curves, f, thresholds=(0.143,), title="gold-standard FSC of the half maps"),
                 "gold-standard FSC curves")
-    return verdict + plot + _table(rows), True
+    return verdict + plot + _table(rows)
 
 
-def _verdict_banner(run_dir: Path) -> str:
+def _verdict_banner(gold) -> str:
     """A line above the sections with the run's gold-standard verdict ("" without one)."""
-    from .gold_standard import GoldStandard
-
-    try:
-        gold = GoldStandard.from_dict(json.loads((run_dir / GOLD_STANDARD_FILE).read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+    if gold is None:
         return ""
     if gold.resolved:
         return (f"<p><strong>Result:</strong> gold-standard resolution "
@@ -265,12 +268,13 @@ def _verdict_banner(run_dir: Path) -> str:
             + html.escape("; ".join(gold.reasons)) + ".</p>\n")
 
 
-def _fsc(run_dir: Path, halves: list[dict], pixel_size: float | None) -> str:
+def _fsc(run_dir: Path, halves: list[dict], pixel_size: float | None, gold=None,
+         gold_problem: str | None = None) -> str:
     from .plots import plot_fsc
 
     curves = _fsc_json_files(run_dir)
-    gold, has_gold = _gold_standard(run_dir)
-    parts = [gold]
+    has_gold = gold is not None
+    parts = [_gold_standard(gold, gold_problem)]
     if halves:
         last = halves[-1]
         try:
@@ -381,17 +385,18 @@ def build_report(run_dir: str | os.PathLike) -> str:
     config = _load_yaml(run_dir / "config.yaml")
     train, halves = read_metrics(metrics, "train"), read_metrics(metrics, "halves")
     rollbacks = read_metrics(metrics, "rollback")
+    gold, gold_problem = _read_gold_standard(run_dir)
     bodies = {
         "timings": _timings(train, rollbacks, config),
         "loss": _loss(metrics, train),
-        "fsc": _fsc(run_dir, halves, _run_pixel_size(config)),
+        "fsc": _fsc(run_dir, halves, _run_pixel_size(config), gold, gold_problem),
         "resolution": _resolution(halves),
         "coverage": _coverage(run_dir),
         "map": _map(run_dir),
         "config": _config(run_dir),
     }
     name = html.escape(_shown(run_dir.resolve().name))
-    banner = _verdict_banner(run_dir)
+    banner = _verdict_banner(gold)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     nav = " ".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS.items())
     sections = "\n".join(f'<section id="{key}">\n<h2>{html.escape(SECTIONS[key])}</h2>\n{bodies[key]}\n</section>'

@@ -320,4 +320,5 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
                         half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
                         start_resolution_px=float(settings.start_resolution_px),
-                        half_map_fsc=fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)))
+                        half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
+                        fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)))

@@ -162,11 +162,8 @@ def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The refinement's two half sets (row positions): the table's ``rlnRandomSubset`` when it has one
     that splits the particles, else a seeded random split."""
     rows = np.arange(n, dtype=np.int64)
-    if table is None:
-        perm = np.random.default_rng(seed).permutation(n)
-        return np.sort(perm[: (n + 1) // 2]), np.sort(perm[(n + 1) // 2:])
-    a, b = split_half_sets(table, rows, seed)
-    if len(a) == 0 or len(b) == 0:  # rlnRandomSubset puts everything in one half
+    a, b = (rows[:0], rows[:0]) if table is None else split_half_sets(table, rows, seed)
+    if len(a) == 0 or len(b) == 0:  # no table, or rlnRandomSubset puts everything in one half
         perm = np.random.default_rng(seed).permutation(n)
         a, b = np.sort(perm[: (n + 1) // 2]), np.sort(perm[(n + 1) // 2:])
     return a, b
