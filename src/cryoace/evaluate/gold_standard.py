@@ -16,8 +16,14 @@ can check it from the files:
   noise": each half aligns noise to the common start and reproduces it, but nothing finer);
 * the particles' median **pose confidence** (the fraction of each particle's best rotations that
   lie near the best one, :func:`cryoace.reconstruct.pose_search.pose_confidence`), shown beside
-  the verdict. It is not part of the verdict: its scale depends on the box, the band and the grid
-  (noise-free particles in a 32-px box score as low as noise in a 64-px box).
+  the verdict. Its scale depends on the box, the band and the grid (noise-free particles in a 32-px
+  box score as low as noise in a 64-px box), so on its own it does not decide anything;
+* a **posterior-predictive check** (:class:`PredictiveCheck`): the resolution is also withheld when the
+  particles align to the final map clearly less sharply (mean pose confidence below
+  ``MIN_CONFIDENCE_RATIO`` = 0.9 of it) than the map's own projections do with the particles' CTFs,
+  shifts and noise. Half maps that agree only prove reproducibility: from a wrong start both halves
+  can reproduce the same wrong map; this check catches that, since both sides of the comparison
+  share the box, band and grid (:mod:`cryoace.reconstruct.predictive_check`).
 
 The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
 and read back by the run report.
@@ -33,12 +39,48 @@ import torch
 
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, MaskedFSC, masked_fsc
 
-__all__ = ["GoldStandard", "assess", "MIN_GAIN_OVER_START", "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
+__all__ = ["GoldStandard", "PredictiveCheck", "assess", "MIN_GAIN_OVER_START", "MIN_CONFIDENCE_RATIO",
+           "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
 
 #: the half maps must agree this much further in frequency than the start's low-pass
 MIN_GAIN_OVER_START = 1.25
+#: the particles' mean pose confidence must reach this fraction of what the map's own projections get
+MIN_CONFIDENCE_RATIO = 0.9
 #: exit status of a command whose run finished but resolved nothing (documented in the CLI help)
 UNRESOLVED_EXIT_CODE = 4
+
+
+@dataclasses.dataclass
+class PredictiveCheck:
+    """Whether the particles align to the final map as sharply as its own projections do
+    (:func:`cryoace.reconstruct.predictive_check.predictive_check`).
+
+    observed  : the sampled particles' mean pose confidence against their half's map.
+    expected  : the same for the map's projections at random rotations with the particles' CTFs,
+                shifts and noise spectrum.
+    particles : how many particles were sampled (as many synthetic ones).
+    """
+
+    observed: float
+    expected: float
+    particles: int
+
+    @property
+    def ratio(self) -> float:
+        return self.observed / max(self.expected, 1e-12)
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= MIN_CONFIDENCE_RATIO
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"observed": self.observed, "expected": self.expected, "particles": self.particles,
+                "ratio": self.ratio, "min_ratio": MIN_CONFIDENCE_RATIO, "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictiveCheck:
+        return cls(observed=float(data["observed"]), expected=float(data["expected"]),
+                   particles=int(data["particles"]))
 
 
 @dataclasses.dataclass
@@ -48,15 +90,16 @@ class GoldStandard:
     fsc                 : the masked FSC with its phase-randomization correction (``fsc.corrected`` is
                           the reported curve; ``fsc.unmasked`` the plain one).
     start_resolution_px : the common start's low-pass (px per cycle).
-    confidence_median   : the particles' median pose confidence (None if not measured; not part of
-                          the verdict, see the module docstring).
+    confidence_median   : the particles' median pose confidence (None if not measured).
     reasons             : why the resolution is withheld (empty when it is not).
+    check               : the posterior-predictive check of the poses (None if not made).
     """
 
     fsc: MaskedFSC
     start_resolution_px: float
     confidence_median: float | None
     reasons: list[str]
+    check: PredictiveCheck | None = None
 
     @property
     def resolved(self) -> bool:
@@ -76,7 +119,10 @@ class GoldStandard:
         unmasked, masked = self.resolution(masked=False), self.resolution(masked=True)
         curves = (f"half maps FSC-0.143: masked (phase-randomization corrected) {_text(masked)}, unmasked "
                   f"{_text(unmasked)}" + ("" if self.confidence_median is None else
-                                          f"; median pose confidence {self.confidence_median:.2f}"))
+                                          f"; median pose confidence {self.confidence_median:.2f}")
+                  + ("" if self.check is None else
+                     f"; pose confidence {self.check.observed:.2f} vs {self.check.expected:.2f} for the map's "
+                     "own projections"))
         if self.resolved:
             return [f"gold-standard resolution {_text(masked)} ({curves}; independent half sets from a start "
                     f"low-passed to {_text_px(self.start_resolution_px, self.pixel_size)})"]
@@ -90,6 +136,7 @@ class GoldStandard:
                 "resolution_px": masked.px, "resolution_angst": masked.angstrom,
                 "unmasked_resolution_px": unmasked.px, "unmasked_resolution_angst": unmasked.angstrom,
                 "start_resolution_px": self.start_resolution_px, "confidence_median": self.confidence_median,
+                "predictive_check": None if self.check is None else self.check.to_dict(),
                 "fsc": self.fsc.to_dict(thresholds)}
 
     @classmethod
@@ -106,7 +153,9 @@ class GoldStandard:
         confidence = data.get("confidence_median")
         return cls(fsc=masked, start_resolution_px=float(data["start_resolution_px"]),
                    confidence_median=None if confidence is None else float(confidence),
-                   reasons=[str(r) for r in data.get("reasons", [])])
+                   reasons=[str(r) for r in data.get("reasons", [])],
+                   check=None if data.get("predictive_check") is None else
+                   PredictiveCheck.from_dict(data["predictive_check"]))
 
 
 def _text_px(px: float, pixel_size: float | None) -> str:
@@ -131,11 +180,11 @@ def mask_from_half_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: fl
 
 def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float, pixel_size: float | None,
            confidence: torch.Tensor | np.ndarray | None = None, mask: torch.Tensor | None = None,
-           seed: int = 0) -> GoldStandard:
+           seed: int = 0, check: PredictiveCheck | None = None) -> GoldStandard:
     """The gold standard of two independent half maps (L³, same frame) refined from a common start
     low-passed to ``start_resolution_px`` (px); ``confidence``: the particles' pose confidences;
     ``mask``: default :func:`mask_from_half_maps`. ``seed`` seeds the phase randomization (as
-    ``cryoace fsc --seed``)."""
+    ``cryoace fsc --seed``); ``check``: the refinement's posterior-predictive check of its poses."""
     if mask is None:
         try:
             mask = mask_from_half_maps(half1, half2, pixel_size)
@@ -149,9 +198,14 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
         reasons.append(f"the half maps agree (FSC 0.143 at {_text_px(best_px, pixel_size)}) no further than "
                        f"the common start map's low-pass ({_text_px(start_resolution_px, pixel_size)}), so nothing "
                        "beyond what both halves were given was resolved")
+    if check is not None and not check.passed:
+        reasons.append(f"the particles align to the map less sharply than its own projections with the "
+                       f"particles' noise do (mean pose confidence {check.observed:.2f} vs {check.expected:.2f}, "
+                       f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them — both halves "
+                       "reproduce a wrong map (a wrong start, or another molecule)")
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
         median = float(values.median()) if values.numel() else None
     return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
-                        reasons=reasons)
+                        reasons=reasons, check=check)

@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import CryoaceInputError
 from ..io.atomic import atomic_path
 from .fsc import DEFAULT_THRESHOLDS, FSCResult
+from .gold_standard import MIN_CONFIDENCE_RATIO
 
 __all__ = ["write_report", "build_report", "SECTIONS", "fsc_from_halves_record"]
 
@@ -250,6 +251,10 @@ def _gold_standard(gold, problem: str | None) -> str:
     rows = [("half maps", "volume_half1.mrc, volume_half2.mrc (mask volume_mask.mrc)"),
             ("start low-pass", f"{gold.start_resolution_px:.2f} px"),
             ("median pose confidence", "—" if gold.confidence_median is None else f"{gold.confidence_median:.2f}"),
+            ("pose confidence: particles vs the map's own projections (predictive check)",
+             "—" if gold.check is None else
+             f"{gold.check.observed:.2f} vs {gold.check.expected:.2f} (ratio {gold.check.ratio:.2f}, "
+             f"{'passed' if gold.check.passed else 'FAILED'}: at least {MIN_CONFIDENCE_RATIO:g} needed)"),
             ("mask correction", where)]
     rows += [(f"FSC 0.143, {label}", _res_text(curve.resolution(0.143))) for label, curve in curves.items()]
     plot = _png(lambda f: plot_fsc(curves, f, thresholds=(0.143,), title="gold-standard FSC of the half maps"),

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ..evaluate.fsc import FSCResult, fsc
-from ..evaluate.gold_standard import MIN_GAIN_OVER_START
+from ..evaluate.gold_standard import MIN_GAIN_OVER_START, PredictiveCheck
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
 from ..physics.rotations import geodesic_angle
@@ -61,6 +61,7 @@ from .pose_search import (
     shift_grid,
     so3_grid,
 )
+from .predictive_check import particle_radius_px, predictive_check
 
 __all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted", "lowpass",
            "scale_shells", "alternate_half_sets"]
@@ -85,6 +86,9 @@ class RefineSettings:
                       (px per cycle; the cosine edge ends there): the two halves share nothing finer,
                       so their FSC can only claim better resolutions from the data.
     confidence_candidates : best global-search rotations per image for the pose confidence.
+    check_particles : particles of each half set sampled for the posterior-predictive check of the
+                      final poses (:mod:`cryoace.reconstruct.predictive_check`); 0 skips it.
+    seed            : seeds the check's sample, rotations and noise.
     """
 
     rounds: int = 10
@@ -102,6 +106,8 @@ class RefineSettings:
     max_time_s: float | None = None
     start_resolution_px: float = 12.0
     confidence_candidates: int = 10
+    check_particles: int = 256
+    seed: int = 0
 
 
 @dataclasses.dataclass
@@ -125,7 +131,8 @@ class RefineRound:
 class RefineResult:
     """Final poses (rotmat, shift in Å, per particle row), map (L³, real, the images' units, from all
     particles), the two half maps (2, L, L, L; each from its half set alone), the rows of each half
-    set, each particle's pose confidence (N,), the start's low-pass (px) and the rounds of this call."""
+    set, each particle's pose confidence (N,), the start's low-pass (px), the rounds of this call
+    and the posterior-predictive check of the final poses (None when skipped)."""
 
     pose: Pose
     volume: torch.Tensor
@@ -135,6 +142,7 @@ class RefineResult:
     confidence: torch.Tensor
     start_resolution_px: float
     half_map_fsc: FSCResult
+    check: PredictiveCheck | None = None
 
     @property
     def resolved_beyond_start(self) -> bool:
@@ -256,8 +264,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                disable=None if progress else True)
     try:
         for r in range(first, settings.rounds):
-            local_shells = min(size // 2, settings.start_shells + r * settings.shells_per_round)
-            global_shells = min(settings.global_max_shells, settings.global_shells + 2 * r, local_shells)
+            global_shells, local_shells = _round_shells(settings, size, r)
             gband = search_band(size, global_shells, device=device)
             lband = search_band(size, local_shells, device=device)
             rotmat = torch.empty(n, 3, 3, device=device)
@@ -317,8 +324,22 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                 break
     finally:
         bar.close()
+    check = None
+    if pose is not None and settings.check_particles > 0:
+        last = history[-1].round if history else first - 1  # (a resumed, finished run: its last round)
+        check = predictive_check(dataset, rows, halves, references, pose,
+                                 search_band(size, _round_shells(settings, size, last)[0], device=device),
+                                 rotations, global_shifts, settings.confidence_candidates, confidence_radius_deg,
+                                 particle_radius_px(half_maps[0], half_maps[1]), use_ctf=use_ctf, sample=settings.check_particles, batch_size=settings.batch_size,
+                                 seed=settings.seed, device=device)
     return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
                         half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
                         start_resolution_px=float(settings.start_resolution_px),
                         half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
-                        fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)))
+                        fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check)
+
+
+def _round_shells(settings: RefineSettings, size: int, r: int) -> tuple[int, int]:
+    """The global and local search bands (shells) of round ``r``."""
+    local_shells = min(size // 2, settings.start_shells + r * settings.shells_per_round)
+    return min(settings.global_max_shells, settings.global_shells + 2 * r, local_shells), local_shells

@@ -89,7 +89,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     pixel_size = trainer.pixel_size
     decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
     settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
-                              batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px)
+                              batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px,
+                              seed=trainer.config.seed)
     n = len(dataset)
     half_sets = _half_sets(table, n, trainer.config.seed)
     if min(len(h) for h in half_sets) < 2:
@@ -186,7 +187,8 @@ def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], floa
         write_mrc(run_dir / "volume_mask.mrc", mask.numpy(), pixel_size)
     except ValueError:  # nothing above the threshold in the average: FSC without a mask
         mask = torch.ones_like(halves[0])
-    gold = assess(halves[0], halves[1], result.start_resolution_px, pixel_size, result.confidence, mask=mask)
+    gold = assess(halves[0], halves[1], result.start_resolution_px, pixel_size, result.confidence, mask=mask,
+                  check=result.check)
     with atomic_path(run_dir / "gold_standard.json") as tmp:
         tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
     curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
