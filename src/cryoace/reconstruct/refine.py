@@ -327,11 +327,12 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     check = None
     if pose is not None and settings.check_particles > 0:
         last = history[-1].round if history else first - 1  # (a resumed, finished run: its last round)
-        check = predictive_check(dataset, rows, halves, references, pose,
-                                 search_band(size, _round_shells(settings, size, last)[0], device=device),
-                                 rotations, global_shifts, settings.confidence_candidates, confidence_radius_deg,
-                                 particle_radius_px(half_maps[0], half_maps[1]), use_ctf=use_ctf, sample=settings.check_particles, batch_size=settings.batch_size,
-                                 seed=settings.seed, device=device)
+        check = predictive_check(
+            dataset, rows, halves, references, pose,
+            search_band(size, _round_shells(settings, size, last)[0], device=device), rotations, global_shifts,
+            settings.confidence_candidates, confidence_radius_deg, particle_radius_px(half_maps[0], half_maps[1]),
+            use_ctf=use_ctf, sample=settings.check_particles, batch_size=settings.batch_size, seed=settings.seed,
+            device=device)
     return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
                         half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
                         start_resolution_px=float(settings.start_resolution_px),
