@@ -7,13 +7,17 @@ Runs the default ``cryoace reconstruct`` (cpu preset, with the budgets given her
 * ``noise``: the same star file (same CTF parameters, pixel size and names) whose stack holds pure
   Gaussian noise,
 
-and compares, for every refinement round and at the end, the gold-standard half-map FSC-0.143 the
-run reports (unmasked, and masked with the phase-randomization correction) with the FSC-0.5 of its
+and, through the API, ``wrong_start``: a refinement of the signal set from another molecule's map
+(the spike, tests/data), which converges to a wrong map that both halves reproduce; the
+posterior-predictive check must withhold its resolution. For every refinement round and at the
+end, it compares the gold-standard half-map FSC-0.143 the run reports (unmasked, and masked with
+the phase-randomization correction) with the FSC-0.5 of its
 map against the true map (aligned, both hands; the truth of the signal set). For the noise set there
-is no truth: the run must say NOT RESOLVED and exit with status 3, and its half maps must not agree
+is no truth: the run must say NOT RESOLVED and exit with status 4, and its half maps must not agree
 at better than 10 px. Writes bench/results/honest_resolution_<device>.json with the CPU load seen.
 
-    python bench/honest_resolution.py [--max-time 2m] [--refine-rounds 10] [--work DIR] [--sets signal,noise]
+    python bench/honest_resolution.py [--max-time 2m] [--refine-rounds 10] [--work DIR]
+                                      [--sets signal,noise,wrong_start]
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: 
            "resolved": gold["resolved"], "reasons": gold["reasons"],
            "reported_masked_px": gold["resolution_px"], "reported_unmasked_px": gold["unmasked_resolution_px"],
            "start_resolution_px": gold["start_resolution_px"], "confidence_median": gold["confidence_median"],
-           "rounds": []}
+           "predictive_check": gold.get("predictive_check"), "rounds": []}
     for record in read_metrics(run_dir / "metrics.jsonl", kind="refine"):
         point = {"round": record["round"], "half_fsc0143_px": record["half_fsc0143_px"],
                  "confidence_median": record.get("confidence_median"), "elapsed_s": record["elapsed_s"],
@@ -100,16 +104,51 @@ def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: 
     return out
 
 
+def run_wrong_start(star: Path, truth: Path, rounds: int) -> dict:
+    """Refine the particles of ``star`` from the spike's map (scaled to the truth's std) and judge it."""
+    import torch
+
+    from cryoace.evaluate.gold_standard import assess
+    from cryoace.io.particles import ParticleDataset
+    from cryoace.reconstruct.refine import RefineSettings, refine
+
+    dataset = ParticleDataset(read_particles(star), normalize=True)
+    reference = read_volume(truth)
+    spike = torch.tensor(read_volume(Path(__file__).resolve().parents[1] / "tests/data/volumes/spike_6vyb_L64_3.0A.mrc")
+                         .data, dtype=torch.float32)
+    wrong = spike * float(np.std(reference.data) / spike.std())
+    load0, wall0 = os.getloadavg(), time.monotonic()
+    result = refine(dataset, wrong, RefineSettings(rounds=rounds), progress=False)
+    pixel_size = float(dataset.pixel_size)
+    gold = assess(result.half_volumes[0], result.half_volumes[1], result.start_resolution_px, pixel_size,
+                  result.confidence, check=result.check)
+    aligned = align_maps(result.volume.numpy(), reference.data, pixel_size, reference.voxel_size).aligned
+    truth_px = float(fsc(aligned, reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
+    out = {"wall_time_s": time.monotonic() - wall0, "load_average_start": load0, "load_average_end": os.getloadavg(),
+           "resolved": gold.resolved, "reasons": gold.reasons, "reported_masked_px": gold.resolution().px,
+           "reported_unmasked_px": gold.resolution(masked=False).px, "truth_fsc05_px": truth_px,
+           "predictive_check": result.check.to_dict(), "confidence_median": gold.confidence_median,
+           "rounds": [{"round": r.round, "half_fsc0143_px": r.half_map_fsc.resolution(0.143).px,
+                       "pose_change_median_deg": r.pose_change_median_deg} for r in result.rounds]}
+    print(f"wrong_start: {'resolved' if gold.resolved else 'NOT RESOLVED'}, half maps {out['reported_unmasked_px']:.2f}"
+          f" px unmasked, truth FSC-0.5 {truth_px:.2f} px, pose confidence {result.check.observed:.2f} vs "
+          f"{result.check.expected:.2f} for the map's own projections", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-time", default="2m", help="training budget of each run (the cpu preset's is 8m)")
     parser.add_argument("--refine-rounds", type=int, default=10)
-    parser.add_argument("--sets", default="signal,noise")
+    parser.add_argument("--sets", default="signal,noise,wrong_start")
     parser.add_argument("--work", type=Path, default=Path("bench_work/honest_resolution"))
     args = parser.parse_args()
     signal = demo_dataset(args.work / "data_-10", noise_free=False)
     results = {}
     for name in args.sets.split(","):
+        if name == "wrong_start":
+            results[name] = run_wrong_start(signal, signal.parent / "volume.mrc", args.refine_rounds)
+            continue
         star = signal if name == "signal" else noise_dataset(signal, args.work / "data_noise")
         truth = signal.parent / "volume.mrc" if name == "signal" else None
         results[name] = run_one(name, star, truth, args.work / f"run_{name}", args.max_time, args.refine_rounds)

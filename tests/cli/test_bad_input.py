@@ -30,6 +30,7 @@ import starfile
 import torch
 
 from cryoace.cli.main import main
+from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 from cryoace.io.cryodrgn import write_cryodrgn_ctf, write_cryodrgn_poses
 from cryoace.io.mrc import write_mrc
 from cryoace.io.star import read_star
@@ -746,5 +747,6 @@ def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(test_da
     assert not (run / "volume.mrc").exists() and (run / "volume_decoder.mrc").is_file()
 
     monkeypatch.undo()
-    assert main(shlex.split(command)[1:]) == 0, capsys.readouterr().err
+    # it finishes (2 training steps and 1 round leave the poses unfound: NOT RESOLVED, exit 4, is honest)
+    assert main(shlex.split(command)[1:]) in (0, UNRESOLVED_EXIT_CODE), capsys.readouterr().err
     assert (run / "volume.mrc").is_file() and (run / "volume_decoder.mrc").is_file()

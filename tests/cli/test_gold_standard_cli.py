@@ -75,3 +75,20 @@ def test_poses_star_says_which_half_and_how_sure(noise_run):
     assert subset is not None and set(np.unique(subset).tolist()) == {1, 2}
     assert abs(int((subset == 1).sum()) - int((subset == 2).sum())) <= 1
     assert confidence is not None and np.all((confidence >= 0) & (confidence <= 1))
+
+
+def test_halves_on_noise_get_no_resolution(noise_run, capsys):
+    """``--halves`` (two independently initialised networks, one per half set) judges its half maps as
+    the refinement does: on pure noise it writes them with their mask, says NOT RESOLVED and exits 4."""
+    data, _, _ = noise_run
+    run = data / "run_halves"
+    status = cli(["reconstruct", str(data / "particles.star"), "-o", str(run), "--device", "cpu", "--halves",
+                  "--preset", "tiny", "--steps", "20"])
+    out = capsys.readouterr().out
+    assert status == UNRESOLVED_EXIT_CODE and "NOT RESOLVED" in out, out
+    gold = json.loads((run / "gold_standard.json").read_text())
+    assert gold["resolved"] is False and gold["unmasked_resolution_px"] > 10.0
+    for path in ("volume_half1.mrc", "volume_half2.mrc", "volume_mask.mrc", "volume.mrc"):
+        assert (run / path).is_file()
+    (record,) = read_metrics(run / "metrics.jsonl", kind="gold_standard")
+    assert record["resolved"] is False

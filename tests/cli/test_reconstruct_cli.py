@@ -13,6 +13,7 @@ import starfile
 import torch
 
 from cryoace.cli.main import main as cli
+from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import open_mrc
 from cryoace.io.particles import read_particles
@@ -216,13 +217,18 @@ def test_ace_em_options_run_end_to_end(particles, tmp_path, name):
     assert len(starfile.read(run / "poses.star")["particles"]) == 200
 
 
+#: a finished run's exit status: 0, or 4 when its half maps resolved nothing — what a few seconds of
+#: training, ab initio and refinement on 200 particles honestly give (the poses are not yet found)
+FINISHED = (0, UNRESOLVED_EXIT_CODE)
+
+
 def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, capsys):
     """--refine: the encoder's poses and decoder's map are kept aside, each round leaves a map and a
     record (with errors against the simulated poses), and the refined poses are closer to the truth."""
     run = tmp_path / "run"
     assert cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "10",
                 "--quiet", "--device", "cpu", "--volume-every", "0", "--refine", "--refine-rounds", "2",
-                "--refine-step", "15", "--ab-initio-iterations", "4"]) == 0
+                "--refine-step", "15", "--ab-initio-iterations", "4"]) in FINISHED
     for name in ("volume.mrc", "volume_decoder.mrc", "volume_abinitio.mrc", "volume_refine_00.mrc",
                  "volume_refine_01.mrc"):
         mrc = open_mrc(run / name, mmap=False)
@@ -269,10 +275,11 @@ def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
     common = ["--preset", "tiny", "--steps", "10", "--quiet", "--device", "cpu", "--volume-every", "0",
               "--refine", "--refine-step", "15", "--ab-initio-iterations", "3"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert cli(["reconstruct", str(particles), "-o", str(full), *common, "--refine-rounds", "2"]) == 0
-    assert cli(["reconstruct", str(particles), "-o", str(cut), *common, "--refine-rounds", "1"]) == 0
+    assert cli(["reconstruct", str(particles), "-o", str(full), *common, "--refine-rounds", "2"]) in FINISHED
+    assert cli(["reconstruct", str(particles), "-o", str(cut), *common, "--refine-rounds", "1"]) in FINISHED
     assert (cut / "checkpoints" / "refine.pt").is_file()
-    assert cli(["reconstruct", str(particles), "-o", str(cut), "--resume", "--refine-rounds", "2", "--quiet"]) == 0
+    assert cli(["reconstruct", str(particles), "-o", str(cut), "--resume", "--refine-rounds", "2",
+                "--quiet"]) in FINISHED
     records = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if r["kind"] == "ab_initio"] == [0, 1, 2]
     assert [r["round"] for r in records if r["kind"] == "refine"] == [0, 1]

@@ -207,7 +207,8 @@ def main(args: argparse.Namespace) -> int:
 
 def report_gold_standard(result) -> int:
     """Print the run's resolution verdict (its last lines) and return the exit status: 0, or
-    :data:`~cryoace.evaluate.gold_standard.UNRESOLVED_EXIT_CODE` when the refinement resolved nothing."""
+    :data:`~cryoace.evaluate.gold_standard.UNRESOLVED_EXIT_CODE` when the half maps (of the refinement,
+    or of ``--halves``) resolved nothing."""
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 
     gold = result.gold_standard
@@ -218,9 +219,5 @@ def report_gold_standard(result) -> int:
         for line in gold.summary():
             print(line)
         return 0 if gold.resolved else UNRESOLVED_EXIT_CODE
-    if result.resolution_angst is not None:  # --halves
-        print(f"half-map FSC 0.143 resolution {result.resolution_angst:.2f} Å; wrote {result.run_dir}/"
-              "volume_half1.mrc, volume_half2.mrc, fsc.png, resolution.png, metrics.json and half1/, half2/")
-    else:
-        print("no resolution is reported: no independent half maps (the networks alone saw every particle)")
+    print("no resolution is reported: no independent half maps (the networks alone saw every particle)")
     return 0

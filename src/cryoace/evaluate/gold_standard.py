@@ -124,8 +124,9 @@ class GoldStandard:
                      f"; pose confidence {self.check.observed:.2f} vs {self.check.expected:.2f} for the map's "
                      "own projections"))
         if self.resolved:
-            return [f"gold-standard resolution {_text(masked)} ({curves}; independent half sets from a start "
-                    f"low-passed to {_text_px(self.start_resolution_px, self.pixel_size)})"]
+            return [f"gold-standard resolution {_text(masked)} ({curves}; independent half sets, claimed only "
+                    f"beyond {_text_px(self.start_resolution_px, self.pixel_size)}, what they could share without "
+                    "the data)"]
         return [f"NOT RESOLVED: no resolution is claimed: {'; '.join(self.reasons)}",
                 f"({curves} — not a resolution: the poses or the map are not determined by the data)"]
 
@@ -201,8 +202,8 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
     if check is not None and not check.passed:
         reasons.append(f"the particles align to the map less sharply than its own projections with the "
                        f"particles' noise do (mean pose confidence {check.observed:.2f} vs {check.expected:.2f}, "
-                       f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them — both halves "
-                       "reproduce a wrong map (a wrong start, or another molecule)")
+                       f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them: the poses were not "
+                       "found (a wrong or unconverged start, too few rounds, another molecule)")
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)

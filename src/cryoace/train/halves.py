@@ -24,7 +24,11 @@ N evaluations (:func:`evaluations_without_gain`). Caveat: early in training the 
 structure that is not in the data (untrained decoders put a peak of either sign at the box centre, the
 same in every shell), so the first FSCs can be optimistic; evaluate after a real stretch of training.
 At the end RUN_DIR holds volume_half1.mrc, volume_half2.mrc (half 2 in half 1's frame), volume.mrc
-(their average) and volume.png, and poses.star: each particle's pose predicted by the model of its
+(their average) and volume.png, the gold standard of the two half maps as a refinement writes it
+(volume_mask.mrc, gold_standard.json, fsc.png, a ``gold_standard`` record:
+:func:`cryoace.train.rundir.write_gold_standard`; the resolution is claimed only when the halves
+agree clearly beyond ``refine.start_resolution_px``, else the run says NOT RESOLVED and exits 4),
+and poses.star: each particle's pose predicted by the model of its
 own half, half 2's carried into half 1's frame (:func:`pose_in_reference_frame`), with
 ``rlnRandomSubset`` saying which half it was in.
 
@@ -50,7 +54,7 @@ import torch
 from ..errors import CryoaceInputError
 from ..types import Pose
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
-from .rundir import RunResult, check_run_dir, open_training_dataset, write_run_report
+from .rundir import RunResult, check_run_dir, open_training_dataset, write_gold_standard, write_run_report
 
 if TYPE_CHECKING:
     from ..evaluate.map_align import HalfMapFSC
@@ -341,11 +345,19 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     for trainer in trainers:
         trainer.finalize()  # halfK/volume.mrc, volume.png, loss.png
     voxel_size = first.pixel_size
-    paths = {"half1": run_dir / "volume_half1.mrc", "half2": run_dir / "volume_half2.mrc",
-             "volume": run_dir / "volume.mrc"}
+    # the verdict as the refinement's: no resolution claimed unless the halves agree clearly beyond the
+    # floor below which independently initialised networks can agree without the data
+    gold = write_gold_standard(run_dir, last.half1, last.half2_aligned, voxel_size, config.refine.start_resolution_px,
+                               title=f"gold-standard FSC of the half maps at step {halves.step}")
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
+        fh.write(json.dumps({"kind": "gold_standard", "step": halves.step, "elapsed_s": halves.elapsed_s,
+                             **record}, allow_nan=False) + "\n")
+    for line in gold.summary():
+        log(line)
+    paths = {"volume": run_dir / "volume.mrc"}
     average = 0.5 * (last.half1 + last.half2_aligned)
-    for key, volume in (("half1", last.half1), ("half2", last.half2_aligned), ("volume", average)):
-        write_mrc(paths[key], volume.numpy(), voxel_size)
+    write_mrc(paths["volume"], average.numpy(), voxel_size)
     plot_volume(average, run_dir / "volume.png", voxel_size,
                 title=f"cryoace average of the aligned half maps after {halves.step} steps each "
                       f"({first.image_size}³, {voxel_size:.4g} Å/voxel)")
@@ -381,8 +393,8 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]
     finals = [f for f in finals if f is not None]
-    res = last.result.resolution
     return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
                      steps=halves.step, epochs=halves.step / first.steps_per_epoch, train_time_s=halves.elapsed_s,
                      wall_time_s=time.monotonic() - wall0, final_loss=float(np.mean(finals)) if finals else None,
-                     voxel_size=voxel_size, image_size=first.image_size, resolution_angst=float(res.angstrom))
+                     voxel_size=voxel_size, image_size=first.image_size, gold_standard=gold,
+                     resolution_angst=float(gold.resolution().angstrom) if gold.resolved else None)

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..evaluate.gold_standard import MIN_GAIN_OVER_START, GoldStandard, assess
+from ..evaluate.gold_standard import MIN_GAIN_OVER_START, GoldStandard
 from ..io.atomic import atomic_path
 from ..io.mrc import read_volume, write_mrc
 from ..reconstruct.ab_initio import AbInitioIteration, AbInitioSettings, ab_initio, mean_search_error
@@ -54,6 +54,7 @@ from ..reconstruct.backproject import split_half_sets
 from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, refine
 from ..types import Pose
 from .monitor import PoseMonitor
+from .rundir import write_gold_standard
 
 __all__ = ["refine_run", "RefineOutcome", "DECODER_MAP"]
 
@@ -173,29 +174,8 @@ def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], float],
                          log: Callable[[str], None]) -> GoldStandard:
     """Write the half maps, their mask, gold_standard.json and fsc.png; record and log the verdict."""
-    import json
-
-    from ..evaluate.gold_standard import mask_from_half_maps
-    from ..evaluate.plots import plot_fsc
-
-    run_dir, pixel_size = trainer.run_dir, trainer.pixel_size
-    halves = result.half_volumes.float()
-    for h, name in enumerate(("volume_half1.mrc", "volume_half2.mrc")):
-        write_mrc(run_dir / name, halves[h].numpy(), pixel_size)
-    try:
-        mask = mask_from_half_maps(halves[0], halves[1], pixel_size)
-        write_mrc(run_dir / "volume_mask.mrc", mask.numpy(), pixel_size)
-    except ValueError:  # nothing above the threshold in the average: FSC without a mask
-        mask = torch.ones_like(halves[0])
-    gold = assess(halves[0], halves[1], result.start_resolution_px, pixel_size, result.confidence, mask=mask,
-                  check=result.check)
-    with atomic_path(run_dir / "gold_standard.json") as tmp:
-        tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
-    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
-    if gold.fsc.randomized is not None:
-        curves.update({"masked": gold.fsc.masked, "phase-randomized": gold.fsc.randomized})
-    plot_fsc(curves, run_dir / "fsc.png", title="gold-standard FSC of the half maps"
-             + ("" if gold.resolved else " (NOT RESOLVED)"))
+    gold = write_gold_standard(trainer.run_dir, result.half_volumes[0], result.half_volumes[1], trainer.pixel_size,
+                               result.start_resolution_px, result.confidence, result.check)
     record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
     trainer.write_record({"kind": "gold_standard", "step": trainer.step, "elapsed_s": clock(), **record})
     for line in gold.summary():

@@ -1,5 +1,6 @@
 """What a single-model run and a ``--halves`` run share: the run directory's checks, the training
-dataset (after the contrast check), the closing report, and the :class:`RunResult` both return.
+dataset (after the contrast check), the gold-standard outputs of two half maps, the closing report,
+and the :class:`RunResult` both return.
 
 Its own module so that :mod:`cryoace.train.run` (which dispatches ``--halves`` runs) and
 :mod:`cryoace.train.halves` both import it without importing each other.
@@ -14,7 +15,7 @@ from pathlib import Path
 from ..errors import CryoaceInputError
 from .config import TrainConfig
 
-__all__ = ["RunResult", "check_run_dir", "open_training_dataset", "write_run_report"]
+__all__ = ["RunResult", "check_run_dir", "open_training_dataset", "write_run_report", "write_gold_standard"]
 
 
 @dataclasses.dataclass
@@ -110,3 +111,36 @@ def write_run_report(run_dir: Path, log: Callable[[str], None]) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure (a plotting bug, a full disk) is only logged
         log(f"warning: could not write the run report ({type(exc).__name__}: {exc}); "
             f"retry with 'cryoace report {run_dir}'")
+
+
+def write_gold_standard(run_dir: Path, half1, half2, pixel_size: float, start_resolution_px: float,
+                        confidence=None, check=None, title: str = "gold-standard FSC of the half maps"):
+    """Judge two independent half maps (L³, one frame) and write what anyone needs to check it:
+    ``volume_half1.mrc``, ``volume_half2.mrc``, ``volume_mask.mrc`` (their soft mask), ``gold_standard.json``
+    and ``fsc.png`` (:func:`cryoace.evaluate.gold_standard.assess`; ``confidence`` and ``check`` as
+    there). Returns the :class:`~cryoace.evaluate.gold_standard.GoldStandard`."""
+    import json
+
+    import torch
+
+    from ..evaluate.gold_standard import assess, mask_from_half_maps
+    from ..evaluate.plots import plot_fsc
+    from ..io.atomic import atomic_path
+    from ..io.mrc import write_mrc
+
+    halves = [torch.as_tensor(h).float().cpu() for h in (half1, half2)]
+    for half, name in zip(halves, ("volume_half1.mrc", "volume_half2.mrc"), strict=True):
+        write_mrc(run_dir / name, half.numpy(), pixel_size)
+    try:
+        mask = mask_from_half_maps(halves[0], halves[1], pixel_size)
+        write_mrc(run_dir / "volume_mask.mrc", mask.numpy(), pixel_size)
+    except ValueError:  # nothing above the threshold in the average: FSC without a mask
+        mask = torch.ones_like(halves[0])
+    gold = assess(halves[0], halves[1], start_resolution_px, pixel_size, confidence, mask=mask, check=check)
+    with atomic_path(run_dir / "gold_standard.json") as tmp:
+        tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
+    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
+    if gold.fsc.randomized is not None:
+        curves.update({"masked": gold.fsc.masked, "phase-randomized": gold.fsc.randomized})
+    plot_fsc(curves, run_dir / "fsc.png", title=title + ("" if gold.resolved else " (NOT RESOLVED)"))
+    return gold
