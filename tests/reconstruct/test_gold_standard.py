@@ -219,3 +219,26 @@ def test_predictive_check_round_trip_and_verdict(aspire):
     passing = assess(*halves, start_resolution_px=12.0, pixel_size=3.0,
                      check=PredictiveCheck(observed=0.8, expected=0.82, particles=512))
     assert passing.resolved and "0.80 vs 0.82" in passing.summary()[0]
+
+
+def test_predictive_check_passes_the_true_map_and_calls_a_blob_featureless(aspire):
+    """The true map explains its noise-free particles (from another simulator) as well as its own
+    projections at the particles' shifts; the map's rotational average — a blob whose half maps would
+    agree at every shell — does not single out any pose, not even for its own projections."""
+    from cryoace.physics.fourier import radial_distance
+    from cryoace.reconstruct.refine import check_half_maps
+
+    dataset, _, spike = aspire
+    settings = RefineSettings(global_step_deg=15)
+    truth = check_half_maps(dataset, torch.stack([spike, spike]), settings,
+                            shift_angst=dataset.table.pose.shift_angst.float())
+    assert truth.passed and not truth.featureless and truth.ratio > 0.85 and truth.particles == 100
+    radius = radial_distance(64, 3, dtype=torch.float64).round().long().reshape(-1)
+    ones = torch.ones(radius.shape, dtype=torch.float64)
+    count = torch.zeros(int(radius.max()) + 1, dtype=torch.float64).index_add_(0, radius, ones)
+    profile = torch.zeros_like(count).index_add_(0, radius, spike.double().reshape(-1)) / count
+    blob = profile[radius].reshape(64, 64, 64).float()
+    featureless = check_half_maps(dataset, torch.stack([blob, blob]), settings)
+    assert featureless.featureless and not featureless.passed
+    gold = assess(blob, blob, start_resolution_px=12.0, pixel_size=3.0, check=featureless)
+    assert not gold.resolved and "featureless" in gold.reasons[0]

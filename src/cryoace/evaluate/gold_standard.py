@@ -20,10 +20,13 @@ can check it from the files:
   box score as low as noise in a 64-px box), so on its own it does not decide anything;
 * a **posterior-predictive check** (:class:`PredictiveCheck`): the resolution is also withheld when the
   particles align to the final map clearly less sharply (mean pose confidence below
-  ``MIN_CONFIDENCE_RATIO`` = 0.9 of it) than the map's own projections do with the particles' CTFs,
-  shifts and noise. Half maps that agree only prove reproducibility: from a wrong start both halves
+  ``MIN_CONFIDENCE_RATIO`` = 0.9 of it, by more than twice the standard error) than the map's own
+  projections do with the particles' CTFs, shifts and noise. Half maps that agree only prove reproducibility: from a wrong start both halves
   can reproduce the same wrong map; this check catches that, since both sides of the comparison
-  share the box, band and grid (:mod:`cryoace.reconstruct.predictive_check`).
+  share the box, band and grid (:mod:`cryoace.reconstruct.predictive_check`). It is also withheld when
+  the map is featureless: when even its own projections do not single out their pose (mean
+  confidence below ``MIN_EXPECTED_OVER_CHANCE`` = 3 × the chance level, 1 / candidates) — a blob
+  whose half maps agree on the particles' rotational average at every shell.
 
 The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
 and read back by the run report.
@@ -32,6 +35,7 @@ and read back by the run report.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -40,12 +44,14 @@ import torch
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, MaskedFSC, masked_fsc
 
 __all__ = ["GoldStandard", "PredictiveCheck", "assess", "MIN_GAIN_OVER_START", "MIN_CONFIDENCE_RATIO",
-           "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
+           "MIN_EXPECTED_OVER_CHANCE", "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
 
 #: the half maps must agree this much further in frequency than the start's low-pass
 MIN_GAIN_OVER_START = 1.25
 #: the particles' mean pose confidence must reach this fraction of what the map's own projections get
 MIN_CONFIDENCE_RATIO = 0.9
+#: the map's own projections must single out their pose this many times more often than chance
+MIN_EXPECTED_OVER_CHANCE = 3.0
 #: exit status of a command whose run finished but resolved nothing (documented in the CLI help)
 UNRESOLVED_EXIT_CODE = 4
 
@@ -59,28 +65,53 @@ class PredictiveCheck:
     expected  : the same for the map's projections at random rotations with the particles' CTFs,
                 shifts and noise spectrum.
     particles : how many particles were sampled (as many synthetic ones).
+    chance    : the confidence of candidates scattered at random (1 / candidates).
+    observed_se, expected_se : the standard errors of the two means.
+
+    The check fails when the observed confidence falls below ``MIN_CONFIDENCE_RATIO`` × the expected
+    one by more than twice the standard error of that difference (a few hundred particles measure
+    the ratio to ±0.02; with fewer, only a clear shortfall counts), or when the map is featureless.
     """
 
     observed: float
     expected: float
     particles: int
+    chance: float = 0.1
+    observed_se: float = 0.0
+    expected_se: float = 0.0
 
     @property
     def ratio(self) -> float:
         return self.observed / max(self.expected, 1e-12)
 
     @property
+    def featureless(self) -> bool:
+        """Whether even the map's own projections do not single out their pose (expected confidence
+        below ``MIN_EXPECTED_OVER_CHANCE`` × the chance level): a blob, whose half maps can agree
+        at every shell (the particles' rotational average) without any pose being known."""
+        return self.expected < MIN_EXPECTED_OVER_CHANCE * self.chance
+
+    @property
+    def shortfall(self) -> bool:
+        """Whether the particles align clearly less sharply than the map's own projections."""
+        margin = 2 * math.hypot(self.observed_se, MIN_CONFIDENCE_RATIO * self.expected_se)
+        return self.observed + margin < MIN_CONFIDENCE_RATIO * self.expected
+
+    @property
     def passed(self) -> bool:
-        return self.ratio >= MIN_CONFIDENCE_RATIO
+        return not self.shortfall and not self.featureless
 
     def to_dict(self) -> dict[str, Any]:
         return {"observed": self.observed, "expected": self.expected, "particles": self.particles,
-                "ratio": self.ratio, "min_ratio": MIN_CONFIDENCE_RATIO, "passed": self.passed}
+                "chance": self.chance, "observed_se": self.observed_se, "expected_se": self.expected_se,
+                "ratio": self.ratio, "min_ratio": MIN_CONFIDENCE_RATIO,
+                "featureless": self.featureless, "passed": self.passed}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PredictiveCheck:
         return cls(observed=float(data["observed"]), expected=float(data["expected"]),
-                   particles=int(data["particles"]))
+                   particles=int(data["particles"]), chance=float(data.get("chance", 0.1)),
+                   observed_se=float(data.get("observed_se", 0.0)), expected_se=float(data.get("expected_se", 0.0)))
 
 
 @dataclasses.dataclass
@@ -199,7 +230,12 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
         reasons.append(f"the half maps agree (FSC 0.143 at {_text_px(best_px, pixel_size)}) no further than "
                        f"the common start map's low-pass ({_text_px(start_resolution_px, pixel_size)}), so nothing "
                        "beyond what both halves were given was resolved")
-    if check is not None and not check.passed:
+    if check is not None and check.featureless:
+        reasons.append(f"the map is featureless at the particles' noise level: even its own projections do not "
+                       f"single out their pose (mean pose confidence {check.expected:.2f}, chance "
+                       f"{check.chance:.2f}), so half maps that agree show the particles' rotational average, "
+                       "not a structure")
+    elif check is not None and check.shortfall:
         reasons.append(f"the particles align to the map less sharply than its own projections with the "
                        f"particles' noise do (mean pose confidence {check.observed:.2f} vs {check.expected:.2f}, "
                        f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them: the poses were not "

@@ -77,17 +77,20 @@ def particle_radius_px(half1: torch.Tensor, half2: torch.Tensor) -> float:
 
 
 def predictive_check(dataset, rows: np.ndarray, halves: tuple[np.ndarray, np.ndarray],
-                     references: list[FourierVolume], pose: Pose, band, rotations: torch.Tensor,
-                     shifts_px: torch.Tensor, candidates: int, radius_deg: float, particle_radius: float,
-                     use_ctf: bool = True, sample: int = 256, batch_size: int = 128, seed: int = 0,
-                     device: torch.device | str = "cpu") -> PredictiveCheck:
+                     references: list[FourierVolume], band, rotations: torch.Tensor, shifts_px: torch.Tensor,
+                     candidates: int, radius_deg: float, particle_radius: float,
+                     shift_angst: torch.Tensor | None = None, use_ctf: bool = True, sample: int = 256,
+                     batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu") -> PredictiveCheck:
     """The observed and expected mean pose confidence (module docstring) of up to ``sample``
     particles of each half set.
 
     rows       : the dataset rows refined; ``halves`` their two half sets as positions in ``rows``.
-    references : each half's search reference; ``pose`` the found poses (per position, shift in Å).
-    band, rotations, shifts_px, candidates, radius_deg : the global search and pose confidence of the
-                 refinement's last round (:func:`~cryoace.reconstruct.pose_search.global_search`).
+    references : each half's map (a search reference in the images' units).
+    band, rotations, shifts_px, candidates, radius_deg : the global search and pose confidence
+                 (:func:`~cryoace.reconstruct.pose_search.global_search`).
+    shift_angst : the particles' shifts (per position in ``rows``, Å), given to their synthetic
+                 counterparts so that both sides meet the shift grid alike (default: the shift the
+                 search found, on its grid, which flatters the synthetic side a little).
     particle_radius : the particle's radius (px, :func:`particle_radius_px`): the noise spectrum is
                  measured in the images beyond it and the largest shift (at most 0.45·L, so that a
                  third of the pixels remain; a particle that fills the box leaves signal in the noise
@@ -97,6 +100,12 @@ def predictive_check(dataset, rows: np.ndarray, halves: tuple[np.ndarray, np.nda
     size = int(dataset.image_size)
     generator = torch.Generator().manual_seed(int(seed))
     observed, expected = [], []
+
+    def confidence(reference, data, pixel_size, ctf):
+        found = global_search(reference, data, pixel_size, band, rotations, ctf, shifts_px=shifts_px,
+                              top_k=max(2, candidates), distinct_rotations=True)
+        return pose_confidence(found, radius_deg).cpu(), found.pose.shift_angst[:, 0]
+
     for positions, reference in zip(halves, references, strict=True):
         positions = np.asarray(positions)
         if len(positions) > sample:
@@ -109,19 +118,21 @@ def predictive_check(dataset, rows: np.ndarray, halves: tuple[np.ndarray, np.nda
             images = batch.images.to(device)
             pixel_size = batch.pixel_size.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
-            found = Pose(pose.rotmat[where].to(device), pose.shift_angst[where].to(device))
-            batches.append((images, pixel_size, ctf, found))
-        largest_shift = float(max((b[3].shift_angst / b[1][:, None]).norm(dim=-1).max() for b in batches))
+            scores, found_shift = confidence(reference, images, pixel_size, ctf)
+            observed.append(scores)
+            batches.append((images, pixel_size, ctf,
+                            found_shift if shift_angst is None else shift_angst[where].to(device, found_shift.dtype)))
+        largest_shift = float(max((b[3] / b[1][:, None]).norm(dim=-1).max() for b in batches))
         outside_px = min(particle_radius + largest_shift + 2.0, 0.45 * size)
         noise = noise_power_spectrum(torch.cat([b[0] for b in batches]), outside_px)
-        for images, pixel_size, ctf, found in batches:
-            random_pose = Pose(random_rotmat(len(images), generator=generator).to(device), found.shift_angst)
+        for images, pixel_size, ctf, shift in batches:
+            random_pose = Pose(random_rotmat(len(images), generator=generator).to(device), shift)
             synthetic = render_images(reference, random_pose, pixel_size, size, ctf)
             synthetic = (synthetic + _coloured_noise(tuple(images.shape), noise, generator, device)).to(images.dtype)
-            for data, scores in ((images, observed), (synthetic, expected)):
-                found_here = global_search(reference, data, pixel_size, band, rotations, ctf, shifts_px=shifts_px,
-                                           top_k=max(2, candidates), distinct_rotations=True)
-                scores.append(pose_confidence(found_here, radius_deg).cpu())
+            expected.append(confidence(reference, synthetic, pixel_size, ctf)[0])
     observed_all, expected_all = torch.cat(observed), torch.cat(expected)
+    n = observed_all.numel()
     return PredictiveCheck(observed=float(observed_all.mean()), expected=float(expected_all.mean()),
-                           particles=int(observed_all.numel()))
+                           particles=int(n), chance=1.0 / max(2, candidates),
+                           observed_se=float(observed_all.std() / n ** 0.5) if n > 1 else 0.0,
+                           expected_se=float(expected_all.std() / n ** 0.5) if n > 1 else 0.0)

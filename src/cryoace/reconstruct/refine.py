@@ -63,7 +63,8 @@ from .pose_search import (
 )
 from .predictive_check import particle_radius_px, predictive_check
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "fsc_weighted", "lowpass",
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "check_half_maps",
+           "fsc_weighted", "lowpass",
            "scale_shells", "alternate_half_sets"]
 
 
@@ -327,17 +328,42 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     check = None
     if pose is not None and settings.check_particles > 0:
         last = history[-1].round if history else first - 1  # (a resumed, finished run: its last round)
-        check = predictive_check(
-            dataset, rows, halves, references, pose,
-            search_band(size, _round_shells(settings, size, last)[0], device=device), rotations, global_shifts,
-            settings.confidence_candidates, confidence_radius_deg, particle_radius_px(half_maps[0], half_maps[1]),
-            use_ctf=use_ctf, sample=settings.check_particles, batch_size=settings.batch_size, seed=settings.seed,
-            device=device)
+        check = check_half_maps(dataset, half_maps, settings, rows, halves, references, last, pose.shift_angst,
+                                use_ctf, device)
     return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
                         half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
                         start_resolution_px=float(settings.start_resolution_px),
                         half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
                         fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check)
+
+
+def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings | None = None,
+                    rows: np.ndarray | None = None, halves: tuple[np.ndarray, np.ndarray] | None = None,
+                    references: list | None = None, round_index: int | None = None,
+                    shift_angst: torch.Tensor | None = None, use_ctf: bool = True,
+                    device: torch.device | str = "cpu") -> PredictiveCheck:
+    """The posterior-predictive check (:mod:`cryoace.reconstruct.predictive_check`) of two half maps
+    (2, L, L, L; real, the images' units) against their half sets, with the global search of
+    ``settings`` at round ``round_index`` (default: its final band) and the particle radius of the
+    half maps. ``rows``, ``halves``: as :func:`refine`'s; ``references``: the half maps as search
+    references if already built (default: from ``half_maps``); ``shift_angst``: the particles' shifts
+    (per position in ``rows``, Å) if known."""
+    settings = settings or RefineSettings()
+    size = int(dataset.image_size)
+    rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+    halves = alternate_half_sets(len(rows)) if halves is None else halves
+    if references is None:
+        references = [VoxelFourierVolume.from_real(m.to(device=device, dtype=torch.float32), pad_factor=2)
+                      for m in half_maps]
+    round_index = settings.rounds if round_index is None else round_index
+    return predictive_check(
+        dataset, rows, halves, references,
+        search_band(size, _round_shells(settings, size, round_index)[0], device=device),
+        so3_grid(settings.global_step_deg, device=device),
+        shift_grid(settings.shift_range_px, settings.shift_step_px, device=device),
+        settings.confidence_candidates, 2 * settings.global_step_deg, particle_radius_px(half_maps[0], half_maps[1]),
+        shift_angst=shift_angst, use_ctf=bool(use_ctf and dataset.has_ctf), sample=settings.check_particles,
+        batch_size=settings.batch_size, seed=settings.seed, device=device)
 
 
 def _round_shells(settings: RefineSettings, size: int, r: int) -> tuple[int, int]:

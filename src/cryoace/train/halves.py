@@ -27,7 +27,9 @@ At the end RUN_DIR holds volume_half1.mrc, volume_half2.mrc (half 2 in half 1's 
 (their average) and volume.png, the gold standard of the two half maps as a refinement writes it
 (volume_mask.mrc, gold_standard.json, fsc.png, a ``gold_standard`` record:
 :func:`cryoace.train.rundir.write_gold_standard`; the resolution is claimed only when the halves
-agree clearly beyond ``refine.start_resolution_px``, else the run says NOT RESOLVED and exits 4),
+agree clearly beyond ``refine.start_resolution_px`` and each half's particles align to its map as
+sharply as the map's own projections do (the posterior-predictive check of
+:func:`cryoace.reconstruct.refine.check_half_maps`), else the run says NOT RESOLVED and exits 4),
 and poses.star: each particle's pose predicted by the model of its
 own half, half 2's carried into half 1's frame (:func:`pose_in_reference_frame`), with
 ``rlnRandomSubset`` saying which half it was in.
@@ -278,6 +280,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     """
     from ..io.mrc import write_mrc
     from ..io.particles import read_particles
+    from ..reconstruct.refine import RefineSettings, check_half_maps
     from ..runtime import resolve_device
     from . import distributed
     from .export import plot_volume
@@ -345,16 +348,6 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     for trainer in trainers:
         trainer.finalize()  # halfK/volume.mrc, volume.png, loss.png
     voxel_size = first.pixel_size
-    # the verdict as the refinement's: no resolution claimed unless the halves agree clearly beyond the
-    # floor below which independently initialised networks can agree without the data
-    gold = write_gold_standard(run_dir, last.half1, last.half2_aligned, voxel_size, config.refine.start_resolution_px,
-                               title=f"gold-standard FSC of the half maps at step {halves.step}")
-    with open(run_dir / "metrics.jsonl", "a") as fh:
-        record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
-        fh.write(json.dumps({"kind": "gold_standard", "step": halves.step, "elapsed_s": halves.elapsed_s,
-                             **record}, allow_nan=False) + "\n")
-    for line in gold.summary():
-        log(line)
     paths = {"volume": run_dir / "volume.mrc"}
     average = 0.5 * (last.half1 + last.half2_aligned)
     write_mrc(paths["volume"], average.numpy(), voxel_size)
@@ -373,6 +366,8 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
                                  use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size, device=device,
                                  radius_cyc_px=trainer.band_shells() / trainer.image_size) for trainer in trainers]
 
+    predicted_shift = torch.zeros(len(table), 2)
+
     def poses(chunk: np.ndarray) -> Pose:
         """The poses of table rows ``chunk``, each from the model of its half (half 2's in half 1's frame)."""
         rotmat = torch.empty(len(chunk), 3, 3, dtype=torch.float64)
@@ -385,10 +380,26 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
                     pose = pose_in_reference_frame(pose, last.result.alignment)
                 index = torch.from_numpy(where)
                 rotmat[index], shift[index] = pose.rotmat, pose.shift_angst
+        predicted_shift[torch.from_numpy(np.asarray(chunk))] = shift.float()  # for the check below
         return Pose(rotmat=rotmat, shift_angst=shift)
 
     poses_path = run_dir / "poses.star"
     write_poses_star(poses_path, table, poses, columns={"rlnRandomSubset": subset}, progress=progress)
+    # the verdict as the refinement's: no resolution claimed unless the halves agree clearly beyond the
+    # floor below which independently initialised networks can agree without the data, and each half's
+    # particles align to its map as sharply as the map's own projections (at the predicted shifts) do
+    check_settings = RefineSettings(global_step_deg=config.refine.global_step_deg, batch_size=config.refine.batch_size,
+                                    seed=config.seed)
+    check = check_half_maps(dataset, torch.stack([last.half1, last.half2_aligned]), check_settings, halves=rows,
+                            shift_angst=predicted_shift, use_ctf=first.use_ctf, device=device)
+    gold = write_gold_standard(run_dir, last.half1, last.half2_aligned, voxel_size, config.refine.start_resolution_px,
+                               check=check, title=f"gold-standard FSC of the half maps at step {halves.step}")
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
+        fh.write(json.dumps({"kind": "gold_standard", "step": halves.step, "elapsed_s": halves.elapsed_s,
+                             **record}, allow_nan=False) + "\n")
+    for line in gold.summary():
+        log(line)
     write_run_report(run_dir, log)
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]
