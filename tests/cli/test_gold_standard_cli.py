@@ -49,6 +49,9 @@ def test_noise_gets_no_resolution(noise_run, capsys):
     assert record["resolved"] is False
     report = (run / "report.html").read_text()
     assert "NOT RESOLVED" in report and "volume_half1.mrc" in report
+    check = gold["predictive_check"]  # measured on 2 × 250 particles, shown in the report
+    assert check["particles"] == 500 and 0 <= check["observed"] <= 1 and 0 <= check["expected"] <= 1
+    assert "predictive check" in report and f"{check['observed']:.2f} vs {check['expected']:.2f}" in report
 
 
 def test_the_half_maps_give_the_printed_fsc(noise_run, capsys):
