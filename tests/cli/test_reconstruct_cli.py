@@ -17,7 +17,7 @@ from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import open_mrc
 from cryoace.io.particles import read_particles
-from cryoace.train.config import load_config
+from cryoace.train.config import load_config, preset_config
 from cryoace.train.trainer import load_checkpoint_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -239,11 +239,17 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
     assert [r["round"] for r in read_metrics(run / "metrics.jsonl", kind="refine")] == [0, 1]  # same step, both kept
-    # the ab initio stage ran (4 iterations, each recorded) and the start map was chosen by search error
-    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl", kind="ab_initio")] == [0, 1, 2, 3]
+    # the ab initio stage ran (each start's 4 iterations recorded) and the start map was chosen by search
+    # error: the best ab initio start, then ab initio or the decoder's map
+    starts = preset_config("tiny").refine.ab_initio_starts
+    assert [(r["start"], r["iteration"]) for r in read_metrics(run / "metrics.jsonl", kind="ab_initio")] == [
+        (k, i) for k in range(starts) for i in range(4)]
     (seed,) = [r for r in records if r["kind"] == "refine_seed"]
     errors = {k: seed[f"search_error_{k}"] for k in ("decoder", "ab_initio")}
     assert all(np.isfinite(v) and v > 0 for v in errors.values()) and seed["chosen"] == min(errors, key=errors.get)
+    assert len(seed["search_error_ab_initio_starts"]) == starts > 1
+    assert seed["search_error_ab_initio"] == min(seed["search_error_ab_initio_starts"])
+    assert seed["ab_initio_start"] == int(np.argmin(seed["search_error_ab_initio_starts"]))
     assert rounds[0]["elapsed_s"] > seed["elapsed_s"]  # the rounds' clock includes the ab initio stage
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
     assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0
@@ -281,7 +287,9 @@ def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
     assert cli(["reconstruct", str(particles), "-o", str(cut), "--resume", "--refine-rounds", "2",
                 "--quiet"]) in FINISHED
     records = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if r["kind"] == "ab_initio"] == [0, 1, 2]
+    starts = preset_config("tiny").refine.ab_initio_starts
+    assert [(r["start"], r["iteration"]) for r in records if r["kind"] == "ab_initio"] == [
+        (k, i) for k in range(starts) for i in range(3)]
     assert [r["round"] for r in records if r["kind"] == "refine"] == [0, 1]
     refine_times = [r["elapsed_s"] for r in records if r["kind"] == "refine"]
     assert refine_times[1] > refine_times[0]  # the stage's clock went on from the saved state

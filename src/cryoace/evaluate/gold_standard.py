@@ -21,12 +21,13 @@ can check it from the files:
 * a **posterior-predictive check** (:class:`PredictiveCheck`): the resolution is also withheld when the
   particles align to the final map clearly less sharply (mean pose confidence below
   ``MIN_CONFIDENCE_RATIO`` = 0.9 of it, by more than twice the standard error) than the map's own
-  projections do with the particles' CTFs, shifts and noise. Half maps that agree only prove reproducibility: from a wrong start both halves
-  can reproduce the same wrong map; this check catches that, since both sides of the comparison
-  share the box, band and grid (:mod:`cryoace.reconstruct.predictive_check`). It is also withheld when
-  the map is featureless: when even its own projections do not single out their pose (mean
-  confidence below ``MIN_EXPECTED_OVER_CHANCE`` = 3 × the chance level, 1 / candidates) — a blob
-  whose half maps agree on the particles' rotational average at every shell.
+  projections do with the particles' CTFs, shifts and noise. Half maps that agree only prove
+  reproducibility: from a wrong start both halves can reproduce the same wrong map; this check
+  catches that, since both sides of the comparison share the box, band and grid
+  (:mod:`cryoace.reconstruct.predictive_check`). It is also withheld when the map is featureless:
+  when even its own projections do not single out their pose (mean confidence below
+  ``MIN_EXPECTED_OVER_CHANCE`` = 3 × the chance level, 1 / candidates) — a blob whose half maps
+  agree on the particles' rotational average at every shell.
 
 The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
 and read back by the run report.

@@ -222,8 +222,10 @@ class RefineConfig:
     ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``.
 
     With ``ab_initio``, a low-resolution map is first built from a featureless blob by
-    ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`); the refinement
-    starts from whichever of it and the decoder's map explains the images better (lower search error).
+    ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`), ``ab_initio_starts``
+    times with other random particle batches (at low SNR some starts fall into a wrong map); the
+    refinement starts from whichever of these and the decoder's map explains the images best (lowest
+    search error).
 
     Gold standard: the two half sets are refined apart, each against its own half map, from the seed
     map low-passed to ``start_resolution_px`` (px per cycle); their FSC claims a resolution only
@@ -239,6 +241,9 @@ class RefineConfig:
                              "the decoder's map, whichever explains the images better")
     ab_initio_iterations: int = option(30, flag="--ab-initio-iterations", group="refine", metavar="N",
                                        on_resume="free", help="stochastic EM iterations of --ab-initio")
+    ab_initio_starts: int = option(3, flag="--ab-initio-starts", group="refine", metavar="K", on_resume="free",
+                                   help="independent ab initio runs (other random particle batches); the one "
+                                   "whose map explains the images best (lowest search error) is kept")
     rounds: int = option(10, flag="--refine-rounds", group="refine", metavar="N", on_resume="free",
                          help="refinement rounds")
     max_time_s: float | None = option(None, flag="--refine-max-time", group="refine", metavar="T", type=str,
@@ -400,6 +405,7 @@ class TrainConfig:
         positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
+        positive("--ab-initio-starts", self.refine.ab_initio_starts)
         positive("refine batch size", self.refine.batch_size)
         if not self.refine.start_resolution_px >= 2.0:
             raise CryoaceInputError(f"--refine-start-resolution must be at least 2 px (Nyquist), got "

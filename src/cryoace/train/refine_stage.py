@@ -185,31 +185,45 @@ def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], floa
 
 def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable[[], float],
                     log: Callable[[str], None], progress: bool) -> torch.Tensor:
-    """The ab initio map or the decoder's, whichever has the lower search error (see the module doc);
-    ``clock()`` is the run's wall time for the records."""
+    """The best of ``refine.ab_initio_starts`` independent ab initio maps or the decoder's map,
+    whichever has the lowest search error (see the module doc); ``clock()`` is the run's wall time
+    for the records."""
     cfg = trainer.config.refine
-    settings = AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed)
+    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
+              for k in range(cfg.ab_initio_starts)]
+    first = starts[0]
+    log(f"ab initio: {cfg.ab_initio_starts} independent start(s) of {first.iterations} iterations of stochastic EM "
+        f"over poses from a blob (band {first.start_shells}→{first.end_shells} shells, SO(3) grid "
+        f"{first.step_deg:g}°); the one that explains the images best is kept")
 
-    def on_iteration(record: AbInitioIteration, volume) -> None:
-        trainer.write_record({"kind": "ab_initio", "step": trainer.step, "iteration": record.iteration,
-                              "elapsed_s": clock(), **{k: v for k, v in dataclasses.asdict(record).items()
-                                                       if k not in ("iteration", "elapsed_s")}})
+    def search_error(volume: torch.Tensor) -> float:
+        return mean_search_error(dataset, volume, first.end_shells, step_deg=first.step_deg, use_ctf=trainer.use_ctf,
+                                 device=trainer.device, seed=trainer.config.seed)
 
-    log(f"ab initio: {settings.iterations} iterations of stochastic EM over poses from a blob "
-        f"(band {settings.start_shells}→{settings.end_shells} shells, SO(3) grid {settings.step_deg:g}°)")
-    built = ab_initio(dataset, None, settings, use_ctf=trainer.use_ctf, device=trainer.device,
-                      progress=progress, on_iteration=on_iteration)
-    write_mrc(trainer.run_dir / "volume_abinitio.mrc", built.volume.float().numpy(), trainer.pixel_size)
-    errors = {name: mean_search_error(dataset, volume, settings.end_shells, step_deg=settings.step_deg,
-                                      use_ctf=trainer.use_ctf, device=trainer.device, seed=trainer.config.seed)
-              for name, volume in (("decoder", decoder_map), ("ab_initio", built.volume))}
-    chosen = min(errors, key=errors.get)
-    trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(),
-                          "chosen": chosen, **{f"search_error_{k}": v for k, v in errors.items()}})
+    maps, errors = [], []
+    for k, settings in enumerate(starts):
+        def on_iteration(record: AbInitioIteration, volume, k=k) -> None:
+            trainer.write_record({"kind": "ab_initio", "step": trainer.step, "start": k,
+                                  "iteration": record.iteration, "elapsed_s": clock(),
+                                  **{key: v for key, v in dataclasses.asdict(record).items()
+                                     if key not in ("iteration", "elapsed_s")}})
+
+        built = ab_initio(dataset, None, settings, use_ctf=trainer.use_ctf, device=trainer.device,
+                          progress=progress, on_iteration=on_iteration)
+        maps.append(built.volume)
+        errors.append(search_error(built.volume))
+        log(f"ab initio start {k + 1}/{len(starts)}: mean search error {errors[-1]:.5g}")
+    best = int(np.argmin(errors))
+    write_mrc(trainer.run_dir / "volume_abinitio.mrc", maps[best].float().numpy(), trainer.pixel_size)
+    decoder_error = search_error(decoder_map)
+    chosen = "ab_initio" if errors[best] <= decoder_error else "decoder"
+    trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(), "chosen": chosen,
+                          "search_error_decoder": decoder_error, "search_error_ab_initio": errors[best],
+                          "ab_initio_start": best, "search_error_ab_initio_starts": errors})
     log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
-        f"error {errors['ab_initio']:.5g} ab initio vs {errors['decoder']:.5g} decoder, "
-        f"band {settings.end_shells} shells)")
-    return built.volume if chosen == "ab_initio" else decoder_map
+        f"error {errors[best]:.5g} ab initio start {best + 1} vs {decoder_error:.5g} decoder, "
+        f"band {first.end_shells} shells)")
+    return maps[best] if chosen == "ab_initio" else decoder_map
 
 
 def _load_state(path, step: int, n: int, log: Callable[[str], None]) -> tuple[RefineState | None, float]:
