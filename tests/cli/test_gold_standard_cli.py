@@ -52,6 +52,7 @@ def test_noise_gets_no_resolution(noise_run, capsys):
     check = gold["predictive_check"]  # measured on 2 × 250 particles, shown in the report
     assert check["particles"] == 500 and 0 <= check["observed"] <= 1 and 0 <= check["expected"] <= 1
     assert "predictive check" in report and f"{check['observed']:.2f} vs {check['expected']:.2f}" in report
+    assert "histogram of the pose confidences" in report  # each particle's, from poses.star
 
 
 def test_the_half_maps_give_the_printed_fsc(noise_run, capsys):

@@ -328,7 +328,7 @@ def _resolution(halves: list[dict]) -> str:
 
 def _coverage(run_dir: Path) -> str:
     from ..io.particles import read_particles
-    from .plots import plot_viewing_directions
+    from .plots import plot_pose_confidence, plot_viewing_directions
 
     path = run_dir / "poses.star"
     if not path.is_file():
@@ -341,7 +341,13 @@ def _coverage(run_dir: Path) -> str:
     rows = np.unique(np.linspace(0, n - 1, min(n, COVERAGE_SAMPLE)).astype(np.int64))
     rotmat = table.pose_rows(rows).rotmat
     sampled = f", {len(rows):,} evenly spaced particles of {n:,}" if len(rows) < n else ""
-    return _png(lambda f: plot_viewing_directions(rotmat, f), f"viewing directions (Mollweide projection{sampled})")
+    body = _png(lambda f: plot_viewing_directions(rotmat, f), f"viewing directions (Mollweide projection{sampled})")
+    confidence = table.extra_column("cryoacePoseConfidence")
+    if confidence is not None:  # written by the refinement: which particles' poses are determined
+        body += ("<p>Pose confidence per particle (<code>cryoacePoseConfidence</code> in poses.star): "
+                 "low values mark particles whose best matches are scattered over SO(3).</p>"
+                 + _png(lambda f: plot_pose_confidence(confidence, f), "histogram of the pose confidences"))
+    return body
 
 
 def _map(run_dir: Path) -> str:
