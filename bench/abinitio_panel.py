@@ -92,7 +92,10 @@ def molecule_map(name: str, work: Path, ribosome_map: Path | None, ribosome_pixe
     if name == "ribosome":
         if ribosome_map is None:
             return None
-        data = np.asarray(read_volume(ribosome_map).data, dtype=np.float32)
+        import mrcfile
+
+        with mrcfile.open(ribosome_map, permissive=True) as mrc:  # e.g. ASPIRE's 65³ (odd: read_volume refuses)
+            data = np.asarray(mrc.data, dtype=np.float32)
         if data.shape[0] != 64:  # e.g. ASPIRE's 65³: crop the centred 64³
             lo = (data.shape[0] - 64) // 2
             data = data[lo:lo + 64, lo:lo + 64, lo:lo + 64]
@@ -132,12 +135,18 @@ def true_pose_bound(star: Path) -> float:
     return float(fsc(accumulator.volume(1e-2), reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
 
 
-def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetric: bool = False) -> dict:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetric: bool = False,
+             reuse: bool = False) -> dict:
     load0, wall0 = os.getloadavg(), time.monotonic()
-    status = cli(["reconstruct", str(star), "-o", str(run_dir), "--quiet", "--device", "cpu", *extra])
-    wall = time.monotonic() - wall0
+    if reuse and (run_dir / "poses.star").is_file() and (run_dir / "volume.mrc").is_file():
+        status = None  # a finished run of an earlier call: scored again, its wall time from its records
+        wall = max(float(json.loads(line).get("elapsed_s", 0.0))
+                   for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        status = cli(["reconstruct", str(star), "-o", str(run_dir), "--quiet", "--device", "cpu", *extra])
+        wall = time.monotonic() - wall0
     truth = read_particles(star)
     poses = evaluate_poses(read_particles(run_dir / "poses.star"), truth)
     errors = poses.errors
@@ -173,8 +182,11 @@ def main() -> int:
     parser.add_argument("--ribosome-pixel-size", type=float, default=5.0)
     parser.add_argument("--work", type=Path, default=Path("bench_work/abinitio_panel"))
     parser.add_argument("--name", default="abinitio_panel", help="results file name (bench/results/NAME_cpu.json)")
+    parser.add_argument("--reconstruct-args", default="", help="more reconstruct options, e.g. '--ab-initio-starts 1'")
+    parser.add_argument("--reuse", action="store_true", help="score finished runs in --work again instead of rerunning")
     args = parser.parse_args()
     extra = [] if args.max_time is None else ["--max-time", args.max_time]
+    extra += args.reconstruct_args.split()
     extra += [] if args.refine_rounds is None else ["--refine-rounds", str(args.refine_rounds)]
     cases, skipped = [], []
     for molecule in args.molecules.split(","):
@@ -186,7 +198,7 @@ def main() -> int:
                     skipped.append(f"{molecule}: no map given")
                     break
                 result = run_case(star, args.work / f"run_{molecule}_snr{snr}_s{seed}", snr, extra,
-                                  symmetric=molecule in PSEUDO_SYMMETRIC)
+                                  symmetric=molecule in PSEUDO_SYMMETRIC, reuse=args.reuse)
                 cases.append({"molecule": molecule, "snr": snr, "seed": seed,
                               "pseudo_symmetry": PSEUDO_SYMMETRIC.get(molecule), **result})
                 print(f"{molecule:9s} SNR {snr:5s} seed {seed}: FSC-0.5 {result['fsc05_px']:.2f} px (bound "
@@ -196,22 +208,28 @@ def main() -> int:
                       f"{'resolved' if result['resolved'] else 'NOT RESOLVED'} (exit {result['exit_status']}), "
                       f"{result['wall_time_s'] / 60:.1f} min -> {'success' if result['success'] else 'FAIL'}",
                       flush=True)
+                save(args, extra, cases, skipped)  # after every case: a later failure loses nothing
             else:
                 continue
             break
-    rates = {}
-    for case in cases:
-        key = f"{case['molecule']} SNR {case['snr']}"
-        rates.setdefault(key, []).append(case["success"])
-    summary = {key: {"success_rate": float(np.mean(v)), "seeds": len(v)} for key, v in rates.items()}
+    path, summary = save(args, extra, cases, skipped)
     for key, value in summary.items():
         print(f"{key}: success {value['success_rate']:.0%} over {value['seeds']} seed(s)")
-    path = write_result(args.name, resolve_device("cpu"),
-                        {"n": args.n, "max_time": args.max_time, "refine_rounds": args.refine_rounds,
-                         "bound_factor": BOUND_FACTOR, "max_median_error_deg": MAX_MEDIAN_ERROR_DEG,
-                         "cases": cases, "summary": summary, "skipped": skipped})
     print(f"wrote {path}")
     return 0
+
+
+def save(args, extra: list[str], cases: list[dict], skipped: list[str]) -> tuple[Path, dict]:
+    """Write the results so far (with the success rate per molecule and SNR)."""
+    rates: dict[str, list[bool]] = {}
+    for case in cases:
+        rates.setdefault(f"{case['molecule']} SNR {case['snr']}", []).append(case["success"])
+    summary = {key: {"success_rate": float(np.mean(v)), "seeds": len(v)} for key, v in rates.items()}
+    path = write_result(args.name, resolve_device("cpu"),
+                        {"n": args.n, "reconstruct_options": extra, "bound_factor": BOUND_FACTOR,
+                         "max_median_error_deg": MAX_MEDIAN_ERROR_DEG, "cases": cases, "summary": summary,
+                         "skipped": skipped})
+    return path, summary
 
 
 if __name__ == "__main__":
