@@ -121,6 +121,7 @@ def test_bad_input_is_one_line_exit_2(particles, tmp_path, capsys):
     _one_line_error(capsys, [*base, "--preset", "huge"], "unknown preset 'huge'")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--max-time", "soon"], "duration")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--batch-size", "0"], "--batch-size")
+    _one_line_error(capsys, [*base, "--preset", "tiny", "--ab-initio-starts", "0"], "--ab-initio-starts")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--resume"], "nothing to resume")
     # a star file that references no images
     blocks = starfile.read(particles, always_dict=True)

@@ -53,6 +53,7 @@ FLAGS = [
     ("--refine-start-resolution", ["15"], "refine.start_resolution_px", 15.0),
     ("--no-ab-initio", [], "refine.ab_initio", False),
     ("--ab-initio-iterations", ["4"], "refine.ab_initio_iterations", 4),
+    ("--ab-initio-starts", ["2"], "refine.ab_initio_starts", 2),
     ("--halves", [], "halves", True),
     ("--downsample", ["16"], "data.downsample", 16),
     ("--datadir", ["stacks/"], "data.datadir", "stacks"),
