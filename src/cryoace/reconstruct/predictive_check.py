@@ -13,10 +13,10 @@ then does the same for synthetic particles made from the reference: its projecti
 random rotations, with the sampled particles' CTFs and shifts, plus Gaussian noise with the
 particles' noise power spectrum (measured in the images around the particle, where there is no
 signal, so that signal the map fails to explain is not mistaken for noise) — the *expected*
-confidence. Both sides go through the same band,
-grid and candidates, so their ratio is near 1 for a map that explains its particles whatever the box,
-band, grid or SNR, and falls when it does not (measured on the −10 dB demo: 0.98 from the right
-start, 0.80 from the spike's map; ``bench/honest_resolution.py``).
+confidence. Both sides go through the same band, grid and candidates, so their ratio is near 1 for a
+map that explains its particles whatever the box, band, grid or SNR, and falls when it does not
+(``bench/honest_resolution.py``, −10 dB demo: 0.98 for the default run, 0.77 refined from the
+spike's map).
 """
 
 from __future__ import annotations

@@ -348,9 +348,9 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     for trainer in trainers:
         trainer.finalize()  # halfK/volume.mrc, volume.png, loss.png
     voxel_size = first.pixel_size
-    paths = {"volume": run_dir / "volume.mrc"}
+    volume_path = run_dir / "volume.mrc"
     average = 0.5 * (last.half1 + last.half2_aligned)
-    write_mrc(paths["volume"], average.numpy(), voxel_size)
+    write_mrc(volume_path, average.numpy(), voxel_size)
     plot_volume(average, run_dir / "volume.png", voxel_size,
                 title=f"cryoace average of the aligned half maps after {halves.step} steps each "
                       f"({first.image_size}³, {voxel_size:.4g} Å/voxel)")
@@ -404,7 +404,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
 
     finals = [next((r["loss"] for r in reversed(t.history) if r["kind"] == "train"), None) for t in trainers]
     finals = [f for f in finals if f is not None]
-    return RunResult(run_dir=run_dir, volume=paths["volume"], poses=poses_path, config=run_dir / "config.yaml",
+    return RunResult(run_dir=run_dir, volume=volume_path, poses=poses_path, config=run_dir / "config.yaml",
                      steps=halves.step, epochs=halves.step / first.steps_per_epoch, train_time_s=halves.elapsed_s,
                      wall_time_s=time.monotonic() - wall0, final_loss=float(np.mean(finals)) if finals else None,
                      voxel_size=voxel_size, image_size=first.image_size, gold_standard=gold,
