@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
+from runs import truth_fsc05_px  # noqa: E402
 
 from cryoace.cli.main import main as cli  # noqa: E402
 from cryoace.evaluate.fsc import fsc  # noqa: E402
-from cryoace.evaluate.map_align import align_maps  # noqa: E402
 from cryoace.evaluate.plots import read_metrics  # noqa: E402
 from cryoace.evaluate.truth import evaluate_poses  # noqa: E402
 from cryoace.io.mrc import read_volume  # noqa: E402
@@ -119,12 +119,6 @@ def dataset(name: str, snr: str, seed: int, n: int, work: Path, **kwargs) -> Pat
     return directory / "particles.star"
 
 
-def fsc05_px(volume: np.ndarray | torch.Tensor, truth: Path) -> float:
-    reference = read_volume(truth)
-    aligned = align_maps(volume, reference.data, reference.voxel_size, reference.voxel_size).aligned
-    return float(fsc(aligned, reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
-
-
 def true_pose_bound(star: Path) -> float:
     """FSC-0.5 (px) against the truth of the backprojection of every particle at its true pose."""
     particles = ParticleDataset(read_particles(star), normalize=True)
@@ -153,7 +147,7 @@ def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetric: b
     # poses.star keeps the particle file's rows and order
     angles = torch.rad2deg(geodesic_angle(poses.alignment.aligned, truth.pose.rotmat.to(torch.float64)))
     bound = true_pose_bound(star)
-    found = fsc05_px(read_volume(run_dir / "volume.mrc").data, star.parent / "volume.mrc")
+    found = truth_fsc05_px(run_dir / "volume.mrc", star.parent / "volume.mrc")
     seed_records = read_metrics(run_dir / "metrics.jsonl", kind="refine_seed")
     gold = json.loads((run_dir / "gold_standard.json").read_text()) if (run_dir / "gold_standard.json").is_file() \
         else None

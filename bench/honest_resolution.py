@@ -34,11 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
-from runs import demo_dataset  # noqa: E402
+from runs import demo_dataset, truth_fsc05_px  # noqa: E402
 
 from cryoace.cli.main import main as cli  # noqa: E402
-from cryoace.evaluate.fsc import fsc  # noqa: E402
-from cryoace.evaluate.map_align import align_maps  # noqa: E402
 from cryoace.evaluate.plots import read_metrics  # noqa: E402
 from cryoace.io.mrc import open_mrc, read_volume, write_mrc  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402
@@ -59,13 +57,6 @@ def noise_dataset(signal_star: Path, directory: Path, seed: int = 0) -> Path:
                   float(np.asarray(table.pixel_size).ravel()[0]))
     shutil.copy(signal_star, star)  # last: a star file here means the dataset is complete
     return star
-
-
-def truth_fsc05_px(volume: Path, truth: Path) -> float:
-    """FSC-0.5 (px) of a map against the truth after aligning it (rotation, hand, translation)."""
-    moving, reference = read_volume(volume), read_volume(truth)
-    aligned = align_maps(moving.data, reference.data, moving.voxel_size, reference.voxel_size)
-    return float(fsc(aligned.aligned, reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
 
 
 def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: str, rounds: int) -> dict:
@@ -122,8 +113,7 @@ def run_wrong_start(star: Path, truth: Path, rounds: int) -> dict:
     pixel_size = float(dataset.pixel_size)
     gold = assess(result.half_volumes[0], result.half_volumes[1], result.start_resolution_px, pixel_size,
                   result.confidence, check=result.check)
-    aligned = align_maps(result.volume.numpy(), reference.data, pixel_size, reference.voxel_size).aligned
-    truth_px = float(fsc(aligned, reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
+    truth_px = truth_fsc05_px(result.volume.numpy(), truth, pixel_size)
     out = {"wall_time_s": time.monotonic() - wall0, "load_average_start": load0, "load_average_end": os.getloadavg(),
            "resolved": gold.resolved, "reasons": gold.reasons, "reported_masked_px": gold.resolution().px,
            "reported_unmasked_px": gold.resolution(masked=False).px, "truth_fsc05_px": truth_px,

@@ -36,6 +36,21 @@ def demo_dataset(directory: Path, noise_free: bool, n: int | None = None, seed: 
     return star
 
 
+def truth_fsc05_px(volume, truth: Path, voxel_size: float | None = None) -> float:
+    """FSC-0.5 (px) against the true map ``truth`` of a map — a file, or an array of ``voxel_size``
+    (default the truth's) — after aligning it (rotation, hand, translation)."""
+    from cryoace.evaluate.fsc import fsc
+    from cryoace.evaluate.map_align import align_maps
+
+    reference = read_volume(truth)
+    if isinstance(volume, (str, Path)):
+        moving = read_volume(volume)
+        volume, voxel_size = moving.data, moving.voxel_size
+    voxel_size = reference.voxel_size if voxel_size is None else voxel_size
+    aligned = align_maps(volume, reference.data, voxel_size, reference.voxel_size).aligned
+    return float(fsc(aligned, reference.data, voxel_size=reference.voxel_size).resolution(0.5).px)
+
+
 def resolution_px(result) -> float:
     """FSC-0.5 resolution in px of a map comparison (2.0 = Nyquist, also when it never crosses)."""
     return float(result.fsc.resolution(0.5).px)
