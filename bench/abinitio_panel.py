@@ -15,9 +15,11 @@ For each case: the **bound** (FSC-0.5 against the truth of a backprojection with
 the default ``cryoace reconstruct`` (no budget flags unless ``--max-time`` / ``--refine-rounds``
 are given) — its FSC-0.5 against the truth after alignment, the pose errors after global alignment
 (median, mean squared Frobenius, fraction beyond 20°), the wall time, which map seeded the
-refinement (``refine_seed``: the decoder's or the ab initio's), and the run's own verdict (gold
-standard, posterior-predictive check). A case **succeeds** when its FSC-0.5 is within 1.1× of the
-bound (1.3× at SNR 0.05, 1.05× noise-free) and the median pose error is ≤ 6° (the spike is nearly
+refinement (``refine_seed``: the decoder's or the ab initio's), the run's own verdict (gold
+standard, posterior-predictive check, the half sets' ab initio agreement) and whether it is
+**honest** (no resolution claimed, or one at most 1.3× better than the FSC-0.5 against the truth).
+A case **succeeds** when its FSC-0.5 is within 1.1× of the bound (1.3× at SNR 0.05, 1.05×
+noise-free) and the median pose error is ≤ 6° (the spike is nearly
 C3-symmetric: its pose errors, not taken modulo the symmetry, are recorded but not judged). Writes
 bench/results/abinitio_panel_<device>.json (with the CPU load seen) and prints a table.
 
@@ -60,6 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: FSC-0.5 within this factor of the true-pose bound counts as found, by SNR
 BOUND_FACTOR = {"0.1": 1.1, "0.05": 1.3, "inf": 1.05}
 MAX_MEDIAN_ERROR_DEG = 6.0
+#: a claimed (gold-standard) resolution counts as honest when no more than this factor better than the truth's
+HONEST_FACTOR = 1.3
 #: molecules whose map is (nearly) symmetric: a pose and its symmetry mates give the same image, so the
 #: pose errors (not taken modulo the symmetry here) do not count towards success, the FSC does
 PSEUDO_SYMMETRIC = {"spike": "C3 (one RBD up)"}
@@ -158,7 +162,10 @@ def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetric: b
            "refine_seed": seed_records[-1]["chosen"] if seed_records else None,
            "resolved": None if gold is None else gold["resolved"],
            "reported_px": None if gold is None else gold["resolution_px"],
-           "predictive_check": None if gold is None else gold.get("predictive_check")}
+           "predictive_check": None if gold is None else gold.get("predictive_check"),
+           "start_agreement_px": None if gold is None else gold.get("start_agreement_px")}
+    # issue 19: a claimed resolution must agree with the map's FSC-0.5 against the truth within 1.3×
+    out["honest"] = bool(not out["resolved"] or out["reported_px"] * HONEST_FACTOR >= found)
     out["success"] = bool(out["ratio_to_bound"] <= BOUND_FACTOR[snr]
                           and (symmetric or out["median_error_deg"] <= MAX_MEDIAN_ERROR_DEG))
     return out
@@ -199,7 +206,8 @@ def main() -> int:
                       f"{result['bound_fsc05_px']:.2f}, ×{result['ratio_to_bound']:.2f}), median error "
                       f"{result['median_error_deg']:.1f}°, {100 * result['fraction_beyond_20deg']:.0f} % beyond 20°, "
                       f"seed map {result['refine_seed']}, verdict "
-                      f"{'resolved' if result['resolved'] else 'NOT RESOLVED'} (exit {result['exit_status']}), "
+                      f"{'resolved' if result['resolved'] else 'NOT RESOLVED'} (exit {result['exit_status']}"
+                      f"{'' if result['honest'] else ', A LIE'}), "
                       f"{result['wall_time_s'] / 60:.1f} min -> {'success' if result['success'] else 'FAIL'}",
                       flush=True)
                 save(args, extra, cases, skipped)  # after every case: a later failure loses nothing
@@ -208,17 +216,19 @@ def main() -> int:
             break
     path, summary = save(args, extra, cases, skipped)
     for key, value in summary.items():
-        print(f"{key}: success {value['success_rate']:.0%} over {value['seeds']} seed(s)")
+        print(f"{key}: success {value['success_rate']:.0%}, honest verdicts {value['honest_rate']:.0%} over "
+              f"{value['seeds']} seed(s)")
     print(f"wrote {path}")
     return 0
 
 
 def save(args, extra: list[str], cases: list[dict], skipped: list[str]) -> tuple[Path, dict]:
     """Write the results so far (with the success rate per molecule and SNR)."""
-    rates: dict[str, list[bool]] = {}
+    rates: dict[str, list[tuple[bool, bool]]] = {}
     for case in cases:
-        rates.setdefault(f"{case['molecule']} SNR {case['snr']}", []).append(case["success"])
-    summary = {key: {"success_rate": float(np.mean(v)), "seeds": len(v)} for key, v in rates.items()}
+        rates.setdefault(f"{case['molecule']} SNR {case['snr']}", []).append((case["success"], case["honest"]))
+    summary = {key: {"success_rate": float(np.mean([s for s, _ in v])),
+                     "honest_rate": float(np.mean([h for _, h in v])), "seeds": len(v)} for key, v in rates.items()}
     path = write_result(args.name, resolve_device("cpu"),
                         {"n": args.n, "reconstruct_options": extra, "bound_factor": BOUND_FACTOR,
                          "max_median_error_deg": MAX_MEDIAN_ERROR_DEG, "cases": cases, "summary": summary,

@@ -25,6 +25,30 @@ def simulate_adk(out, n: int = 64, size: int = 32, noise_free: bool = True, seed
     return simulate_dataset(volume, 3.0, out, cfg, progress=False)
 
 
+class NoiseReplaced:
+    """``dataset`` with the images at ``rows`` replaced by Gaussian noise of standard deviation ``std``,
+    the same for a row at every access (seeded by it); every other field (CTF, pose, …) kept."""
+
+    def __init__(self, dataset, rows, std: float):
+        self.dataset, self.rows, self.std = dataset, {int(r) for r in rows}, float(std)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        batch = self.dataset[index]
+        keys = [int(k) for k in np.atleast_1d(np.asarray(index))]
+        noise = torch.stack([torch.randn(batch.images.shape[1:], generator=torch.Generator().manual_seed(1000 + k))
+                             for k in keys]).to(batch.images.dtype) * self.std
+        replace = torch.tensor([k in self.rows for k in keys])
+        return dataclasses.replace(batch, images=torch.where(replace[:, None, None], noise, batch.images))
+
+
 def tiny_config(**changes):
     """The tiny preset on the CPU with batch 8 and no intermediate maps, with ``changes`` applied."""
     from cryoace.train.config import preset_config

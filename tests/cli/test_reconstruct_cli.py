@@ -240,17 +240,24 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     rounds = [r for r in records if r["kind"] == "refine"]
     assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["local_shells"] > rounds[0]["local_shells"]
     assert [r["round"] for r in read_metrics(run / "metrics.jsonl", kind="refine")] == [0, 1]  # same step, both kept
-    # the ab initio stage ran (each start's 4 iterations recorded) and the start map was chosen by search
-    # error: the best ab initio start, then ab initio or the decoder's map
+    # the ab initio stage ran on each half set apart (each start's 4 iterations recorded), each half's
+    # map with the lowest search error was kept, and the start map was chosen by search error: their
+    # average or the decoder's map
     starts = preset_config("tiny").refine.ab_initio_starts
-    assert [(r["start"], r["iteration"]) for r in read_metrics(run / "metrics.jsonl", kind="ab_initio")] == [
-        (k, i) for k in range(starts) for i in range(4)]
+    assert [(r["half"], r["start"], r["iteration"]) for r in read_metrics(run / "metrics.jsonl", kind="ab_initio")] == [
+        (h, k, i) for h in (1, 2) for k in range(starts) for i in range(4)]
     (seed,) = [r for r in records if r["kind"] == "refine_seed"]
     errors = {k: seed[f"search_error_{k}"] for k in ("decoder", "ab_initio")}
     assert all(np.isfinite(v) and v > 0 for v in errors.values()) and seed["chosen"] == min(errors, key=errors.get)
-    assert len(seed["search_error_ab_initio_starts"]) == starts > 1
-    assert seed["search_error_ab_initio"] == min(seed["search_error_ab_initio_starts"])
-    assert seed["ab_initio_start"] == int(np.argmin(seed["search_error_ab_initio_starts"]))
+    assert [len(e) for e in seed["search_error_ab_initio_starts"]] == [starts, starts] and starts > 1
+    assert seed["ab_initio_starts"] == [int(np.argmin(e)) for e in seed["search_error_ab_initio_starts"]]
+    assert 2.0 <= seed["start_agreement_px"] <= 32 and seed["start_agreement_limit_px"] > 0
+    for name in ("volume_abinitio_half1.mrc", "volume_abinitio_half2.mrc"):
+        assert (run / name).is_file()
+    gold = json.loads((run / "gold_standard.json").read_text())
+    if seed["chosen"] == "ab_initio":  # the start's agreement is judged with the half maps
+        assert gold["start_agreement_px"] == pytest.approx(seed["start_agreement_px"])
+        assert gold["start_agreement_limit_px"] == pytest.approx(seed["start_agreement_limit_px"])
     assert rounds[0]["elapsed_s"] > seed["elapsed_s"]  # the rounds' clock includes the ab initio stage
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
     assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0
@@ -289,8 +296,8 @@ def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
                 "--quiet"]) in FINISHED
     records = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
     starts = preset_config("tiny").refine.ab_initio_starts
-    assert [(r["start"], r["iteration"]) for r in records if r["kind"] == "ab_initio"] == [
-        (k, i) for k in range(starts) for i in range(3)]
+    assert [(r["half"], r["start"], r["iteration"]) for r in records if r["kind"] == "ab_initio"] == [
+        (h, k, i) for h in (1, 2) for k in range(starts) for i in range(3)]
     assert [r["round"] for r in records if r["kind"] == "refine"] == [0, 1]
     refine_times = [r["elapsed_s"] for r in records if r["kind"] == "refine"]
     assert refine_times[1] > refine_times[0]  # the stage's clock went on from the saved state
@@ -299,3 +306,7 @@ def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
     resumed, uninterrupted = read_particles(cut / "poses.star"), read_particles(full / "poses.star")
     assert torch.allclose(resumed.pose.rotmat, uninterrupted.pose.rotmat, atol=1e-5)
     assert torch.allclose(resumed.pose.shift_angst, uninterrupted.pose.shift_angst, atol=1e-4)
+    # the half sets' ab initio agreement, measured before the interruption, is still judged after it
+    golds = [json.loads((d / "gold_standard.json").read_text()) for d in (cut, full)]
+    assert golds[0]["start_agreement_px"] == golds[1]["start_agreement_px"]
+    assert golds[0]["resolved"] == golds[1]["resolved"]

@@ -22,28 +22,9 @@ from cryoace.reconstruct.pose_search import global_search, pose_confidence, sear
 from cryoace.reconstruct.refine import RefineSettings, alternate_half_sets, lowpass, refine
 from cryoace.types import map_tensors
 
+from helpers import NoiseReplaced
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Replaced:
-    """A dataset whose images at ``rows`` are replaced by seeded Gaussian noise (every other field kept)."""
-
-    def __init__(self, dataset, rows, std: float):
-        self.dataset, self.rows, self.std = dataset, set(int(r) for r in rows), std
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index):
-        batch = self.dataset[index]
-        for i, row in enumerate(np.atleast_1d(np.asarray(index))):
-            if int(row) in self.rows:
-                generator = torch.Generator().manual_seed(1000 + int(row))
-                batch.images[i] = self.std * torch.randn(batch.images.shape[1:], generator=generator)
-        return batch
 
 
 def _shell_power(volume: torch.Tensor) -> torch.Tensor:
@@ -73,12 +54,20 @@ def test_half_sets_never_see_each_other(aspire, monkeypatch):
     settings = RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0,), start_resolution_px=8.0)
     half1, half2 = alternate_half_sets(len(dataset))
     original = refine(dataset, spike, settings, progress=False)
-    changed = refine(_Replaced(dataset, half2, std=float(spike.std())), spike, settings, progress=False)
+    changed = refine(NoiseReplaced(dataset, half2, std=float(spike.std())), spike, settings, progress=False)
     assert torch.equal(original.pose.rotmat[half1], changed.pose.rotmat[half1])
     assert torch.equal(original.pose.shift_angst[half1], changed.pose.shift_angst[half1])
     assert torch.equal(original.half_volumes[0], changed.half_volumes[0])
     assert not torch.equal(original.half_volumes[1], changed.half_volumes[1])
     assert np.array_equal(original.half_rows[0], half1) and np.array_equal(original.half_rows[1], half2)
+    # a start per half (what two half sets' disagreeing ab initio maps get): half 1 still sees only its own
+    other = torch.flip(spike, dims=(0,))
+    apart = refine(dataset, torch.stack([spike, other]), settings, progress=False)
+    assert torch.equal(original.pose.rotmat[half1], apart.pose.rotmat[half1])
+    assert torch.equal(original.half_volumes[0], apart.half_volumes[0])
+    assert not torch.equal(original.half_volumes[1], apart.half_volumes[1])
+    with pytest.raises(ValueError, match="one per half"):
+        refine(dataset, torch.stack([spike, spike, spike]), settings, progress=False)
 
 
 def test_pose_confidence_separates_resolved_images_from_noise(aspire):
@@ -135,7 +124,7 @@ def test_refinement_on_noise_claims_nothing(aspire):
     Each half aligns noise to its own reference and so reproduces the common start, but the halves
     agree no further than its low-pass: no resolution is claimed."""
     dataset, _, spike = aspire
-    noise = _Replaced(dataset, np.arange(len(dataset)), std=float(spike.std()))
+    noise = NoiseReplaced(dataset, np.arange(len(dataset)), std=float(spike.std()))
     settings = RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0,))
     result = refine(noise, spike, settings, progress=False)
     gold = assess(result.half_volumes[0], result.half_volumes[1], result.start_resolution_px, 3.0,
@@ -219,6 +208,22 @@ def test_predictive_check_round_trip_and_verdict(aspire):
     passing = assess(*halves, start_resolution_px=12.0, pixel_size=3.0,
                      check=PredictiveCheck(observed=0.8, expected=0.82, particles=512))
     assert passing.resolved and "0.80 vs 0.82" in passing.summary()[0]
+
+
+def test_a_start_the_half_sets_did_not_both_find_gets_no_resolution(aspire):
+    """Half maps that agree far beyond their start get no resolution when the half sets' own ab initio
+    maps did not agree as far as needed; the agreement is saved, shown and read back."""
+    _, _, spike = aspire
+    halves = _noisy_half_maps(spike, None, 0.5, 0)
+    confirmed = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=(6.0, 8.3))
+    assert confirmed.resolved and confirmed.start_confirmed
+    assert "ab initio maps agree to 18.00 Å (6.00 px)" in confirmed.summary()[0]
+    refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=(9.5, 8.3))
+    assert not refused.resolved and refused.start_confirmed is False
+    assert "did not find the same structure" in refused.reasons[0] and "NOT RESOLVED" in refused.summary()[0]
+    back = GoldStandard.from_dict(refused.to_dict())
+    assert (back.start_agreement_px, back.start_agreement_limit_px, back.resolved) == (9.5, 8.3, False)
+    assert assess(*halves, start_resolution_px=12.0, pixel_size=3.0).start_confirmed is None
 
 
 def test_predictive_check_passes_the_true_map_and_calls_a_blob_featureless(aspire):

@@ -27,7 +27,14 @@ can check it from the files:
   (:mod:`cryoace.reconstruct.predictive_check`). It is also withheld when the map is featureless:
   when even its own projections do not single out their pose (mean confidence below
   ``MIN_EXPECTED_OVER_CHANCE`` = 3 × the chance level, 1 / candidates) — a blob whose half maps
-  agree on the particles' rotational average at every shell.
+  agree on the particles' rotational average at every shell;
+* the **start's agreement**: where the common start came from ab initio runs of the two half sets
+  apart (:func:`cryoace.reconstruct.ab_initio.ab_initio_half_sets`), the resolution to which those two
+  independent maps agree (FSC 0.5 after aligning them). The resolution is withheld when it is worse
+  than ``MAX_START_DISAGREEMENT`` = 1.3 × the ab initio's own band limit: the two halves never found
+  the same structure, so the start, which both halves then reproduce, is not confirmed by the data —
+  the case that half maps refined from one start cannot reveal (a partly wrong start map gave
+  half maps that claimed 3.3 px for a map 10 px from the truth, with the predictive check at 0.92).
 
 The result is saved as ``gold_standard.json`` in the run directory (:meth:`GoldStandard.to_dict`)
 and read back by the run report.
@@ -45,7 +52,7 @@ import torch
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, MaskedFSC, masked_fsc
 
 __all__ = ["GoldStandard", "PredictiveCheck", "assess", "MIN_GAIN_OVER_START", "MIN_CONFIDENCE_RATIO",
-           "MIN_EXPECTED_OVER_CHANCE", "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
+           "MIN_EXPECTED_OVER_CHANCE", "MAX_START_DISAGREEMENT", "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
 
 #: the half maps must agree this much further in frequency than the start's low-pass
 MIN_GAIN_OVER_START = 1.25
@@ -53,6 +60,8 @@ MIN_GAIN_OVER_START = 1.25
 MIN_CONFIDENCE_RATIO = 0.9
 #: the map's own projections must single out their pose this many times more often than chance
 MIN_EXPECTED_OVER_CHANCE = 3.0
+#: the half sets' independent ab initio maps must agree (FSC 0.5) within this factor of their band limit
+MAX_START_DISAGREEMENT = 1.3
 #: exit status of a command whose run finished but resolved nothing (documented in the CLI help)
 UNRESOLVED_EXIT_CODE = 4
 
@@ -125,6 +134,9 @@ class GoldStandard:
     confidence_median   : the particles' median pose confidence (None if not measured).
     reasons             : why the resolution is withheld (empty when it is not).
     check               : the posterior-predictive check of the poses (None if not made).
+    start_agreement_px  : how far the half sets' independent ab initio maps agree (FSC 0.5, px; None
+                          when the start was not built from the half sets apart).
+    start_agreement_limit_px : how far they had to agree (px).
     """
 
     fsc: MaskedFSC
@@ -132,10 +144,19 @@ class GoldStandard:
     confidence_median: float | None
     reasons: list[str]
     check: PredictiveCheck | None = None
+    start_agreement_px: float | None = None
+    start_agreement_limit_px: float | None = None
 
     @property
     def resolved(self) -> bool:
         return not self.reasons
+
+    @property
+    def start_confirmed(self) -> bool | None:
+        """Whether the half sets' independent ab initio maps agree as far as needed (None: not built so)."""
+        if self.start_agreement_px is None or self.start_agreement_limit_px is None:
+            return None
+        return self.start_agreement_px <= self.start_agreement_limit_px
 
     @property
     def pixel_size(self) -> float | None:
@@ -154,7 +175,10 @@ class GoldStandard:
                                           f"; median pose confidence {self.confidence_median:.2f}")
                   + ("" if self.check is None else
                      f"; pose confidence {self.check.observed:.2f} vs {self.check.expected:.2f} for the map's "
-                     "own projections"))
+                     "own projections")
+                  + ("" if self.start_agreement_px is None else
+                     f"; the half sets' own ab initio maps agree to "
+                     f"{_text_px(self.start_agreement_px, self.pixel_size)}"))
         if self.resolved:
             return [f"gold-standard resolution {_text(masked)} ({curves}; independent half sets, claimed only "
                     f"beyond {_text_px(self.start_resolution_px, self.pixel_size)}, what they could share without "
@@ -170,6 +194,8 @@ class GoldStandard:
                 "unmasked_resolution_px": unmasked.px, "unmasked_resolution_angst": unmasked.angstrom,
                 "start_resolution_px": self.start_resolution_px, "confidence_median": self.confidence_median,
                 "predictive_check": None if self.check is None else self.check.to_dict(),
+                "start_agreement_px": self.start_agreement_px,
+                "start_agreement_limit_px": self.start_agreement_limit_px,
                 "fsc": self.fsc.to_dict(thresholds)}
 
     @classmethod
@@ -188,7 +214,13 @@ class GoldStandard:
                    confidence_median=None if confidence is None else float(confidence),
                    reasons=[str(r) for r in data.get("reasons", [])],
                    check=None if data.get("predictive_check") is None else
-                   PredictiveCheck.from_dict(data["predictive_check"]))
+                   PredictiveCheck.from_dict(data["predictive_check"]),
+                   start_agreement_px=_optional_float(data.get("start_agreement_px")),
+                   start_agreement_limit_px=_optional_float(data.get("start_agreement_limit_px")))
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def _text_px(px: float, pixel_size: float | None) -> str:
@@ -213,11 +245,14 @@ def mask_from_half_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: fl
 
 def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float, pixel_size: float | None,
            confidence: torch.Tensor | np.ndarray | None = None, mask: torch.Tensor | None = None,
-           seed: int = 0, check: PredictiveCheck | None = None) -> GoldStandard:
+           seed: int = 0, check: PredictiveCheck | None = None,
+           start_agreement: tuple[float, float] | None = None) -> GoldStandard:
     """The gold standard of two independent half maps (L³, same frame) refined from a common start
     low-passed to ``start_resolution_px`` (px); ``confidence``: the particles' pose confidences;
     ``mask``: default :func:`mask_from_half_maps`. ``seed`` seeds the phase randomization (as
-    ``cryoace fsc --seed``); ``check``: the refinement's posterior-predictive check of its poses."""
+    ``cryoace fsc --seed``); ``check``: the refinement's posterior-predictive check of its poses;
+    ``start_agreement``: (how far, how far at least) the half sets' independent ab initio maps agree
+    (FSC 0.5, px), when the start came from them."""
     if mask is None:
         try:
             mask = mask_from_half_maps(half1, half2, pixel_size)
@@ -241,9 +276,16 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
                        f"particles' noise do (mean pose confidence {check.observed:.2f} vs {check.expected:.2f}, "
                        f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them: the poses were not "
                        "found (a wrong or unconverged start, too few rounds, another molecule)")
+    if start_agreement is not None and start_agreement[0] > start_agreement[1]:
+        reasons.append(f"the two half sets, each on its own, did not find the same structure ab initio (their maps "
+                       f"agree to {_text_px(start_agreement[0], pixel_size)} at FSC 0.5, not to "
+                       f"{_text_px(start_agreement[1], pixel_size)}), so the common start that both halves "
+                       "reproduced is not confirmed by the data (more particles, more --ab-initio-starts)")
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
         median = float(values.median()) if values.numel() else None
     return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
-                        reasons=reasons, check=check)
+                        reasons=reasons, check=check,
+                        start_agreement_px=None if start_agreement is None else float(start_agreement[0]),
+                        start_agreement_limit_px=None if start_agreement is None else float(start_agreement[1]))

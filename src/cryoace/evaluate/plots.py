@@ -116,10 +116,11 @@ def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLi
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
     """The ``metrics.jsonl`` records of one ``kind`` ("train": the loss records; "halves": half-map
     FSCs; "rollback"; "refine": one per refinement round, "ab_initio": one per iteration of each
-    start, all at the last training step), sorted by step (and start, and round or iteration).
+    start of each half set, all at the last training step), sorted by step (and half set, start, and
+    round or iteration).
     Where a step (and round) was logged twice (a rollback or resume re-ran it), the later record
     wins. A missing file gives ``[]``; a line cut by a crash is skipped."""
-    by_step: dict[tuple[int, int, int], dict] = {}
+    by_step: dict[tuple[int, int, int, int], dict] = {}
     path = Path(path)
     if not path.is_file():
         return []
@@ -133,7 +134,7 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and rec.get("kind") == kind and "step" in rec:
-                by_step[int(rec["step"]), int(rec.get("start", 0)),
+                by_step[int(rec["step"]), int(rec.get("half", 0)), int(rec.get("start", 0)),
                         int(rec.get("round", rec.get("iteration", 0)))] = rec
     return [by_step[s] for s in sorted(by_step)]
 

@@ -15,13 +15,14 @@ run, alternate positions by default), and each half is refined against **its own
 as RELION's auto-refine does: after the common start, no image of one half ever influences the poses
 or the map of the other. The common start is the seed map low-passed to ``start_resolution_px``
 (a raised-cosine edge that ends there), so whatever the two halves share lies below that frequency;
-beyond it, their agreement can only come from the data. Both halves start from the same map, so they
-stay in one frame, and their FSC (``half_map_fsc``, computed between the unweighted half maps
-written by the run) is a gold-standard resolution estimate. Before a half map serves as its half's
-next reference, its shells are weighted by √(2·FSC/(1 + FSC)) (:func:`fsc_weighted`), so
-noise-dominated shells hardly steer the search. The reported map is the reconstruction from all
-particles. A resolution no better than the start's low-pass means nothing was resolved beyond what
-the two halves were given (:attr:`RefineResult.resolved_beyond_start`).
+beyond it, their agreement can only come from the data. (A start per half, e.g. two maps found
+apart that do not agree, can be given instead: then the halves share nothing at all.) Both halves
+start from the same map, so they stay in one frame, and their FSC (``half_map_fsc``, computed
+between the unweighted half maps written by the run) is a gold-standard resolution estimate. Before
+a half map serves as its half's next reference, its shells are weighted by √(2·FSC/(1 + FSC))
+(:func:`fsc_weighted`), so noise-dominated shells hardly steer the search. The reported map is the
+reconstruction from all particles. A resolution no better than the start's low-pass means nothing
+was resolved beyond what the two halves were given (:attr:`RefineResult.resolved_beyond_start`).
 
 **Pose confidence.** The global search keeps each image's ``confidence_candidates`` best rotations;
 the fraction of them within two grid steps of the best one is the particle's pose confidence
@@ -209,11 +210,13 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
            half_sets: tuple[np.ndarray, np.ndarray] | None = None) -> RefineResult:
     """Refine poses and map of the particles ``rows`` (default all) of ``dataset`` from the map ``volume``
     (L³ real, same box and pixel size as the dataset's images, in the images' units — e.g. a decoder's
-    map trained on the same normalized images, or a reconstruction from them).
+    map trained on the same normalized images, or a reconstruction from them), or from one start map
+    per half set (2, L, L, L; in one frame — e.g. the half sets' own ab initio maps where they do
+    not agree: then the halves share nothing at all).
 
     ``half_sets``: the two half sets as positions in ``rows`` (disjoint, together every position;
     default :func:`alternate_half_sets`). Each half is refined against its own half map only, from
-    ``volume`` low-passed to ``settings.start_resolution_px`` (module docstring).
+    its start low-passed to ``settings.start_resolution_px`` (module docstring).
 
     ``on_round(round, pose, volume)`` is called after each round (e.g. to save or score it), then
     ``on_state(state)`` with what a later call needs to go on from there (``resume=state``: rounds
@@ -225,8 +228,9 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     settings = settings or RefineSettings()
     device = torch.device(device)
     size = int(dataset.image_size)
-    if tuple(volume.shape) != (size, size, size):
-        raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³")
+    if tuple(volume.shape[-3:]) != (size, size, size) or volume.ndim not in (3, 4) or (
+            volume.ndim == 4 and volume.shape[0] != 2):
+        raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³ (or 2 × {size}³, one per half)")
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
     n = len(rows)
     halves = alternate_half_sets(n) if half_sets is None else tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
@@ -243,10 +247,12 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     confidence_radius_deg = 2 * settings.global_step_deg
     if resume is None:
         first, pose = 0, None
-        current = volume.to(device=device, dtype=torch.float32)
-        start = lowpass(current, settings.start_resolution_px)
-        references = [VoxelFourierVolume.from_real(start, pad_factor=2)] * 2  # one common start
-        half_maps = torch.stack([start, start]).cpu()
+        # one common start, or one per half
+        starts = volume.to(device=device, dtype=torch.float32).expand(2, size, size, size)
+        starts = torch.stack([lowpass(m, settings.start_resolution_px) for m in starts])
+        current = starts.mean(0)
+        references = [VoxelFourierVolume.from_real(m, pad_factor=2) for m in starts]
+        half_maps = starts.cpu()
         confidence = torch.zeros(n)
     else:
         if resume.pose.rotmat.shape[0] != n or tuple(resume.volume.shape) != (size, size, size):

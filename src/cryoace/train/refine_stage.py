@@ -4,10 +4,13 @@ initio map.
 After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run` takes the decoder's
 map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only when the stage ends, so an
 interrupted run has no map that looks final). With
-``refine.ab_initio`` it also builds a map from a featureless blob by stochastic EM
-(:func:`cryoace.reconstruct.ab_initio.ab_initio`; ``volume_abinitio.mrc``, an ``ab_initio`` record
-per iteration in metrics.jsonl) and starts the refinement from whichever of the two explains the
-images better (:func:`~cryoace.reconstruct.ab_initio.mean_search_error`, logged and recorded as
+``refine.ab_initio`` it also builds a map from a featureless blob by stochastic EM, from each half
+set on its own (:func:`cryoace.reconstruct.ab_initio.ab_initio_half_sets`; ``volume_abinitio_half1.mrc``,
+``volume_abinitio_half2.mrc`` in one frame, their average ``volume_abinitio.mrc``, an ``ab_initio``
+record per iteration in metrics.jsonl, and how far the two halves' maps agree, which the gold
+standard judges; where they do not agree, each half set is refined from its own map, so that the
+halves share nothing) and starts the refinement from whichever of that average and the decoder's map
+explains the images better (:func:`~cryoace.reconstruct.ab_initio.mean_search_error`, logged and recorded as
 ``refine_seed``): when the networks have not found the structure — noisy images, a short CPU
 budget — their map is a wrong attractor that projection matching does not leave. It then runs
 :func:`cryoace.reconstruct.refine.refine` on the same normalized images, so the map's units match.
@@ -46,10 +49,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..evaluate.gold_standard import MIN_GAIN_OVER_START, GoldStandard
+from ..evaluate.gold_standard import MAX_START_DISAGREEMENT, MIN_GAIN_OVER_START, GoldStandard
 from ..io.atomic import atomic_path
 from ..io.mrc import read_volume, write_mrc
-from ..reconstruct.ab_initio import AbInitioIteration, AbInitioSettings, ab_initio, mean_search_error
+from ..reconstruct.ab_initio import (
+    AbInitioIteration,
+    AbInitioSettings,
+    ab_initio_half_sets,
+    mean_search_error,
+)
 from ..reconstruct.backproject import split_half_sets
 from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, refine
 from ..types import Pose
@@ -124,7 +132,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
     checkpoint = run_dir / "checkpoints" / "refine.pt"
-    resume, stage_elapsed = _load_state(checkpoint, trainer.step, n, log)
+    resume, stage_elapsed, saved_start = _load_state(checkpoint, trainer.step, n, log)
     stage_start = time.monotonic() - stage_elapsed
 
     def clock() -> float:  # the records' wall time goes on from the training's
@@ -135,20 +143,22 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
             torch.save({"step": trainer.step, "round": state.round, "rotmat": state.pose.rotmat.cpu(),
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
                         "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
-                        "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start}, fh)
+                        "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start,
+                        "start_agreement": None if start is None else torch.tensor(start, dtype=torch.float64)}, fh)
 
     if resume is None:
-        seed_map = (_ab_initio_seed(trainer, dataset, decoder_map, clock, log, progress) if cfg.ab_initio
-                    else decoder_map)
+        seed_map, start = ((decoder_map, None) if not cfg.ab_initio else
+                           _ab_initio_seed(trainer, dataset, decoder_map, half_sets, clock, log, progress))
         log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
+        start = saved_start
         log(f"resuming the refinement after round {resume.round + 1} of {cfg.rounds}")
     result = refine(dataset, seed_map, settings, use_ctf=trainer.use_ctf, device=trainer.device,
                     progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=half_sets)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
     volume = result.volume.float()
-    gold = _write_gold_standard(trainer, result, clock, log)
+    gold = _write_gold_standard(trainer, result, start, clock, log)
     # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
@@ -171,11 +181,11 @@ def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], float],
-                         log: Callable[[str], None]) -> GoldStandard:
+def _write_gold_standard(trainer, result: RefineResult, start_agreement: tuple[float, float] | None,
+                         clock: Callable[[], float], log: Callable[[str], None]) -> GoldStandard:
     """Write the half maps, their mask, gold_standard.json and fsc.png; record and log the verdict."""
     gold = write_gold_standard(trainer.run_dir, result.half_volumes[0], result.half_volumes[1], trainer.pixel_size,
-                               result.start_resolution_px, result.confidence, result.check)
+                               result.start_resolution_px, result.confidence, result.check, start_agreement)
     record = {k: v for k, v in gold.to_dict().items() if k != "fsc"}
     trainer.write_record({"kind": "gold_standard", "step": trainer.step, "elapsed_s": clock(), **record})
     for line in gold.summary():
@@ -183,64 +193,87 @@ def _write_gold_standard(trainer, result: RefineResult, clock: Callable[[], floa
     return gold
 
 
-def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, clock: Callable[[], float],
-                    log: Callable[[str], None], progress: bool) -> torch.Tensor:
-    """The best of ``refine.ab_initio_starts`` independent ab initio maps or the decoder's map,
-    whichever has the lowest search error (see the module doc); ``clock()`` is the run's wall time
-    for the records."""
+def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
+                    clock: Callable[[], float], log: Callable[[str], None], progress: bool
+                    ) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """The refinement's start: the average of the two half sets' independent ab initio maps
+    (``refine.ab_initio_starts`` per half, :func:`~cryoace.reconstruct.ab_initio.ab_initio_half_sets`)
+    where they agree, each half's own map (2, L, L, L) where they do not, or the decoder's map where
+    it has a lower search error on all particles than their average (see the module doc);
+    and how far the kept pair agrees with the limit it must reach (px, FSC 0.5; None when the
+    decoder's map was chosen: that start is not confirmed by independent halves). ``clock()`` is the
+    run's wall time for the records."""
     cfg = trainer.config.refine
     starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
               for k in range(cfg.ab_initio_starts)]
     first = starts[0]
-    log(f"ab initio: {cfg.ab_initio_starts} independent start(s) of {first.iterations} iterations of stochastic EM "
-        f"over poses from a blob (band {first.start_shells}→{first.end_shells} shells, SO(3) grid "
-        f"{first.step_deg:g}°); the one that explains the images best is kept")
+    log(f"ab initio: each half set on its own, {cfg.ab_initio_starts} start(s) of {first.iterations} iterations of "
+        f"stochastic EM over poses from a blob (band {first.start_shells}→{first.end_shells} shells, SO(3) grid "
+        f"{first.step_deg:g}°); the map that explains each half best is kept, and the two must agree")
+
+    def on_iteration(half: int, start: int, record: AbInitioIteration, volume) -> None:
+        trainer.write_record({"kind": "ab_initio", "step": trainer.step, "half": half + 1, "start": start,
+                              "iteration": record.iteration, "elapsed_s": clock(),
+                              **{key: v for key, v in dataclasses.asdict(record).items()
+                                 if key not in ("iteration", "elapsed_s")}})
+
+    def on_start(half: int, start: int, error: float) -> None:
+        log(f"ab initio half set {half + 1}, start {start + 1}/{len(starts)}: mean search error {error:.5g}")
+
+    built = ab_initio_half_sets(dataset, half_sets, starts, use_ctf=trainer.use_ctf, device=trainer.device,
+                                progress=progress, on_iteration=on_iteration, on_start=on_start)
+    for name, volume in (("volume_abinitio.mrc", built.volume), ("volume_abinitio_half1.mrc", built.half_volumes[0]),
+                         ("volume_abinitio_half2.mrc", built.half_volumes[1])):
+        write_mrc(trainer.run_dir / name, volume.float().numpy(), trainer.pixel_size)
+    agreement, limit = built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px
+    log(f"ab initio: the half sets' maps (starts {built.starts[0] + 1} and {built.starts[1] + 1}) agree to "
+        f"{agreement * trainer.pixel_size:.1f} Å ({agreement:.2f} px, FSC 0.5; "
+        + ("confirmed" if agreement <= limit else f"NOT confirmed: the limit is {limit:.2f} px") + ")")
 
     def search_error(volume: torch.Tensor) -> float:
         return mean_search_error(dataset, volume, first.end_shells, step_deg=first.step_deg, use_ctf=trainer.use_ctf,
                                  device=trainer.device, seed=trainer.config.seed)
 
-    maps, errors = [], []
-    for k, settings in enumerate(starts):
-        def on_iteration(record: AbInitioIteration, volume, k=k) -> None:
-            trainer.write_record({"kind": "ab_initio", "step": trainer.step, "start": k,
-                                  "iteration": record.iteration, "elapsed_s": clock(),
-                                  **{key: v for key, v in dataclasses.asdict(record).items()
-                                     if key not in ("iteration", "elapsed_s")}})
-
-        built = ab_initio(dataset, None, settings, use_ctf=trainer.use_ctf, device=trainer.device,
-                          progress=progress, on_iteration=on_iteration)
-        maps.append(built.volume)
-        errors.append(search_error(built.volume))
-        log(f"ab initio start {k + 1}/{len(starts)}: mean search error {errors[-1]:.5g}")
-    best = int(np.argmin(errors))
-    write_mrc(trainer.run_dir / "volume_abinitio.mrc", maps[best].float().numpy(), trainer.pixel_size)
-    decoder_error = search_error(decoder_map)
-    chosen = "ab_initio" if errors[best] <= decoder_error else "decoder"
+    ab_initio_error, decoder_error = search_error(built.volume), search_error(decoder_map)
+    chosen = "ab_initio" if ab_initio_error <= decoder_error else "decoder"
     trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(), "chosen": chosen,
-                          "search_error_decoder": decoder_error, "search_error_ab_initio": errors[best],
-                          "ab_initio_start": best, "search_error_ab_initio_starts": errors})
-    log(f"refinement starts from the {'ab initio' if chosen == 'ab_initio' else 'decoder'} map (mean search "
-        f"error {errors[best]:.5g} ab initio start {best + 1} vs {decoder_error:.5g} decoder, "
-        f"band {first.end_shells} shells)")
-    return maps[best] if chosen == "ab_initio" else decoder_map
+                          "search_error_decoder": decoder_error, "search_error_ab_initio": ab_initio_error,
+                          "ab_initio_starts": list(built.starts), "search_error_ab_initio_starts": built.search_errors,
+                          "start_agreement_px": agreement, "start_agreement_limit_px": limit,
+                          "halves_start_apart": chosen == "ab_initio" and agreement > limit})
+    if chosen == "decoder":
+        log(f"refinement starts from the decoder's map (mean search error {decoder_error:.5g} vs {ab_initio_error:.5g} "
+            f"for the ab initio average, band {first.end_shells} shells)")
+        return decoder_map, None
+    if agreement <= limit:
+        log(f"refinement starts from the average of the half sets' ab initio maps (mean search error "
+            f"{ab_initio_error:.5g} vs {decoder_error:.5g} for the decoder's map, band {first.end_shells} shells)")
+        return built.volume, (agreement, limit)
+    # not confirmed: the halves share nothing, so their FSC shows the disagreement instead of a common start's echo
+    log("the half sets' ab initio maps disagree: each half set is refined from its own map")
+    return built.half_volumes, (agreement, limit)
 
 
-def _load_state(path, step: int, n: int, log: Callable[[str], None]) -> tuple[RefineState | None, float]:
+def _load_state(path, step: int, n: int, log: Callable[[str], None]
+                ) -> tuple[RefineState | None, float, tuple[float, float] | None]:
     """The refinement state saved by an interrupted stage of this run (same training step and
-    particles), and the stage's wall time until then; (None, 0) when there is none to go on from."""
+    particles), the stage's wall time until then and the start's half-set agreement (px) with its limit;
+    (None, 0, None) when there is none to go on from."""
+    nothing = None, 0.0, None
     if not path.is_file():
-        return None, 0.0
+        return nothing
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = RefineState(round=int(saved["round"]), pose=Pose(saved["rotmat"], saved["shift_angst"]),
                             half_references=saved["half_references"], volume=saved["volume"],
                             half_volumes=saved.get("half_volumes"), confidence=saved.get("confidence"))
+        agreement = saved.get("start_agreement")
+        agreement = None if agreement is None else tuple(float(x) for x in agreement)
     except Exception as exc:  # a damaged file: start the stage afresh rather than fail the run
         log(f"ignoring the refinement checkpoint {path} ({type(exc).__name__}: {exc})")
-        return None, 0.0
+        return nothing
     if int(saved["step"]) != step or state.pose.rotmat.shape[0] != n:
         log(f"ignoring the refinement checkpoint {path}: it is from training step {int(saved['step'])} with "
             f"{state.pose.rotmat.shape[0]} particles, this run is at step {step} with {n}")
-        return None, 0.0
-    return state, float(saved["stage_elapsed_s"])
+        return nothing
+    return state, float(saved["stage_elapsed_s"]), agreement

@@ -114,11 +114,12 @@ def write_run_report(run_dir: Path, log: Callable[[str], None]) -> None:
 
 
 def write_gold_standard(run_dir: Path, half1, half2, pixel_size: float, start_resolution_px: float,
-                        confidence=None, check=None, title: str = "gold-standard FSC of the half maps"):
+                        confidence=None, check=None, start_agreement=None,
+                        title: str = "gold-standard FSC of the half maps"):
     """Judge two independent half maps (L³, one frame) and write what anyone needs to check it:
     ``volume_half1.mrc``, ``volume_half2.mrc``, ``volume_mask.mrc`` (their soft mask), ``gold_standard.json``
-    and ``fsc.png`` (:func:`cryoace.evaluate.gold_standard.assess`; ``confidence`` and ``check`` as
-    there). Returns the :class:`~cryoace.evaluate.gold_standard.GoldStandard`."""
+    and ``fsc.png`` (:func:`cryoace.evaluate.gold_standard.assess`; ``confidence``, ``check`` and
+    ``start_agreement`` as there). Returns the :class:`~cryoace.evaluate.gold_standard.GoldStandard`."""
     import json
 
     import torch
@@ -136,7 +137,8 @@ def write_gold_standard(run_dir: Path, half1, half2, pixel_size: float, start_re
         write_mrc(run_dir / "volume_mask.mrc", mask.numpy(), pixel_size)
     except ValueError:  # nothing above the threshold in the average: FSC without a mask
         mask = torch.ones_like(halves[0])
-    gold = assess(halves[0], halves[1], start_resolution_px, pixel_size, confidence, mask=mask, check=check)
+    gold = assess(halves[0], halves[1], start_resolution_px, pixel_size, confidence, mask=mask, check=check,
+                  start_agreement=start_agreement)
     with atomic_path(run_dir / "gold_standard.json") as tmp:
         tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
     curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
