@@ -71,7 +71,8 @@ def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: 
            "resolved": gold["resolved"], "reasons": gold["reasons"],
            "reported_masked_px": gold["resolution_px"], "reported_unmasked_px": gold["unmasked_resolution_px"],
            "start_resolution_px": gold["start_resolution_px"], "confidence_median": gold["confidence_median"],
-           "predictive_check": gold.get("predictive_check"), "rounds": []}
+           "predictive_check": gold.get("predictive_check"), "start_agreement_px": gold.get("start_agreement_px"),
+           "start_agreement_limit_px": gold.get("start_agreement_limit_px"), "rounds": []}
     for record in read_metrics(run_dir / "metrics.jsonl", kind="refine"):
         point = {"round": record["round"], "half_fsc0143_px": record["half_fsc0143_px"],
                  "confidence_median": record.get("confidence_median"), "elapsed_s": record["elapsed_s"],

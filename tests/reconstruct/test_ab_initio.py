@@ -82,14 +82,19 @@ def test_band_limited_insert_matches_inside_the_band_and_is_empty_outside():
     assert float(full.grid[radius > band + math.sqrt(3)].abs().max()) > 0.0
 
 
-@pytest.fixture(scope="module")
-def noisy_adk(tmp_path_factory):
-    """600 demo particles (adenylate kinase, L = 64, 1.5 Å/px, CTF, shifts) at SNR −10 dB."""
+def _demo_particles(tmp_path_factory, noise_free: bool, n: int) -> ParticleDataset:
+    """``n`` demo particles (adenylate kinase, L = 64, 1.5 Å/px, CTF, shifts), at SNR −10 dB or noise-free."""
     from cryoace.cli.demo import simulate_demo
 
-    directory = tmp_path_factory.mktemp("adk_m10")
-    simulate_demo(directory, noise_free=False, n=600, seed=3, progress=False)
+    directory = tmp_path_factory.mktemp("adk_clean" if noise_free else "adk_m10")
+    simulate_demo(directory, noise_free=noise_free, n=n, seed=3, progress=False)
     return ParticleDataset(read_particles(directory / "particles.star"), normalize=True)
+
+
+@pytest.fixture(scope="module")
+def noisy_adk(tmp_path_factory):
+    """600 demo particles at SNR −10 dB."""
+    return _demo_particles(tmp_path_factory, noise_free=False, n=600)
 
 
 def test_ab_initio_from_a_blob_finds_the_structure_at_snr_0_1(noisy_adk):
@@ -130,12 +135,8 @@ HALF_SET_RUN = AbInitioSettings(iterations=12, batch_size=150, memory=200)
 
 @pytest.fixture(scope="module")
 def clean_adk(tmp_path_factory):
-    """400 noise-free demo particles (adenylate kinase, L = 64, 1.5 Å/px, CTF, shifts)."""
-    from cryoace.cli.demo import simulate_demo
-
-    directory = tmp_path_factory.mktemp("adk_clean")
-    simulate_demo(directory, noise_free=True, n=400, seed=3, progress=False)
-    return ParticleDataset(read_particles(directory / "particles.star"), normalize=True)
+    """400 noise-free demo particles."""
+    return _demo_particles(tmp_path_factory, noise_free=True, n=400)
 
 
 def test_half_sets_find_the_same_map_apart_and_the_best_pair_is_kept(clean_adk):

@@ -127,6 +127,9 @@ def test_refine_from_a_blurred_map_reaches_accurate_poses(aspire):
     result = refine(dataset, blurred, RefineSettings(rounds=4, start_shells=12, shells_per_round=6), progress=False,
                     on_round=lambda record, pose, volume: rounds.append(record))
     assert [r.round for r in rounds] == [0, 1, 2, 3] and rounds[-1].local_shells == 30
+    # once found, confident poses are only searched locally (not in round 0 or the last round)
+    assert rounds[0].global_fraction == rounds[-1].global_fraction == 1.0
+    assert max(r.global_fraction for r in rounds[1:3]) < 0.75, [r.global_fraction for r in rounds]
     errors = _angles_deg(result.pose.rotmat, batch.pose.rotmat)
     assert float(errors.median()) < 2.0
     assert fsc(result.volume, spike, voxel_size=3.0).resolution(0.5).px < 2.5
@@ -138,3 +141,22 @@ def test_refine_rejects_a_map_of_another_box(aspire):
     dataset, _, _ = aspire
     with pytest.raises(ValueError, match="32"):
         refine(dataset, torch.zeros(32, 32, 32), RefineSettings(rounds=1), progress=False)
+
+
+def test_unresolved_particles_fall_back_to_the_global_search(aspire):
+    """Particles whose pose the global search does not single out (here: images replaced by noise)
+    are searched globally again in the next round; the resolved ones only locally."""
+    import numpy as np
+
+    from helpers import NoiseReplaced
+
+    dataset, _, spike = aspire
+    noise_rows = np.arange(0, len(dataset), 3)  # a third of the particles
+    mixed = NoiseReplaced(dataset, noise_rows, std=float(dataset[np.arange(20)].images.std()))
+    rounds = []
+    refine(mixed, spike, RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0, 2.0), start_shells=12,
+                                        check_particles=0), progress=False,
+           on_round=lambda record, pose, volume: rounds.append(record))
+    fraction = len(noise_rows) / len(dataset)
+    assert fraction <= rounds[1].global_fraction < fraction + 0.25
+    assert rounds[0].global_fraction == rounds[2].global_fraction == 1.0

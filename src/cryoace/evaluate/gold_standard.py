@@ -279,8 +279,8 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
     if start_agreement is not None and start_agreement[0] > start_agreement[1]:
         reasons.append(f"the two half sets, each on its own, did not find the same structure ab initio (their maps "
                        f"agree to {_text_px(start_agreement[0], pixel_size)} at FSC 0.5, not to "
-                       f"{_text_px(start_agreement[1], pixel_size)}), so the common start that both halves "
-                       "reproduced is not confirmed by the data (more particles, more --ab-initio-starts)")
+                       f"{_text_px(start_agreement[1], pixel_size)}), so the map they were refined from is not "
+                       "confirmed by the data (more particles, more --ab-initio-starts)")
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)

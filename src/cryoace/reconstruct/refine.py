@@ -30,10 +30,16 @@ the fraction of them within two grid steps of the best one is the particle's pos
 pose, near ``1/confidence_candidates`` when the best rotations are scattered over SO(3) (noise, a
 wrong map).
 
-Starting every round with the global search lets particles leave a wrong basin once the map has
-improved; the growing band is what lets the map improve round after round from a blurry start.
-Cost per round is a few GEMMs per batch for the global search plus ``len(local_steps_deg) + 2`` local
-searches (27 rotations × 9 shifts per image each) — independent of how many rounds came before.
+The global search lets particles leave a wrong basin once the map has improved; the growing band is
+what lets the map improve round after round from a blurry start. Cost per round is a few GEMMs per
+batch for the global search plus ``len(local_steps_deg) + 2`` local searches (27 rotations × 9 shifts
+per image each, in the whole band: these dominate once the band is wide) — independent of how many
+rounds came before. **Local-only particles.** From round 1 on, a particle whose last global search
+singled out its pose (confidence ≥ ``local_confidence``, 0.9) is searched only locally around its last
+pose, from the second local step on (``len(local_steps_deg)`` local searches, no global search): about
+half the cost of a round for most particles once the poses are found. The others — unresolved or
+ambiguous particles — fall back to the global search, and so does every particle in the last round,
+which refreshes every pose confidence and lets any particle still leave a wrong basin.
 """
 
 from __future__ import annotations
@@ -88,6 +94,10 @@ class RefineSettings:
                       (px per cycle; the cosine edge ends there): the two halves share nothing finer,
                       so their FSC can only claim better resolutions from the data.
     confidence_candidates : best global-search rotations per image for the pose confidence.
+    local_confidence : from round 1 on, a particle whose pose confidence in its last global search
+                      reached this is searched only locally around its last pose (from the second
+                      local step on); the others, round 0 and the last round search globally.
+                      None: every particle globally in every round.
     check_particles : particles of each half set sampled for the posterior-predictive check of the
                       final poses (:mod:`cryoace.reconstruct.predictive_check`); 0 skips it.
     seed            : seeds the check's sample, rotations and noise.
@@ -108,6 +118,7 @@ class RefineSettings:
     max_time_s: float | None = None
     start_resolution_px: float = 12.0
     confidence_candidates: int = 10
+    local_confidence: float | None = 0.9
     check_particles: int = 256
     seed: int = 0
 
@@ -116,8 +127,9 @@ class RefineSettings:
 class RefineRound:
     """What one round did: its bands (shells), the mean per-image error (the loss), the median angle (°)
     by which the particles' rotations moved since the last round (None in round 0; near 0 once the
-    refinement has converged), the wall time, the gold-standard FSC between the two half maps and
-    the median pose confidence (see the module docstring)."""
+    refinement has converged), the wall time, the gold-standard FSC between the two half maps, the
+    median pose confidence (see the module docstring) and the fraction of particles searched
+    globally (the others only locally: ``RefineSettings.local_confidence``)."""
 
     round: int
     global_shells: int
@@ -127,6 +139,7 @@ class RefineRound:
     pose_change_median_deg: float | None = None
     half_map_fsc: FSCResult | None = None
     confidence_median: float | None = None
+    global_fraction: float = 1.0
 
 
 @dataclasses.dataclass
@@ -277,7 +290,13 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             rotmat = torch.empty(n, 3, 3, device=device)
             shift = torch.empty(n, 2, device=device)
             error = torch.empty(n, device=device)
-            confidence = torch.empty(n, device=device)
+            previous_confidence = confidence.to(device)
+            confidence = previous_confidence.clone()
+            # from round 1 on, particles whose pose the last global search singled out are only searched
+            # locally around it (every particle is searched globally in round 0 and in the last round)
+            local_only = (torch.zeros(n, dtype=torch.bool, device=device)
+                          if pose is None or settings.local_confidence is None or r == settings.rounds - 1
+                          else previous_confidence >= settings.local_confidence)
             accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
             for h, positions in enumerate(halves):
                 reference = references[h]  # its own half map: the halves never meet (gold standard)
@@ -287,26 +306,25 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                     images = batch.images.to(device)
                     pixel_size = batch.pixel_size.to(device)
                     ctf = batch.ctf.to(device=device) if use_ctf else None
-                    search = (reference, images, pixel_size, lband)
-                    candidates = global_search(reference, images, pixel_size, gband, rotations, ctf,
-                                               shifts_px=global_shifts, top_k=max(2, settings.confidence_candidates),
-                                               distinct_rotations=True)
-                    confidence[where] = pose_confidence(candidates, confidence_radius_deg).to(device)
-                    found = Pose(candidates.pose.rotmat[:, 0], candidates.pose.shift_angst[:, 0])
-                    for offset in offsets:
-                        found = local_search(*search, found, offset, local_shifts, ctf).pose
-                    best = local_search(*search, found, finest, local_shifts, ctf)
-                    if pose is not None:  # last round's pose, touched up, where it still explains the image better
-                        kept = local_search(*search, Pose(pose.rotmat[where], pose.shift_angst[where]), finest,
-                                            local_shifts, ctf)
-                        better = kept.error < best.error
-                        best = SearchResult(
-                            Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
-                                 torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
-                            torch.where(better, kept.error, best.error))
-                    rotmat[where], shift[where], error[where] = best.pose.rotmat, best.pose.shift_angst, best.error
-                    accumulators[h].insert(images, best.pose.rotmat, best.pose.shift_angst / pixel_size[:, None],
-                                           pixel_size, ctf)
+                    local = local_only[torch.as_tensor(where, device=device)]
+                    best_rotmat = torch.empty(len(where), 3, 3, device=device)
+                    best_shift = torch.empty(len(where), 2, device=device)
+                    best_error = torch.empty(len(where), device=device)
+                    for part, is_local in ((~local, False), (local, True)):
+                        if not bool(part.any()):
+                            continue
+                        at_part = np.asarray(where)[part.cpu().numpy()]
+                        found, found_confidence = _search_particles(
+                            reference, images[part], pixel_size[part], None if ctf is None else ctf[part],
+                            None if pose is None else Pose(pose.rotmat[at_part], pose.shift_angst[at_part]),
+                            is_local, settings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
+                            confidence_radius_deg)
+                        best_rotmat[part], best_shift[part], best_error[part] = (found.pose.rotmat,
+                                                                                 found.pose.shift_angst, found.error)
+                        if found_confidence is not None:
+                            confidence[at_part] = found_confidence.to(device)
+                    rotmat[where], shift[where], error[where] = best_rotmat, best_shift, best_error
+                    accumulators[h].insert(images, best_rotmat, best_shift / pixel_size[:, None], pixel_size, ctf)
             new = Pose(rotmat=rotmat, shift_angst=shift)
             change = None if pose is None else float(torch.rad2deg(geodesic_angle(pose.rotmat, new.rotmat)).median())
             pose = new
@@ -319,7 +337,8 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             record = RefineRound(round=r, global_shells=global_shells, local_shells=local_shells,
                                  mean_error=float(error.mean()), elapsed_s=time.monotonic() - clock0,
                                  pose_change_median_deg=change, half_map_fsc=half_fsc,
-                                 confidence_median=float(confidence.median()))
+                                 confidence_median=float(confidence.median()),
+                                 global_fraction=1.0 - float(local_only.float().mean()))
             history.append(record)
             bar.update(1)
             if on_round is not None:
@@ -341,6 +360,36 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         start_resolution_px=float(settings.start_resolution_px),
                         half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
                         fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check)
+
+
+def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, local_only: bool,
+                      settings: RefineSettings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
+                      confidence_radius_deg: float) -> tuple[SearchResult, torch.Tensor | None]:
+    """One round's search of a batch against its half's ``reference``: the best pose and the pose
+    confidence (None when not measured). Globally over SO(3) (the confidence from its best
+    rotations), then locally with halving steps, and the last round's pose ``last`` touched up where it
+    still explains the image better; or, with ``local_only``, locally around ``last`` only, from the
+    second local step on."""
+    search = (reference, images, pixel_size, lband)
+    if local_only:
+        found = last
+        for offset in offsets[1:]:
+            found = local_search(*search, found, offset, local_shifts, ctf).pose
+        return local_search(*search, found, finest, local_shifts, ctf), None
+    candidates = global_search(reference, images, pixel_size, gband, rotations, ctf, shifts_px=global_shifts,
+                               top_k=max(2, settings.confidence_candidates), distinct_rotations=True)
+    confidence = pose_confidence(candidates, confidence_radius_deg)
+    found = Pose(candidates.pose.rotmat[:, 0], candidates.pose.shift_angst[:, 0])
+    for offset in offsets:
+        found = local_search(*search, found, offset, local_shifts, ctf).pose
+    best = local_search(*search, found, finest, local_shifts, ctf)
+    if last is None:
+        return best, confidence
+    kept = local_search(*search, last, finest, local_shifts, ctf)  # last round's pose, touched up
+    better = kept.error < best.error
+    return SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
+                             torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
+                        torch.where(better, kept.error, best.error)), confidence
 
 
 def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings | None = None,

@@ -116,7 +116,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         monitor.update(np.arange(n), pose.rotmat.cpu())
         summary = monitor.summary()
         trainer.write_record({"kind": "refine", "step": trainer.step, "round": record.round,
-                              "elapsed_s": clock(), "global_shells": record.global_shells,
+                              "elapsed_s": clock(), "global_fraction": record.global_fraction,
+                              "global_shells": record.global_shells,
                               "local_shells": record.local_shells, "mean_error": record.mean_error,
                               "pose_change_median_deg": record.pose_change_median_deg, **half_map, **summary})
         errors = (f", median error {summary['rot_median_deg']:.1f}° vs the file's poses"
@@ -127,7 +128,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                   f" (not beyond the start's {settings.start_resolution_px:g}-px low-pass: no resolution yet)")
         log(f"refinement round {record.round + 1}: band {record.local_shells} shells, mean error "
             f"{record.mean_error:.4g}{moved}, gold-standard half maps FSC-0.143 {gold.angstrom:.2f} Å{within}, "
-            f"median pose confidence {record.confidence_median:.2f}{errors} "
+            f"median pose confidence {record.confidence_median:.2f}, {100 * record.global_fraction:.0f} % of the "
+            f"particles searched globally{errors} "
             f"({record.elapsed_s:.0f} s)")
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
