@@ -54,6 +54,7 @@ FLAGS = [
     ("--no-ab-initio", [], "refine.ab_initio", False),
     ("--ab-initio-iterations", ["4"], "refine.ab_initio_iterations", 4),
     ("--ab-initio-starts", ["2"], "refine.ab_initio_starts", 2),
+    ("--ab-initio-halves", [], "refine.ab_initio_halves", True),
     ("--halves", [], "halves", True),
     ("--downsample", ["16"], "data.downsample", 16),
     ("--datadir", ["stacks/"], "data.datadir", "stacks"),

@@ -54,7 +54,7 @@ from .backproject import FourierAccumulator
 from .pose_search import band_coefficients, global_search, pose_posterior, search_band, shift_grid, so3_grid
 
 __all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "mean_search_error",
-           "blob_volume", "HalfSetsAbInitio", "ab_initio_half_sets"]
+           "blob_volume", "ab_initio_starts", "HalfSetsAbInitio", "ab_initio_half_sets"]
 
 
 @dataclasses.dataclass
@@ -231,37 +231,56 @@ class HalfSetsAbInitio:
         return self.agreement.resolution(0.5).px
 
 
+def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray | None = None, use_ctf: bool = True,
+                     device: torch.device | str = "cpu", progress: bool = True,
+                     on_iteration: Callable[[int, AbInitioIteration, torch.Tensor], None] | None = None,
+                     on_start: Callable[[int, float], None] | None = None
+                     ) -> tuple[list[torch.Tensor], list[float]]:
+    """One ab initio map of the particles ``rows`` (default all) per settings of ``starts`` (other
+    seeds: other random batches — at low SNR some runs fall into a wrong map), and each map's
+    :func:`mean_search_error` on those particles (lower explains them better).
+    ``on_iteration(start, iteration, volume)`` after each iteration, ``on_start(start, search_error)``
+    after each run."""
+    if not starts:
+        raise ValueError("ab initio needs at least one start")
+    maps, errors = [], []
+    for k, settings in enumerate(starts):
+        def forward(record: AbInitioIteration, volume: torch.Tensor, k=k) -> None:
+            if on_iteration is not None:
+                on_iteration(k, record, volume)
+
+        built = ab_initio(dataset, None, settings, rows=rows, use_ctf=use_ctf, device=device, progress=progress,
+                          on_iteration=forward)
+        maps.append(built.volume)
+        errors.append(mean_search_error(dataset, built.volume, settings.end_shells, rows=rows,
+                                        step_deg=settings.step_deg, use_ctf=use_ctf, device=device,
+                                        seed=settings.seed))
+        if on_start is not None:
+            on_start(k, errors[-1])
+    return maps, errors
+
+
 def ab_initio_half_sets(dataset, half_sets: tuple[np.ndarray, np.ndarray], starts: list[AbInitioSettings],
                         use_ctf: bool = True, device: torch.device | str = "cpu", progress: bool = True,
                         on_iteration: Callable[[int, int, AbInitioIteration, torch.Tensor], None] | None = None,
                         on_start: Callable[[int, int, float], None] | None = None) -> HalfSetsAbInitio:
     """Ab initio maps of the two half sets (row positions of ``dataset``) apart, one per settings of
-    ``starts`` each (the seeds are offset per half so that no two runs draw the same batches); of each
-    half the map with the lowest search error on its particles is kept, and how far the two agree is
-    measured (module docstring). ``on_iteration(half, start, iteration, volume)`` after
-    each iteration, ``on_start(half, start, search_error)`` after each run."""
+    ``starts`` each (:func:`ab_initio_starts`; the seeds are offset per half so that no two runs draw
+    the same batches); of each half the map with the lowest search error on its particles is kept,
+    and how far the two agree is measured (module docstring). ``on_iteration(half, start, iteration,
+    volume)`` after each iteration, ``on_start(half, start, search_error)`` after each run."""
     from ..evaluate.map_align import half_map_fsc
 
-    if not starts:
-        raise ValueError("ab initio needs at least one start per half set")
-    maps: list[list[torch.Tensor]] = [[], []]
-    errors: list[list[float]] = [[], []]
+    maps, errors = [], []
     for h, rows in enumerate(half_sets):
-        for k, settings in enumerate(starts):
-            settings = dataclasses.replace(settings, seed=settings.seed + 1000 * h)
-
-            def forward(record: AbInitioIteration, volume: torch.Tensor, h=h, k=k) -> None:
-                if on_iteration is not None:
-                    on_iteration(h, k, record, volume)
-
-            built = ab_initio(dataset, None, settings, rows=rows, use_ctf=use_ctf, device=device,
-                              progress=progress, on_iteration=forward)
-            maps[h].append(built.volume)
-            errors[h].append(mean_search_error(dataset, built.volume, settings.end_shells, rows=rows,
-                                               step_deg=settings.step_deg, use_ctf=use_ctf, device=device,
-                                               seed=settings.seed))
-            if on_start is not None:
-                on_start(h, k, errors[h][-1])
+        built = ab_initio_starts(
+            dataset, [dataclasses.replace(settings, seed=settings.seed + 1000 * h) for settings in starts], rows,
+            use_ctf=use_ctf, device=device, progress=progress,
+            on_iteration=None if on_iteration is None else lambda k, record, volume, h=h: on_iteration(
+                h, k, record, volume),
+            on_start=None if on_start is None else lambda k, error, h=h: on_start(h, k, error))
+        maps.append(built[0])
+        errors.append(built[1])
     # each half's map with the lowest search error on its own particles; agreement then confirms (or
     # not) — it does not choose: featureless maps (the rotational average) agree with each other too
     a, b = (int(np.argmin(e)) for e in errors)

@@ -222,11 +222,12 @@ class RefineConfig:
     ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``.
 
     With ``ab_initio``, a low-resolution map is first built from a featureless blob by
-    ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`), from each half
-    set on its own, ``ab_initio_starts`` times each with other random particle batches (at low SNR
-    some starts fall into a wrong map); each half's map with the lowest search error is kept, the two
-    are aligned and averaged, and the refinement starts from that or the decoder's map, whichever
-    explains the images best. When the two halves' maps do not agree, the run claims no resolution.
+    ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`), ``ab_initio_starts``
+    times with other random particle batches (at low SNR some starts fall into a wrong map); the
+    refinement starts from the one with the lowest search error or the decoder's map, whichever
+    explains the images best. With ``ab_initio_halves`` the starts run on each half set apart, each
+    half's best map is kept, the two are aligned and averaged, and when they do not agree the run
+    claims no resolution (and refines each half from its own map).
 
     Gold standard: the two half sets are refined apart, each against its own half map, from the seed
     map low-passed to ``start_resolution_px`` (px per cycle); their FSC claims a resolution only
@@ -242,9 +243,15 @@ class RefineConfig:
                              "the decoder's map, whichever explains the images better")
     ab_initio_iterations: int = option(30, flag="--ab-initio-iterations", group="refine", metavar="N",
                                        on_resume="free", help="stochastic EM iterations of --ab-initio")
-    ab_initio_starts: int = option(2, flag="--ab-initio-starts", group="refine", metavar="K", on_resume="free",
-                                   help="ab initio runs of each half set (other random particle batches); "
-                                   "the one that explains its half best (lowest search error) is kept")
+    ab_initio_starts: int = option(3, flag="--ab-initio-starts", group="refine", metavar="K", on_resume="free",
+                                   help="ab initio runs (other random particle batches), of each half set with "
+                                   "--ab-initio-halves; the one that explains the images best (lowest search "
+                                   "error) is kept")
+    ab_initio_halves: bool = option(False, flag="--ab-initio-halves", group="refine", kind="both", on_resume="free",
+                                    help="run the ab initio on each half set apart, align the two maps and claim "
+                                    "no resolution unless they agree (FSC 0.5 within 1.4× the ab initio's band "
+                                    "limit): a gold standard from the very start, at the cost of maps built "
+                                    "from half the particles")
     rounds: int = option(10, flag="--refine-rounds", group="refine", metavar="N", on_resume="free",
                          help="refinement rounds")
     max_time_s: float | None = option(None, flag="--refine-max-time", group="refine", metavar="T", type=str,

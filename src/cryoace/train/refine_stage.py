@@ -1,26 +1,28 @@
 """The refinement stage of a run: projection matching seeded by the trained decoder's map or an ab
 initio map.
 
-After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run` takes the decoder's
-map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only when the stage ends, so an
-interrupted run has no map that looks final). With
-``refine.ab_initio`` it also builds a map from a featureless blob by stochastic EM, from each half
-set on its own (:func:`cryoace.reconstruct.ab_initio.ab_initio_half_sets`; ``volume_abinitio_half1.mrc``,
-``volume_abinitio_half2.mrc`` in one frame, their average ``volume_abinitio.mrc``, an ``ab_initio``
-record per iteration in metrics.jsonl, and how far the two halves' maps agree, which the gold
-standard judges; where they do not agree, each half set is refined from its own map, so that the
-halves share nothing) and starts the refinement from whichever of that average and the decoder's map
-explains the images better (:func:`~cryoace.reconstruct.ab_initio.mean_search_error`, logged and recorded as
-``refine_seed``): when the networks have not found the structure — noisy images, a short CPU
-budget — their map is a wrong attractor that projection matching does not leave. It then runs
+After the amortized training (``TrainConfig.refine.enabled``), :func:`refine_run` takes the
+decoder's map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only when the stage
+ends, so an interrupted run has no map that looks final). With ``refine.ab_initio`` it also builds a
+map from a featureless blob by stochastic EM, the best of ``refine.ab_initio_starts`` runs
+(:func:`cryoace.reconstruct.ab_initio.ab_initio_starts`; ``volume_abinitio.mrc``, an ``ab_initio``
+record per iteration in metrics.jsonl) — or, with ``refine.ab_initio_halves``, from each half set on
+its own (:func:`cryoace.reconstruct.ab_initio.ab_initio_half_sets`: ``volume_abinitio_half1.mrc``,
+``volume_abinitio_half2.mrc`` in one frame, their average ``volume_abinitio.mrc``, and how far the
+two agree, which the gold standard judges; where they do not agree, each half set is refined from
+its own map, so that the halves share nothing) — and starts the refinement from whichever of that
+and the decoder's map explains the images better
+(:func:`~cryoace.reconstruct.ab_initio.mean_search_error`, logged and recorded as ``refine_seed``):
+when the networks have not found the structure — noisy images, a short CPU budget — their map is a
+wrong attractor that projection matching does not leave. It then runs
 :func:`cryoace.reconstruct.refine.refine` on the same normalized images, so the map's units match.
 Each round writes ``volume_refine_RR.mrc``, a ``refine`` record in metrics.jsonl (bands, mean error,
 median pose change since the last round, the half maps' FSC-0.143 resolution, wall time counted on
-from the training time, coverage and —
-when the particle file has poses — the errors against them with the aligning rotation, as the
-training's ``poses`` records) and redraws ``refine.png`` (pose change and error per round). At the end the
-refined map becomes ``volume.mrc`` (and ``volume.png``); the caller writes the refined poses to
-``poses.star`` (the encoder's own predictions go to ``poses_encoder.star``).
+from the training time, coverage and — when the particle file has poses — the errors against them
+with the aligning rotation, as the training's ``poses`` records) and redraws ``refine.png`` (pose
+change and error per round). At the end the refined map becomes ``volume.mrc`` (and ``volume.png``);
+the caller writes the refined poses to ``poses.star`` (the encoder's own predictions go to
+``poses_encoder.star``).
 
 **Gold standard.** The refinement keeps two half sets apart (RELION's ``rlnRandomSubset`` when the
 particle file has it, else a seeded random split; :func:`~cryoace.reconstruct.backproject.split_half_sets`):
@@ -56,6 +58,7 @@ from ..reconstruct.ab_initio import (
     AbInitioIteration,
     AbInitioSettings,
     ab_initio_half_sets,
+    ab_initio_starts,
     mean_search_error,
 )
 from ..reconstruct.backproject import split_half_sets
@@ -198,62 +201,74 @@ def _write_gold_standard(trainer, result: RefineResult, start_agreement: tuple[f
 def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
                     clock: Callable[[], float], log: Callable[[str], None], progress: bool
                     ) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """The refinement's start: the average of the two half sets' independent ab initio maps
-    (``refine.ab_initio_starts`` per half, :func:`~cryoace.reconstruct.ab_initio.ab_initio_half_sets`)
-    where they agree, each half's own map (2, L, L, L) where they do not, or the decoder's map where
-    it has a lower search error on all particles than their average (see the module doc);
-    and how far the kept pair agrees with the limit it must reach (px, FSC 0.5; None when the
-    decoder's map was chosen: that start is not confirmed by independent halves). ``clock()`` is the
-    run's wall time for the records."""
+    """The refinement's start (see the module doc) — the ab initio map with the lowest search error of
+    ``refine.ab_initio_starts`` runs on all particles, or with ``refine.ab_initio_halves`` the average
+    of the two half sets' own ab initio maps where they agree and each half's own map (2, L, L, L)
+    where they do not; or the decoder's map where its search error on all particles is lower — and,
+    for half-set starts, how far the two agree with the limit they must reach (px, FSC 0.5; else
+    None). ``clock()`` is the run's wall time for the records."""
     cfg = trainer.config.refine
     starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
               for k in range(cfg.ab_initio_starts)]
     first = starts[0]
-    log(f"ab initio: each half set on its own, {cfg.ab_initio_starts} start(s) of {first.iterations} iterations of "
-        f"stochastic EM over poses from a blob (band {first.start_shells}→{first.end_shells} shells, SO(3) grid "
-        f"{first.step_deg:g}°); the map that explains each half best is kept, and the two must agree")
+    log(f"ab initio: {cfg.ab_initio_starts} start(s) "
+        + ("on each half set apart " if cfg.ab_initio_halves else "")
+        + f"of {first.iterations} iterations of stochastic EM over poses from a blob (band {first.start_shells}→"
+        f"{first.end_shells} shells, SO(3) grid {first.step_deg:g}°); the map that explains the images best is kept"
+        + (" in each half, and the two must agree" if cfg.ab_initio_halves else ""))
 
-    def on_iteration(half: int, start: int, record: AbInitioIteration, volume) -> None:
-        trainer.write_record({"kind": "ab_initio", "step": trainer.step, "half": half + 1, "start": start,
-                              "iteration": record.iteration, "elapsed_s": clock(),
+    def on_iteration(half: int | None, start: int, record: AbInitioIteration, volume) -> None:
+        trainer.write_record({"kind": "ab_initio", "step": trainer.step, **({} if half is None else {"half": half + 1}),
+                              "start": start, "iteration": record.iteration, "elapsed_s": clock(),
                               **{key: v for key, v in dataclasses.asdict(record).items()
                                  if key not in ("iteration", "elapsed_s")}})
 
-    def on_start(half: int, start: int, error: float) -> None:
-        log(f"ab initio half set {half + 1}, start {start + 1}/{len(starts)}: mean search error {error:.5g}")
-
-    built = ab_initio_half_sets(dataset, half_sets, starts, use_ctf=trainer.use_ctf, device=trainer.device,
-                                progress=progress, on_iteration=on_iteration, on_start=on_start)
-    for name, volume in (("volume_abinitio.mrc", built.volume), ("volume_abinitio_half1.mrc", built.half_volumes[0]),
-                         ("volume_abinitio_half2.mrc", built.half_volumes[1])):
-        write_mrc(trainer.run_dir / name, volume.float().numpy(), trainer.pixel_size)
-    agreement, limit = built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px
-    log(f"ab initio: the half sets' maps (starts {built.starts[0] + 1} and {built.starts[1] + 1}) agree to "
-        f"{agreement * trainer.pixel_size:.1f} Å ({agreement:.2f} px, FSC 0.5; "
-        + ("confirmed" if agreement <= limit else f"NOT confirmed: the limit is {limit:.2f} px") + ")")
+    def on_start(half: int | None, start: int, error: float) -> None:
+        where = "" if half is None else f"half set {half + 1}, "
+        log(f"ab initio {where}start {start + 1}/{len(starts)}: mean search error {error:.5g}")
 
     def search_error(volume: torch.Tensor) -> float:
         return mean_search_error(dataset, volume, first.end_shells, step_deg=first.step_deg, use_ctf=trainer.use_ctf,
                                  device=trainer.device, seed=trainer.config.seed)
 
-    ab_initio_error, decoder_error = search_error(built.volume), search_error(decoder_map)
+    options = dict(use_ctf=trainer.use_ctf, device=trainer.device, progress=progress)
+    if cfg.ab_initio_halves:
+        built = ab_initio_half_sets(dataset, half_sets, starts, on_iteration=on_iteration, on_start=on_start, **options)
+        ab_initio_map, kept, errors = built.volume, list(built.starts), built.search_errors
+        for name, volume in (("volume_abinitio_half1.mrc", built.half_volumes[0]),
+                             ("volume_abinitio_half2.mrc", built.half_volumes[1])):
+            write_mrc(trainer.run_dir / name, volume.float().numpy(), trainer.pixel_size)
+        agreement = (built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px)
+        log(f"ab initio: the half sets' maps (starts {kept[0] + 1} and {kept[1] + 1}) agree to "
+            f"{agreement[0] * trainer.pixel_size:.1f} Å ({agreement[0]:.2f} px, FSC 0.5; "
+            + ("confirmed" if agreement[0] <= agreement[1] else f"NOT confirmed: the limit is {agreement[1]:.2f} px")
+            + ")")
+        ab_initio_error = search_error(ab_initio_map)
+    else:
+        maps, errors = ab_initio_starts(dataset, starts, on_iteration=lambda k, r, v: on_iteration(None, k, r, v),
+                                        on_start=lambda k, e: on_start(None, k, e), **options)
+        kept = int(np.argmin(errors))
+        ab_initio_map, ab_initio_error, agreement = maps[kept], errors[kept], None
+    write_mrc(trainer.run_dir / "volume_abinitio.mrc", ab_initio_map.float().numpy(), trainer.pixel_size)
+    decoder_error = search_error(decoder_map)
     chosen = "ab_initio" if ab_initio_error <= decoder_error else "decoder"
+    apart = chosen == "ab_initio" and agreement is not None and agreement[0] > agreement[1]
     trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(), "chosen": chosen,
                           "search_error_decoder": decoder_error, "search_error_ab_initio": ab_initio_error,
-                          "ab_initio_starts": list(built.starts), "search_error_ab_initio_starts": built.search_errors,
-                          "start_agreement_px": agreement, "start_agreement_limit_px": limit,
-                          "halves_start_apart": chosen == "ab_initio" and agreement > limit})
+                          "ab_initio_start": kept, "search_error_ab_initio_starts": errors,
+                          **({} if agreement is None else {"start_agreement_px": agreement[0],
+                                                           "start_agreement_limit_px": agreement[1],
+                                                           "halves_start_apart": apart})})
     if chosen == "decoder":
         log(f"refinement starts from the decoder's map (mean search error {decoder_error:.5g} vs {ab_initio_error:.5g} "
-            f"for the ab initio average, band {first.end_shells} shells)")
+            f"for the ab initio map, band {first.end_shells} shells)")
         return decoder_map, None
-    if agreement <= limit:
-        log(f"refinement starts from the average of the half sets' ab initio maps (mean search error "
-            f"{ab_initio_error:.5g} vs {decoder_error:.5g} for the decoder's map, band {first.end_shells} shells)")
-        return built.volume, (agreement, limit)
-    # not confirmed: the halves share nothing, so their FSC shows the disagreement instead of a common start's echo
-    log("the half sets' ab initio maps disagree: each half set is refined from its own map")
-    return built.half_volumes, (agreement, limit)
+    if apart:  # the halves share nothing, so their FSC shows the disagreement instead of a common start's echo
+        log("the half sets' ab initio maps disagree: each half set is refined from its own map")
+        return built.half_volumes, agreement
+    log(f"refinement starts from the ab initio map (mean search error {ab_initio_error:.5g} vs {decoder_error:.5g} "
+        f"for the decoder's map, band {first.end_shells} shells)")
+    return ab_initio_map, agreement
 
 
 def _load_state(path, step: int, n: int, log: Callable[[str], None]
