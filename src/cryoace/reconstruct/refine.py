@@ -300,31 +300,25 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
             for h, positions in enumerate(halves):
                 reference = references[h]  # its own half map: the halves never meet (gold standard)
-                for at in range(0, len(positions), settings.batch_size):
-                    where = positions[at:at + settings.batch_size]
-                    batch = dataset[rows[where]]
-                    images = batch.images.to(device)
-                    pixel_size = batch.pixel_size.to(device)
-                    ctf = batch.ctf.to(device=device) if use_ctf else None
-                    local = local_only[torch.as_tensor(where, device=device)]
-                    best_rotmat = torch.empty(len(where), 3, 3, device=device)
-                    best_shift = torch.empty(len(where), 2, device=device)
-                    best_error = torch.empty(len(where), device=device)
-                    for part, is_local in ((~local, False), (local, True)):
-                        if not bool(part.any()):
-                            continue
-                        at_part = np.asarray(where)[part.cpu().numpy()]
-                        found, found_confidence = _search_particles(
-                            reference, images[part], pixel_size[part], None if ctf is None else ctf[part],
-                            None if pose is None else Pose(pose.rotmat[at_part], pose.shift_angst[at_part]),
-                            is_local, settings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
+                # the global searches in batches of their own: each batch computes every grid rotation's slice
+                is_local = local_only[torch.as_tensor(positions, device=device)].cpu().numpy()
+                for part, local in ((positions[~is_local], False), (positions[is_local], True)):
+                    for at in range(0, len(part), settings.batch_size):
+                        where = part[at:at + settings.batch_size]
+                        batch = dataset[rows[where]]
+                        images = batch.images.to(device)
+                        pixel_size = batch.pixel_size.to(device)
+                        ctf = batch.ctf.to(device=device) if use_ctf else None
+                        best, found_confidence = _search_particles(
+                            reference, images, pixel_size, ctf,
+                            None if pose is None else Pose(pose.rotmat[where], pose.shift_angst[where]), local,
+                            settings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
                             confidence_radius_deg)
-                        best_rotmat[part], best_shift[part], best_error[part] = (found.pose.rotmat,
-                                                                                 found.pose.shift_angst, found.error)
                         if found_confidence is not None:
-                            confidence[at_part] = found_confidence.to(device)
-                    rotmat[where], shift[where], error[where] = best_rotmat, best_shift, best_error
-                    accumulators[h].insert(images, best_rotmat, best_shift / pixel_size[:, None], pixel_size, ctf)
+                            confidence[where] = found_confidence.to(device)
+                        rotmat[where], shift[where], error[where] = best.pose.rotmat, best.pose.shift_angst, best.error
+                        accumulators[h].insert(images, best.pose.rotmat, best.pose.shift_angst / pixel_size[:, None],
+                                               pixel_size, ctf)
             new = Pose(rotmat=rotmat, shift_angst=shift)
             change = None if pose is None else float(torch.rad2deg(geodesic_angle(pose.rotmat, new.rotmat)).median())
             pose = new
