@@ -154,9 +154,9 @@ def test_unresolved_particles_fall_back_to_the_global_search(aspire):
     noise_rows = np.arange(0, len(dataset), 3)  # a third of the particles
     mixed = NoiseReplaced(dataset, noise_rows, std=float(dataset[np.arange(20)].images.std()))
     rounds = []
-    refine(mixed, spike, RefineSettings(rounds=3, global_step_deg=15, local_steps_deg=(4.0, 2.0), start_shells=12,
-                                        check_particles=0), progress=False,
-           on_round=lambda record, pose, volume: rounds.append(record))
-    fraction = len(noise_rows) / len(dataset)
-    assert fraction <= rounds[1].global_fraction < fraction + 0.25
+    result = refine(mixed, spike, RefineSettings(rounds=3, start_shells=12, check_particles=0), progress=False,
+                    on_round=lambda record, pose, volume: rounds.append(record))
+    # every noise image was searched globally again (its confidence stays low), some resolved ones were not
+    assert float(result.confidence[noise_rows].max()) < 0.9
+    assert len(noise_rows) / len(dataset) <= rounds[1].global_fraction < 0.95, rounds[1].global_fraction
     assert rounds[0].global_fraction == rounds[2].global_fraction == 1.0
