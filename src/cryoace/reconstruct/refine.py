@@ -241,8 +241,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     settings = settings or RefineSettings()
     device = torch.device(device)
     size = int(dataset.image_size)
-    if tuple(volume.shape[-3:]) != (size, size, size) or volume.ndim not in (3, 4) or (
-            volume.ndim == 4 and volume.shape[0] != 2):
+    if tuple(volume.shape) not in ((size,) * 3, (2,) + (size,) * 3):
         raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³ (or 2 × {size}³, one per half)")
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
     n = len(rows)
@@ -260,11 +259,13 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     confidence_radius_deg = 2 * settings.global_step_deg
     if resume is None:
         first, pose = 0, None
-        # one common start, or one per half
-        starts = volume.to(device=device, dtype=torch.float32).expand(2, size, size, size)
-        starts = torch.stack([lowpass(m, settings.start_resolution_px) for m in starts])
+        # one common start (low-passed and padded once, shared by both halves), or one per half
+        maps = volume.to(device=device, dtype=torch.float32).reshape(-1, size, size, size)
+        maps = torch.stack([lowpass(m, settings.start_resolution_px) for m in maps])
+        references = [VoxelFourierVolume.from_real(m, pad_factor=2) for m in maps]
+        references = references * 2 if len(references) == 1 else references
+        starts = maps.expand(2, size, size, size)
         current = starts.mean(0)
-        references = [VoxelFourierVolume.from_real(m, pad_factor=2) for m in starts]
         half_maps = starts.cpu()
         confidence = torch.zeros(n)
     else:
