@@ -137,7 +137,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
     checkpoint = run_dir / "checkpoints" / "refine.pt"
-    resume, stage_elapsed, saved_start = _load_state(checkpoint, trainer.step, n, log)
+    resume, stage_elapsed, saved_start_agreement = _load_state(checkpoint, trainer.step, n, log)
     stage_start = time.monotonic() - stage_elapsed
 
     def clock() -> float:  # the records' wall time goes on from the training's
@@ -149,21 +149,22 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
                         "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
                         "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start,
-                        "start_agreement": None if start is None else torch.tensor(start, dtype=torch.float64)}, fh)
+                        "start_agreement": None if start_agreement is None else
+                        torch.tensor(start_agreement, dtype=torch.float64)}, fh)
 
     if resume is None:
-        seed_map, start = ((decoder_map, None) if not cfg.ab_initio else
-                           _ab_initio_seed(trainer, dataset, decoder_map, half_sets, clock, log, progress))
+        seed_map, start_agreement = ((decoder_map, None) if not cfg.ab_initio else
+                                     _ab_initio_seed(trainer, dataset, decoder_map, half_sets, clock, log, progress))
         log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
-        start = saved_start
+        start_agreement = saved_start_agreement
         log(f"resuming the refinement after round {resume.round + 1} of {cfg.rounds}")
     result = refine(dataset, seed_map, settings, use_ctf=trainer.use_ctf, device=trainer.device,
                     progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=half_sets)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
     volume = result.volume.float()
-    gold = _write_gold_standard(trainer, result, start, clock, log)
+    gold = _write_gold_standard(trainer, result, start_agreement, clock, log)
     # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
     write_mrc(run_dir / "volume.mrc", volume.numpy(), pixel_size)
     plot_volume(volume, run_dir / "volume.png", pixel_size,
