@@ -161,7 +161,10 @@ def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetric: b
            "mean_sq_frobenius": errors.mean_sq_frobenius, "fraction_beyond_20deg": float((angles > 20).double().mean()),
            "refine_seed": seed_records[-1]["chosen"] if seed_records else None,
            "resolved": None if gold is None else gold["resolved"],
-           "reported_px": None if gold is None else gold["resolution_px"],
+           # the claimed resolution is the unmasked one (runs before 2026-12-06 claimed the masked one
+           # under "resolution_px"; "unmasked_resolution_px" names the same number in old and new runs)
+           "reported_px": None if gold is None else gold["unmasked_resolution_px"],
+           "reported_masked_px": None if gold is None else gold.get("masked_resolution_px", gold["resolution_px"]),
            "predictive_check": None if gold is None else gold.get("predictive_check"),
            "start_agreement_px": None if gold is None else gold.get("start_agreement_px")}
     # issue 19: a claimed resolution must agree with the map's FSC-0.5 against the truth within 1.3×

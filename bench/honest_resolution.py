@@ -69,7 +69,7 @@ def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: 
     gold = json.loads((run_dir / "gold_standard.json").read_text())
     out = {"exit_status": status, "wall_time_s": wall, "load_average_start": load0, "load_average_end": os.getloadavg(),
            "resolved": gold["resolved"], "reasons": gold["reasons"],
-           "reported_masked_px": gold["resolution_px"], "reported_unmasked_px": gold["unmasked_resolution_px"],
+           "reported_masked_px": gold["masked_resolution_px"], "reported_unmasked_px": gold["unmasked_resolution_px"],
            "start_resolution_px": gold["start_resolution_px"], "confidence_median": gold["confidence_median"],
            "predictive_check": gold.get("predictive_check"), "start_agreement_px": gold.get("start_agreement_px"),
            "start_agreement_limit_px": gold.get("start_agreement_limit_px"), "rounds": []}
@@ -86,7 +86,7 @@ def run_one(name: str, star: Path, truth: Path | None, run_dir: Path, max_time: 
         out["ratio_masked"] = out["truth_fsc05_px"] / out["reported_masked_px"]
         out["ratio_unmasked"] = out["truth_fsc05_px"] / out["reported_unmasked_px"]
     print(f"{name}: exit {status}, {'resolved' if gold['resolved'] else 'NOT RESOLVED'}, reported "
-          f"{gold['resolution_px']:.2f} px masked / {gold['unmasked_resolution_px']:.2f} px unmasked"
+          f"{gold['unmasked_resolution_px']:.2f} px unmasked (claimed) / {gold['masked_resolution_px']:.2f} px masked"
           + (f", truth FSC-0.5 {out['truth_fsc05_px']:.2f} px" if truth is not None else "")
           + f", {wall:.0f} s", flush=True)
     for point in out["rounds"]:
@@ -116,7 +116,7 @@ def run_wrong_start(star: Path, truth: Path, rounds: int) -> dict:
                   result.confidence, check=result.check)
     truth_px = truth_fsc05_px(result.volume.numpy(), truth, pixel_size)
     out = {"wall_time_s": time.monotonic() - wall0, "load_average_start": load0, "load_average_end": os.getloadavg(),
-           "resolved": gold.resolved, "reasons": gold.reasons, "reported_masked_px": gold.resolution().px,
+           "resolved": gold.resolved, "reasons": gold.reasons, "reported_masked_px": gold.resolution(masked=True).px,
            "reported_unmasked_px": gold.resolution(masked=False).px, "truth_fsc05_px": truth_px,
            "predictive_check": result.check.to_dict(), "confidence_median": gold.confidence_median,
            "rounds": [{"round": r.round, "half_fsc0143_px": r.half_map_fsc.resolution(0.143).px,

@@ -44,7 +44,7 @@ def test_noise_gets_no_resolution(noise_run, capsys):
     gold = json.loads((run / "gold_standard.json").read_text())
     assert gold["resolved"] is False and gold["reasons"]
     # the half maps do not agree at better than 10 px, masked or not
-    assert gold["resolution_px"] > 10.0 and gold["unmasked_resolution_px"] > 10.0
+    assert gold["resolution_px"] > 10.0 and gold["masked_resolution_px"] > 10.0
     (record,) = read_metrics(run / "metrics.jsonl", kind="gold_standard")
     assert record["resolved"] is False
     report = (run / "report.html").read_text()
@@ -64,11 +64,13 @@ def test_the_half_maps_give_the_printed_fsc(noise_run, capsys):
     capsys.readouterr()
     assert cli(["fsc", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"), "--json", "-"]) == 0
     unmasked = json.loads(capsys.readouterr().out)
-    assert unmasked["resolution"]["0.143"]["px"] == pytest.approx(gold["unmasked_resolution_px"], rel=1e-6)
+    # the claimed resolution is the unmasked one: no mask to choose
+    assert unmasked["resolution"]["0.143"]["px"] == pytest.approx(gold["resolution_px"], rel=1e-6)
+    assert gold["unmasked_resolution_px"] == gold["resolution_px"]
     assert cli(["fsc", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"), "--mask",
                 str(run / "volume_mask.mrc"), "--json", "-"]) == 0
     masked = json.loads(capsys.readouterr().out)
-    assert masked["resolution"]["0.143"]["px"] == pytest.approx(gold["resolution_px"], rel=1e-6)
+    assert masked["resolution"]["0.143"]["px"] == pytest.approx(gold["masked_resolution_px"], rel=1e-6)
 
 
 def test_poses_star_says_which_half_and_how_sure(noise_run):

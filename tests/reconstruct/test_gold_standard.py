@@ -107,6 +107,12 @@ def test_verdict_claims_a_resolution_only_beyond_the_start(aspire):
                   confidence=torch.full((100,), 0.95))
     assert good.resolved and good.resolution().px < 6.0 and good.reasons == []
     assert "gold-standard resolution" in good.summary()[0]
+    # the claim is the unmasked FSC-0.143 (the mask only shows the particle's, less noisy, curve beside it)
+    claimed, masked = good.resolution(), good.resolution(masked=True)
+    assert claimed.px == fsc(*_noisy_half_maps(spike, None, 0.5, 0), voxel_size=3.0).resolution(0.143).px
+    assert good.summary()[0].startswith(f"gold-standard resolution {claimed.angstrom:.2f} Å")
+    assert masked.px <= claimed.px and good.to_dict()["resolution_px"] == claimed.px
+    assert good.to_dict()["masked_resolution_px"] == masked.px
     # halves that share only the start's band: whatever the FSC says there is no claim
     shared = assess(*_noisy_half_maps(spike, 12.0, 0.5, 1), start_resolution_px=12.0, pixel_size=3.0,
                     confidence=torch.full((100,), 0.95))

@@ -214,7 +214,8 @@ def report_gold_standard(result) -> int:
     gold = result.gold_standard
     if gold is not None:
         print(f"half maps {result.run_dir}/volume_half1.mrc, volume_half2.mrc and their mask volume_mask.mrc "
-              "(cryoace fsc volume_half1.mrc volume_half2.mrc --mask volume_mask.mrc gives the same FSC); "
+              "(cryoace fsc volume_half1.mrc volume_half2.mrc gives the resolution claimed, with --mask "
+              "volume_mask.mrc the masked one); "
               "fsc.png, gold_standard.json")
         for line in gold.summary():
             print(line)

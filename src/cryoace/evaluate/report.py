@@ -237,15 +237,13 @@ def _gold_standard(gold, problem: str | None) -> str:
     if gold is None:
         return "" if problem is None else _missing(problem)
     if gold.resolved:
-        verdict = (f"<p>Gold-standard resolution (half maps refined apart, FSC 0.143, masked and "
-                   f"phase-randomization corrected): <strong>{html.escape(_res_text(gold.resolution()))}</strong>; "
-                   f"unmasked {html.escape(_res_text(gold.resolution(masked=False)))}.</p>")
+        verdict = (f"<p>Gold-standard resolution (half maps refined apart, FSC 0.143, unmasked): "
+                   f"<strong>{html.escape(_res_text(gold.resolution()))}</strong>; inside the solvent mask "
+                   f"(phase-randomization corrected) {html.escape(_res_text(gold.resolution(masked=True)))}.</p>")
     else:
         verdict = ('<p class="unresolved"><strong>NOT RESOLVED — no resolution is claimed:</strong> '
                    + html.escape("; ".join(gold.reasons)) + ".</p>")
-    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
-    if gold.fsc.randomized is not None:
-        curves.update({"masked": gold.fsc.masked, "phase-randomized (Chen et al. 2013)": gold.fsc.randomized})
+    curves = gold.curves()
     where = ("no phase randomization was needed" if gold.fsc.randomize_from_shell is None else
              f"phases randomized from shell {gold.fsc.randomize_from_shell}")
     rows = [("half maps", "volume_half1.mrc, volume_half2.mrc (mask volume_mask.mrc)"),

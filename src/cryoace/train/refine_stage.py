@@ -29,11 +29,12 @@ particle file has it, else a seeded random split; :func:`~cryoace.reconstruct.ba
 each half is refined against its own half map from the seed map low-passed to
 ``refine.start_resolution_px``. At the end the stage writes ``volume_half1.mrc``,
 ``volume_half2.mrc`` (each from its half set alone), ``volume_mask.mrc`` (the soft mask of their
-average), ``gold_standard.json`` (:class:`~cryoace.evaluate.gold_standard.GoldStandard`: unmasked and
-masked, phase-randomization corrected FSCs and the verdict), ``fsc.png``, and a ``gold_standard``
-record in metrics.jsonl; ``cryoace fsc volume_half1.mrc volume_half2.mrc [--mask volume_mask.mrc]``
-gives the same numbers. Each particle's half set (``rlnRandomSubset``) and pose confidence
-(``cryoacePoseConfidence``: the fraction of its best rotations near the best one) go to ``poses.star``.
+average), ``gold_standard.json`` (:class:`~cryoace.evaluate.gold_standard.GoldStandard`: the unmasked
+FSC, whose 0.143 crossing is the resolution claimed, the masked, phase-randomization corrected one and
+the verdict), ``fsc.png``, and a ``gold_standard`` record in metrics.jsonl; ``cryoace fsc
+volume_half1.mrc volume_half2.mrc [--mask volume_mask.mrc]`` gives the same numbers. Each particle's
+half set (``rlnRandomSubset``) and pose confidence (``cryoacePoseConfidence``: the fraction of its best
+rotations near the best one) go to ``poses.star``.
 When the verdict is "not resolved" the run prints no resolution and says why.
 
 After each round the stage saves its state to ``checkpoints/refine.pt`` (atomically): a resumed run

@@ -141,8 +141,5 @@ def write_gold_standard(run_dir: Path, half1, half2, pixel_size: float, start_re
                   start_agreement=start_agreement)
     with atomic_path(run_dir / "gold_standard.json") as tmp:
         tmp.write_text(json.dumps(gold.to_dict(), indent=2, allow_nan=False) + "\n")
-    curves = {"masked, corrected": gold.fsc.corrected, "unmasked": gold.fsc.unmasked}
-    if gold.fsc.randomized is not None:
-        curves.update({"masked": gold.fsc.masked, "phase-randomized": gold.fsc.randomized})
-    plot_fsc(curves, run_dir / "fsc.png", title=title + ("" if gold.resolved else " (NOT RESOLVED)"))
+    plot_fsc(gold.curves(), run_dir / "fsc.png", title=title + ("" if gold.resolved else " (NOT RESOLVED)"))
     return gold
