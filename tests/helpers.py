@@ -4,6 +4,7 @@ of conftest.py). Test modules import them as ``from helpers import ...`` (tests/
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -95,3 +96,20 @@ def aspire_spike_clean():
     rendered = render_images(VoxelFourierVolume.from_real(spike, 2), batch.pose, batch.pixel_size, 64, batch.ctf)
     scale = float((rendered * batch.images).sum() / (rendered * rendered).sum())
     return dataset, batch, spike * scale
+
+
+def c3_map(size: int = 32) -> torch.Tensor:
+    """Three identical Gaussian blobs 120° apart about z, plus a blob on the axis below them (C3, and
+    not D3 or C6)."""
+    c = torch.arange(size, dtype=torch.float64) - size // 2
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+
+    def blob(px, py, pz, s):
+        return torch.exp(-((x - px) ** 2 + (y - py) ** 2 + (z - pz) ** 2) / (2 * s * s))
+
+    v = blob(0, 0, -4, 3.0)
+    for k in range(3):
+        t = 2 * math.pi * k / 3
+        v = v + blob(7 * math.cos(t), 7 * math.sin(t), 3, 2.0) + 0.7 * blob(
+            5 * math.cos(t + 0.6), 5 * math.sin(t + 0.6), -5, 1.5)
+    return v

@@ -153,6 +153,38 @@ def test_poses_option_without_maps(run_cli, truth, tmp_path):
     assert not (run / "fsc_vs_truth.png").exists()
 
 
+def test_symmetry_mates_are_not_errors(run_cli, truth, tmp_path):
+    """A C3-symmetric true map (axes turned away from z) and particles posed at random symmetry mates
+    of their true poses, in another frame: with --symmetry C3 the axes are found in the true map and
+    the errors vanish; without, the mates count as errors."""
+    from cryoace.physics.symmetry import symmetry_operators
+
+    from helpers import c3_map
+
+    turn = random_rotmat(1, torch.Generator().manual_seed(7), dtype=torch.float64)[0]
+    true_map = resample_volume(c3_map(64), turn.T, oversample=1)  # its axis is turn·z
+    write_mrc(tmp_path / "c3.mrc", true_map.numpy().astype(np.float32), 1.5)
+    ops = turn @ symmetry_operators("C3") @ turn.T
+    table = read_star(truth / "particles.star")
+    which = torch.randint(3, (len(table),), generator=torch.Generator().manual_seed(8))
+    run = tmp_path / "run"
+    run.mkdir()
+    write_star(run / "poses.star", dataclasses.replace(
+        table, pose=Pose(rotmat=table.pose.rotmat @ ops[which] @ Q, shift_angst=table.pose.shift_angst)))
+    write_mrc(run / "volume.mrc", resample_volume(true_map, Q).numpy().astype(np.float32), 1.5)
+    args = ("evaluate", run, "--truth", truth / "particles.star", "--truth-map", tmp_path / "c3.mrc")
+    rc, out, err = run_cli(*args)
+    assert rc == 0, err
+    assert json.loads((run / "evaluation.json").read_text())["rotation_error"]["median_angle_deg"] > 30
+    rc, out, err = run_cli(*args, "--symmetry", "c3")
+    assert rc == 0, err
+    d = json.loads((run / "evaluation.json").read_text())
+    assert d["rotation_error"]["median_angle_deg"] < 0.5 and d["symmetry"]["group"] == "C3"
+    assert d["symmetry"]["correlation"] > 0.99 and "found in the true map" in d["symmetry"]["frame_from"]
+    assert d["fsc_vs_truth"]["resolution"]["0.5"]["px"] < 3.5  # the map is carried over as well (smooth blobs)
+    assert "nearest symmetry mate" in out
+
+
 def _one_line_error(rc, out, err, *needles):
     assert rc == 2
     lines = err.strip().splitlines()
@@ -188,4 +220,5 @@ def test_bad_input_is_one_line_exit_2(run_cli, truth, tmp_path):
     _one_line_error(*run_cli("evaluate", run, "--truth", star, "--truth-map", tmap), "voxel size")
     _one_line_error(*run_cli("evaluate", run, "--truth", star, "--volume", run / "volume.mrc"), "--truth-map")
     _one_line_error(*run_cli("evaluate", run, "--truth", star, "--coverage-bins", "0"), "--coverage-bins")
+    _one_line_error(*run_cli("evaluate", run, "--truth", star, "--symmetry", "I3"), "--symmetry", "Cn or Dn")
     assert not (run / "evaluation.json").exists() and not (run / "fsc_vs_truth.png").exists()

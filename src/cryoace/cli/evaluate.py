@@ -11,6 +11,11 @@ translation error in pixels of the truth particles, also after removing the glob
 map that the shifts imply; and the pose coverage (fraction of 768 equal-area viewing-direction
 cells reached) of the predicted and the true poses.
 
+With --symmetry (Cn or Dn) a particle posed at a symmetry mate of its true pose (the same image) is
+not wrong: its error is to the nearest mate, and the global rotation is fitted modulo the symmetry.
+The true map's axes are found in --truth-map when it is given (a map made from an atomic model keeps
+the model's axes), else RELION's frame is assumed (n-fold axis z, first two-fold x).
+
 With --truth-map, the run's map (RUN_DIR/volume.mrc, or --volume) is carried into the truth's frame
 and hand with the same G, its global translation relative to the truth (which ab initio shifts leave
 free) is found by FFT cross-correlation and removed (--no-center keeps it), and the FSC against the
@@ -25,6 +30,7 @@ Example:
   cryoace evaluate runs/adk --truth demo_dataset/particles.star --truth-map demo_dataset/volume.mrc
   cryoace evaluate runs/adk --truth sim/particles.star --poses other_poses.star --json -
   cryoace evaluate runs/hand --truth hand.mrcs --truth-poses hand_rot.pkl
+  cryoace evaluate runs/spike --truth sim/particles.star --truth-map sim/volume.mrc --symmetry C3
 """
 
 from __future__ import annotations
@@ -62,6 +68,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oversample", type=int, default=2, metavar="K",
                         help="resample the map on a K-times finer grid when rotating it (default: 2; "
                         "1 = plain trilinear, less memory)")
+    parser.add_argument("--symmetry", default="C1", metavar="GROUP",
+                        help="point group of the true map (Cn or Dn, default C1): each pose error is then "
+                        "to the particle's nearest symmetry mate (the same image). With --truth-map the "
+                        "axes are found in the true map (they need not lie along z); without, RELION's "
+                        "frame is assumed (n-fold axis z, first two-fold x)")
     add_particle_input_args(parser, poses_flag="--truth-poses", ctf=False)
 
 
@@ -79,12 +90,16 @@ def _fmt_res(res) -> str:
     return f"{'' if res.crossed else '≤'}{res.px:.2f} px{a}"
 
 
-def _table(poses, comparison, written, out) -> None:
+def _table(poses, comparison, written, out, symmetry: dict | None = None) -> None:
     d = poses.to_dict()
     al, rot, tr, cov = d["alignment"], d["rotation_error"], d["translation_error"], d["pose_coverage"]
     ax = ", ".join(_num(v, 3) for v in al["rotation_axis"])
     rows = [
         ("particles", f"{poses.n_particles} (paired by {poses.matched_by})"),
+        *([] if symmetry is None else [("symmetry", f"{symmetry['group']}: errors to the nearest symmetry mate; "
+                                                    f"axes {symmetry['frame_from']}" + (
+                                                        "" if symmetry["correlation"] is None else
+                                                        f" (self-correlation {symmetry['correlation']:.3f})"))]),
         ("hand", f"{al['hand']} (mean ‖ΔR‖²_F {al['mean_sq_frobenius']:.4f}; other hand "
                  f"{al['mean_sq_frobenius_other_hand']:.4f})"),
         ("global rotation", f"{al['rotation_angle_deg']:.2f}° about ({ax})"),
@@ -125,6 +140,38 @@ def _predicted(path: Path, truth):
     return pred
 
 
+def _symmetry(args: argparse.Namespace, truth_map) -> tuple:
+    """(operators or None, the JSON record or None) of ``--symmetry`` (None, None for C1)."""
+    import numpy as np
+    import torch
+
+    from ..physics.symmetry import parse_group, symmetry_operators
+
+    try:
+        kind, n = parse_group(args.symmetry)
+    except ValueError as exc:
+        raise CryoaceInputError(f"--symmetry: {exc}") from None
+    if n == 1 and kind == "C":
+        return None, None
+    group = f"{kind}{n}"
+    if truth_map is None:
+        operators = symmetry_operators(group)
+        frame, correlation, where = torch.eye(3, dtype=torch.float64), None, "assumed in RELION's frame"
+    else:
+        from ..evaluate.symmetry import symmetry_frame
+
+        found = symmetry_frame(torch.tensor(np.asarray(truth_map, dtype=np.float32)), group)  # a copy: memmaps are read-only
+        operators, frame, correlation = found.operators, found.frame, found.correlation
+        where = f"found in the true map {args.truth_map}"
+        if correlation < 0.5:
+            _warn(f"the true map matches itself under {group} only weakly (correlation {correlation:.2f}): is it "
+                  f"{group}-symmetric?")
+    return operators, {"group": group, "frame_from": where, "correlation": correlation,
+                       "frame": [[float(v) for v in row] for row in frame.tolist()],
+                       "note": "the true map's operators are frame · g · frameᵀ (g in RELION's frame: n-fold "
+                               "axis z, first two-fold x); a pose error is to the nearest R_gt·g"}
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -156,10 +203,11 @@ def main(args: argparse.Namespace) -> int:
             raise CryoaceInputError("predicted map not found (pass --volume)", volume_path)
         volume = read_volume(volume_path)
 
+    operators, symmetry = _symmetry(args, truth_map.data if args.truth_map is not None else None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hands = {"auto": "both"}.get(args.hand, args.hand)
-        poses = evaluate_poses(pred, truth, hands=hands, coverage_bins=args.coverage_bins)
+        poses = evaluate_poses(pred, truth, hands=hands, coverage_bins=args.coverage_bins, operators=operators)
     for w in caught:
         _warn(str(w.message))
 
@@ -176,6 +224,7 @@ def main(args: argparse.Namespace) -> int:
         "truth_map": None if args.truth_map is None else str(args.truth_map),
         "volume": None if args.truth_map is None else str(volume_path),
         **poses.to_dict(),
+        "symmetry": symmetry,
         "fsc_vs_truth": None if comparison is None else comparison.to_dict(),
     }
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
@@ -199,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
         with atomic_path(args.json) as tmp:
             tmp.write_text(text)
         written.append(Path(args.json))
-    _table(poses, comparison, written, sys.stderr if to_stdout else sys.stdout)
+    _table(poses, comparison, written, sys.stderr if to_stdout else sys.stdout, symmetry)
     if to_stdout:
         sys.stdout.write(text)
     return 0

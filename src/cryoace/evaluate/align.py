@@ -64,6 +64,8 @@ class RotationAlignment:
     aligned        : (N, 3, 3) float64 aligned predicted rotations ``H R_pred H G``.
     mean_sq_frobenius            : mean ``‖R_gt − aligned‖²_F`` for the chosen hand.
     mean_sq_frobenius_other_hand : the same for the rejected hand (how decisive the choice was).
+    reference      : (N, 3, 3) the true rotations as compared: ``R_gt`` itself, or with symmetry
+                     operators each particle's nearest symmetry mate ``R_gt g`` (None = ``R_gt``).
     """
 
     rotation: torch.Tensor
@@ -71,6 +73,7 @@ class RotationAlignment:
     aligned: torch.Tensor
     mean_sq_frobenius: float
     mean_sq_frobenius_other_hand: float
+    reference: torch.Tensor | None = None
 
     @property
     def hand(self) -> str:
@@ -109,13 +112,50 @@ def apply_alignment(rot_pred: torch.Tensor, rotation: torch.Tensor, flip_hand: b
     return (_mirror_conjugate(r) if flip_hand else r) @ g
 
 
-def align_rotations(rot_pred, rot_gt, hands: str = "both") -> RotationAlignment:
+def _procrustes_modulo(src: torch.Tensor, rg: torch.Tensor, operators: torch.Tensor, candidates: int = 64,
+                       iterations: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, each particle's nearest mate R_gt g) minimising Σ min_g ‖R_gt g − R_pred G‖²_F.
+
+    A particle of a symmetric molecule may be posed at any of its mates, so no single least-squares
+    fit applies: each of ``candidates`` particles proposes ``G = R_predᵀ R_gt g`` for every operator,
+    the proposal with the smallest median distance to the nearest mates over all particles wins, and
+    mates and least-squares G are then refined in turn until the mates stop changing."""
+    from ..physics.symmetry import nearest_mates
+
+    ops = operators.to(rg)
+    pick = torch.randperm(len(src), generator=torch.Generator().manual_seed(0))[:candidates].to(src.device)
+    proposals = (src[pick].transpose(-1, -2) @ rg[pick])[:, None] @ ops[None]  # (S, K, 3, 3)
+    proposals = proposals.reshape(-1, 3, 3)
+    sample = src[:4096] if len(src) > 4096 else src
+    sample_gt = rg[:len(sample)]
+    best, best_cost = proposals[0], math.inf
+    for g in proposals:
+        mates = sample_gt[:, None] @ ops[None]
+        cost = float(((mates - (sample @ g)[:, None]) ** 2).sum((-1, -2)).min(1).values.median())
+        if cost < best_cost:
+            best, best_cost = g, cost
+    g, mates = best, nearest_mates(src @ best, rg, ops)
+    for _ in range(iterations):
+        g = _procrustes(src, mates)
+        again = nearest_mates(src @ g, rg, ops)
+        if torch.equal(again, mates):
+            break
+        mates = again
+    return g, mates
+
+
+def align_rotations(rot_pred, rot_gt, hands: str = "both", operators: torch.Tensor | None = None
+                    ) -> RotationAlignment:
     """Fit the global rotation (and hand) that best maps predicted poses onto the ground truth.
 
     rot_pred, rot_gt : (N, 3, 3) rotations of the same particles (tensors or arrays, any float dtype).
     hands            : ``"both"`` (default: try the original and the mirrored hand, keep the better),
                        ``"original"`` or ``"flipped"`` to force one.
-    Least squares over all particles (chordal L2 mean, closed form by SVD); computed in float64.
+    operators        : (K, 3, 3) symmetry operators of the true map, in its frame
+                       (:mod:`cryoace.physics.symmetry`): each particle is then compared with its
+                       nearest symmetry mate ``R_gt g`` (the same image), and ``reference`` holds them.
+    Least squares over all particles (chordal L2 mean, closed form by SVD; with symmetry, alternated
+    with the choice of mates from the best of many single-particle proposals); computed in float64.
     """
     rp, rg = _as_rotations(rot_pred, "rot_pred"), _as_rotations(rot_gt, "rot_gt")
     if rp.shape != rg.shape:
@@ -123,20 +163,25 @@ def align_rotations(rot_pred, rot_gt, hands: str = "both") -> RotationAlignment:
     rg = rg.to(rp.device)
     if hands not in ("both", "original", "flipped"):
         raise ValueError(f"hands must be 'both', 'original' or 'flipped', got {hands!r}")
+    symmetric = operators is not None and len(operators) > 1
     fits = {}
     for flip in (False, True):
         src = _mirror_conjugate(rp) if flip else rp
-        g = _procrustes(src, rg)
+        if symmetric:
+            g, reference = _procrustes_modulo(src, rg, torch.as_tensor(operators, dtype=torch.float64))
+        else:
+            g, reference = _procrustes(src, rg), rg
         aligned = src @ g
-        err = float(((aligned - rg) ** 2).sum((-1, -2)).mean())
-        fits[flip] = (g, aligned, err)
+        err = float(((aligned - reference) ** 2).sum((-1, -2)).mean())
+        fits[flip] = (g, aligned, err, reference)
     if hands == "both":
         flip = fits[True][2] < fits[False][2]
     else:
         flip = hands == "flipped"
-    g, aligned, err = fits[flip]
+    g, aligned, err, reference = fits[flip]
     return RotationAlignment(rotation=g, flip_hand=bool(flip), aligned=aligned, mean_sq_frobenius=err,
-                             mean_sq_frobenius_other_hand=fits[not flip][2])
+                             mean_sq_frobenius_other_hand=fits[not flip][2],
+                             reference=reference if symmetric else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,11 +155,14 @@ class PoseEvaluation:
 
 
 def evaluate_poses(pred: ParticleTable, truth: ParticleTable, hands: str = "both",
-                   coverage_bins: int = DEFAULT_COVERAGE_BINS) -> PoseEvaluation:
+                   coverage_bins: int = DEFAULT_COVERAGE_BINS, operators: torch.Tensor | None = None
+                   ) -> PoseEvaluation:
     """Align predicted rotations to the truth and measure the pose errors.
 
     Both tables need poses. Rows are paired by :func:`match_particles`. Shifts (Å) are converted to
-    pixels with the truth's pixel size.
+    pixels with the truth's pixel size. ``operators``: the true map's symmetry operators in its frame
+    (:func:`cryoace.evaluate.symmetry.symmetry_frame`); each error is then to the particle's nearest
+    symmetry mate (:func:`~cryoace.evaluate.align.align_rotations`).
     """
     for table, what in ((pred, "predicted poses"), (truth, "truth")):
         if not table.has_pose:
@@ -171,12 +174,13 @@ def evaluate_poses(pred: ParticleTable, truth: ParticleTable, hands: str = "both
     pixel_size = torch.as_tensor(truth.pixel_size[match.truth], dtype=torch.float64)[:, None]
     shift_pred = pred.pose.shift_angst.to(torch.float64)[ip] / pixel_size
     shift_gt = truth.pose.shift_angst.to(torch.float64)[it] / pixel_size
-    alignment = align_rotations(rot_pred, rot_gt, hands=hands)
+    alignment = align_rotations(rot_pred, rot_gt, hands=hands, operators=operators)
+    compared = rot_gt if alignment.reference is None else alignment.reference
     offset, after = fit_global_offset(alignment.aligned, shift_pred, shift_gt)
     n = len(match.pred)
     return PoseEvaluation(
         n_particles=n, matched_by=match.how, alignment=alignment,
-        errors=rotation_errors(alignment.aligned, rot_gt),
+        errors=rotation_errors(alignment.aligned, compared),
         translation_mean_sq_px=translation_error(shift_pred, shift_gt),
         global_offset_px=offset, translation_mean_sq_px_after_offset=after,
         coverage_bins=int(coverage_bins),
