@@ -160,7 +160,8 @@ def _symmetry(args: argparse.Namespace, truth_map) -> tuple:
     else:
         from ..evaluate.symmetry import symmetry_frame
 
-        found = symmetry_frame(torch.tensor(np.asarray(truth_map, dtype=np.float32)), group)  # a copy: memmaps are read-only
+        # a copy: a memory-mapped map is read-only
+        found = symmetry_frame(torch.tensor(np.asarray(truth_map, dtype=np.float32)), group)
         operators, frame, correlation = found.operators, found.frame, found.correlation
         where = f"found in the true map {args.truth_map}"
         if correlation < 0.5:
