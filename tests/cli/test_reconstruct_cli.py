@@ -16,7 +16,7 @@ from cryoace.cli.main import main as cli
 from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import open_mrc
-from cryoace.io.particles import read_particles
+from cryoace.io.particles import ParticleDataset, read_particles
 from cryoace.train.config import load_config, preset_config
 from cryoace.train.trainer import load_checkpoint_file
 
@@ -229,7 +229,7 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     run = tmp_path / "run"
     assert cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "10",
                 "--quiet", "--device", "cpu", "--volume-every", "0", "--refine", "--refine-rounds", "2",
-                "--refine-step", "15", "--ab-initio-iterations", "4"]) in FINISHED
+                "--refine-step", "15", "--ab-initio-iterations", "4", "--teach-encoder", "3s"]) in FINISHED
     for name in ("volume.mrc", "volume_decoder.mrc", "volume_abinitio.mrc", "volume_refine_00.mrc",
                  "volume_refine_01.mrc"):
         mrc = open_mrc(run / name, mmap=False)
@@ -274,6 +274,25 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert set(np.unique(truth.extra_column("rlnRandomSubset")).tolist()) == {1, 2}
     for name in ("volume_half1.mrc", "volume_half2.mrc", "volume_mask.mrc", "gold_standard.json", "fsc.png"):
         assert (run / name).is_file()
+    # --teach-encoder: an encoder taught from the final map for 3 s is saved, its checks recorded, and
+    # predict-poses uses it by default (its poses in the map's frame), the network's on request
+    from cryoace.train.teach import load_taught_encoder, pose_agreement
+
+    teach = read_metrics(run / "metrics.jsonl", kind="teach")
+    assert teach and all(0 <= r["median_deg"] <= 180 and r["iteration"] >= 1 for r in teach)
+    assert config.refine.teach_time_s == 3.0
+    taught = load_taught_encoder(run / "checkpoints" / "encoder_taught.pt")
+    capsys.readouterr()
+    out = tmp_path / "taught.star"
+    assert cli(["predict-poses", str(run), str(particles), "-o", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert "taught from the run's map" in capsys.readouterr().out
+    predicted = read_particles(out).pose.rotmat
+    expected = taught.predict(ParticleDataset(truth, normalize=True)[np.arange(200)].images).rotmat
+    assert pose_agreement(predicted, expected)[0] < 0.01
+    assert cli(["predict-poses", str(run), str(particles), "-o", str(out), "--quiet", "--device", "cpu",
+                "--encoder", "network"]) == 0
+    assert "step 10" in capsys.readouterr().out
+    assert torch.allclose(read_particles(out).pose.rotmat, encoder.pose.rotmat, atol=1e-4)
 
 
 def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):

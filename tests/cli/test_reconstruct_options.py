@@ -55,6 +55,7 @@ FLAGS = [
     ("--ab-initio-iterations", ["4"], "refine.ab_initio_iterations", 4),
     ("--ab-initio-starts", ["2"], "refine.ab_initio_starts", 2),
     ("--ab-initio-halves", [], "refine.ab_initio_halves", True),
+    ("--teach-encoder", ["2m"], "refine.teach_time_s", 120.0),
     ("--halves", [], "halves", True),
     ("--downsample", ["16"], "data.downsample", 16),
     ("--datadir", ["stacks/"], "data.datadir", "stacks"),

@@ -10,6 +10,11 @@ file with rlnAngleRot/Tilt/Psi (degrees) and rlnOriginX/YAngst (Å), keeping eve
 at a time) into a temporary file next to the output (88 bytes per particle, removed at the end), then
 written chunk by chunk, so memory stays flat with millions of particles.
 
+A run made with --teach-encoder also holds an encoder taught from its final map
+(checkpoints/encoder_taught.pt): by default (--encoder auto) its poses are predicted, in the map's
+frame — poses to start a local refinement from, for particles of the same molecule that were not in
+the run. --encoder network picks the encoder trained with the decoder.
+
 The output's suffix picks the format: .star as above, .cs for cryoSPARC (alignments3D/pose and shift)
 or .pkl for cryoDRGN (rotations and shifts as a fraction of the box).
 
@@ -37,6 +42,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="output poses, in the format of its suffix: .star (RELION, every input column "
                         "kept), .cs (cryoSPARC) or .pkl (cryoDRGN pose pickle)")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint other than RUN_DIR/checkpoints/last.pt")
+    parser.add_argument("--encoder", choices=("auto", "taught", "network"), default="auto",
+                        help="taught: the encoder taught from the run's final map (reconstruct --teach-encoder; "
+                        "RUN_DIR/checkpoints/encoder_taught.pt); network: the one trained with the decoder; "
+                        "auto (default): the taught one when the run has it and no --checkpoint is given")
     parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
     parser.add_argument("--invert-contrast", action="store_true", default=None,
                         help="for stacks with dark particles (default: as the run was trained)")
@@ -52,6 +61,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device
     from ..train.predict import POSE_SUFFIXES, load_run, open_particles, pose_predictor, write_poses
+    from ..train.refine_stage import TAUGHT_ENCODER
+    from ..train.teach import load_taught_encoder
 
     for name in ("batch_size", "chunk_rows"):
         if getattr(args, name) <= 0:
@@ -62,16 +73,26 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError("the output must be a .star (RELION), .cs (cryoSPARC) or .pkl (cryoDRGN) file",
                                 args.output)
     device = resolve_device(args.device)
+    taught_path = args.run_dir / TAUGHT_ENCODER
+    taught = None
+    if args.encoder == "taught" or (args.encoder == "auto" and args.checkpoint is None and taught_path.is_file()):
+        taught = load_taught_encoder(taught_path, device)
     run = load_run(args.run_dir, device, args.checkpoint)
     table = open_particle_table(args, args.particles)
     table.pose = None  # the file's own angles are replaced, not read: 20 bytes per particle less to hold
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
     dataset = open_particles(args.particles, run.data, invert_contrast=invert, table=table)
-    symmetric = run.config.loss == "symmetric"
-    radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
-    poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
-                           batch_size=args.batch_size, device=device, radius_cyc_px=radius)
+    if taught is not None:
+        def poses(rows):
+            return taught.predict_particles(dataset.subset(rows), batch_size=args.batch_size, device=device)
+
+        what = "the encoder taught from the run's map"
+    else:
+        symmetric = run.config.loss == "symmetric"
+        radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
+        poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
+                               batch_size=args.batch_size, device=device, radius_cyc_px=radius)
+        what = f"step {run.step}{', symmetric paths' if symmetric else ''}"
     write_poses(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
-    print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} (step {run.step}"
-          f"{', symmetric paths' if symmetric else ''})", file=sys.stdout)
+    print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} ({what})", file=sys.stdout)
     return 0

@@ -116,7 +116,8 @@ def plot_fsc(results: Mapping[str, FSCResult] | FSCResult, path: str | os.PathLi
 def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
     """The ``metrics.jsonl`` records of one ``kind`` ("train": the loss records; "halves": half-map
     FSCs; "rollback"; "refine": one per refinement round, "ab_initio": one per iteration of each
-    start of each half set, all at the last training step), sorted by step (and half set, start, and
+    start of each half set, all at the last training step; "teach": one per measurement of the encoder
+    taught from the map, its optimizer step as ``iteration``), sorted by step (and half set, start, and
     round or iteration).
     Where a step (and round) was logged twice (a rollback or resume re-ran it), the later record
     wins. A missing file gives ``[]``; a line cut by a crash is skipped."""

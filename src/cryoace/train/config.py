@@ -265,6 +265,13 @@ class RefineConfig:
                                         help="gold standard: the two half sets are refined apart from the "
                                         "seed map low-passed to this resolution (px per cycle); no "
                                         "resolution at or below it is claimed")
+    teach_time_s: float | None = option(None, flag="--teach-encoder", group="refine", metavar="T", type=str,
+                                        convert=_duration, show=_minutes, on_resume="free", default_text="off",
+                                        help="after the refinement, teach a pose encoder from the final map for "
+                                        "wall time T (e.g. 10m; a fixed budget, whatever the number of "
+                                        "particles): checkpoints/encoder_taught.pt, which cryoace "
+                                        "predict-poses then uses (poses in one forward pass, in the map's "
+                                        "frame; restarted, not resumed, when interrupted)")
 
 
 @dataclasses.dataclass
@@ -411,6 +418,7 @@ class TrainConfig:
             raise CryoaceInputError(f"--pip-mode must be joint or alternate, got {self.pip.mode!r}")
         positive("--refine-rounds", self.refine.rounds)
         positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
+        positive("--teach-encoder", self.refine.teach_time_s, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("--ab-initio-starts", self.refine.ab_initio_starts)

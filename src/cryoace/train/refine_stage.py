@@ -40,6 +40,11 @@ When the verdict is "not resolved" the run prints no resolution and says why.
 After each round the stage saves its state to ``checkpoints/refine.pt`` (atomically): a resumed run
 whose training is over goes on from the last completed round (ab initio and earlier rounds are not
 repeated); a checkpoint from another training step (the training went on) is ignored.
+
+With ``refine.teach_time_s`` (``--teach-encoder T``) a pose encoder is then taught from the final map
+for that wall time (:mod:`cryoace.train.teach`): ``checkpoints/encoder_taught.pt``, ``teach`` records
+in metrics.jsonl (its median disagreement with the refined poses of 400 particles as it learns), and
+``cryoace predict-poses`` uses it. An interrupted teaching starts again on resume.
 """
 
 from __future__ import annotations
@@ -174,7 +179,46 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     subset = np.zeros(n, dtype=np.int64)
     subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
     columns = {"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()}
+    if cfg.teach_time_s is not None:
+        _teach_encoder(trainer, dataset, volume, result.pose, clock, log, progress)
     return RefineOutcome(result.pose, columns, gold)
+
+
+#: the taught encoder's checkpoint in the run directory (read by ``cryoace predict-poses``)
+TAUGHT_ENCODER = "checkpoints/encoder_taught.pt"
+#: particles on which the taught encoder's poses are compared with the refined ones
+TEACH_CHECK_PARTICLES = 400
+
+
+def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock: Callable[[], float],
+                   log: Callable[[str], None], progress: bool) -> None:
+    """Teach a pose encoder from the final map (:mod:`cryoace.train.teach`) for ``refine.teach_time_s``,
+    measure it against the refined poses of a sample of particles, and save it (atomically)."""
+    from .teach import TeachSettings, teach_encoder
+
+    rows = np.sort(np.random.default_rng(trainer.config.seed).choice(
+        len(dataset), min(TEACH_CHECK_PARTICLES, len(dataset)), replace=False))
+    budget = float(trainer.config.refine.teach_time_s)
+    log(f"teaching a pose encoder from the map for {budget / 60:g} min (its poses of {len(rows)} particles are "
+        "compared with the refined ones as it learns)")
+
+    def on_record(record) -> None:
+        trainer.write_record({"kind": "teach", "step": trainer.step, "iteration": record.step,
+                              "elapsed_s": clock(), "rotation_loss": record.rotation_loss,
+                              "shift_loss_px2": record.shift_loss_px2, "median_deg": record.median_deg,
+                              "within_15deg": record.within_15deg})
+
+    settings = TeachSettings(steps=10 ** 9, max_time_s=budget, seed=trainer.config.seed)
+    taught = teach_encoder(volume, dataset, settings, shifts_angst=refined.shift_angst,
+                           check=(rows, refined.rotmat[rows]), use_ctf=trainer.use_ctf, device=trainer.device,
+                           progress=progress, on_record=on_record)
+    path = trainer.run_dir / TAUGHT_ENCODER
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(taught.state(), fh)
+    last = taught.history[-1]
+    log(f"the encoder taught from the map ({last.step} steps) predicts the refined poses of {len(rows)} particles "
+        f"within {last.median_deg:.1f}° (median; {100 * last.within_15deg:.0f} % within 15°): {path}; "
+        "'cryoace predict-poses RUN PARTICLES' uses it")
 
 
 def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,7 +39,8 @@ from ..physics.rotations import geodesic_angle
 from ..types import Pose
 from .pip import background_noise_std, pip_pose_loss, pip_render
 
-__all__ = ["TeachSettings", "TeachRecord", "TaughtEncoder", "teach_encoder", "pose_agreement"]
+__all__ = ["TeachSettings", "TeachRecord", "TaughtEncoder", "teach_encoder", "pose_agreement",
+           "load_taught_encoder"]
 
 
 @dataclasses.dataclass
@@ -111,6 +113,19 @@ class TaughtEncoder:
         return Pose(rotmat=torch.cat([p.rotmat for p in poses]).double(),
                     shift_angst=torch.cat([p.shift_angst for p in poses]).double())
 
+    def predict_particles(self, dataset, batch_size: int = 256, device: torch.device | str = "cpu") -> Pose:
+        """Poses (float64, CPU) of every particle of ``dataset`` (its box must be the map's), in table order."""
+        if int(dataset.image_size) != self.source_size:
+            raise ValueError(f"the encoder was taught on {self.source_size}-px images, these are "
+                             f"{dataset.image_size} px")
+        self.encoder.to(device)
+        rotmat = torch.empty(len(dataset), 3, 3, dtype=torch.float64)
+        shift = torch.empty(len(dataset), 2, dtype=torch.float64)
+        for batch in dataset.batches(batch_size):
+            pose = self.predict(batch.images.to(device), batch_size)
+            rotmat[batch.index], shift[batch.index] = pose.rotmat.cpu(), pose.shift_angst.cpu()
+        return Pose(rotmat=rotmat, shift_angst=shift)
+
     def state(self) -> dict[str, Any]:
         """A checkpoint: the constructor's arguments, the weights and the history."""
         return {"kind": "taught_encoder", "source_size": self.source_size, "pixel_size": self.pixel_size,
@@ -126,6 +141,23 @@ class TaughtEncoder:
         taught.encoder.load_state_dict(state["encoder"])
         taught.history = [TeachRecord(**r) for r in state.get("history", [])]
         return taught
+
+
+def load_taught_encoder(path, device: torch.device | str = "cpu") -> TaughtEncoder:
+    """The :meth:`TaughtEncoder.state` checkpoint at ``path`` (CryoaceInputError naming it when it is
+    missing or not one)."""
+    from ..errors import CryoaceInputError
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        taught = TaughtEncoder.from_state(state)
+    except FileNotFoundError:
+        raise CryoaceInputError("no taught encoder (run 'cryoace reconstruct' with --teach-encoder T)", path) from None
+    except (OSError, EOFError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise CryoaceInputError(f"not a readable taught-encoder checkpoint ({type(exc).__name__}: {exc})",
+                                path) from None
+    taught.encoder.to(device).eval()
+    return taught
 
 
 def pose_agreement(predicted: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
