@@ -75,6 +75,8 @@ def main() -> int:
         "history": [vars(r) for r in taught.history],
         "vs_refined": {"median_deg": refined_median, "within_15deg": refined_within},
         "vs_truth": {"median_deg": float(angle.median()), "within_15deg": float((angle <= 15).double().mean()),
+                     "within_30deg": float((angle <= 30).double().mean()),
+                     "quantiles_deg": {str(q): float(angle.quantile(q)) for q in (0.25, 0.5, 0.75, 0.9)},
                      "mean_sq_frobenius": alignment.mean_sq_frobenius, "hand": alignment.hand},
     }
     path = write_result(args.name, resolve_device("cpu"), result)
