@@ -70,13 +70,15 @@ def _correlation(volume: torch.Tensor, operators: torch.Tensor) -> float:
     return sum(scores) / max(1, len(scores))
 
 
-def symmetry_frame(volume: torch.Tensor, name: str, directions: int = 1500, search_box: int = 32) -> SymmetryFrame:
+def symmetry_frame(volume: torch.Tensor, name: str, directions: int = 1500, search_box: int = 32,
+                   refine_box: int = 64) -> SymmetryFrame:
     """Find the axes of the point group ``name`` in a real (L, L, L) map (axes through the box centre).
 
     The n-fold axis is the direction (of ``directions`` over a hemisphere, then refined locally) about
     which the map best matches itself turned by 360°/n; for Dn the first two-fold is then the best
     direction perpendicular to it. The search runs on the map Fourier-cropped to ``search_box``
-    (cheap), the refinement on the full map. For C1 the frame is the identity."""
+    (cheap), the refinement and the reported correlation on it cropped to at most ``refine_box``.
+    For C1 the frame is the identity."""
     kind, n = parse_group(name)
     group = f"{kind}{n}"
     standard = symmetry_operators(group)
@@ -84,6 +86,7 @@ def symmetry_frame(volume: torch.Tensor, name: str, directions: int = 1500, sear
     if kind == "C" and n == 1:
         return SymmetryFrame(group=group, frame=torch.eye(3, dtype=torch.float64), operators=standard, correlation=1.0)
     small = fourier_crop(v, search_box, ndim=3) if v.shape[-1] > search_box else v
+    v = fourier_crop(v, refine_box, ndim=3) if v.shape[-1] > refine_box else v
     n_fold = symmetry_operators(f"C{n}")[1:2]  # one generator is enough to place the axis
 
     def score_axis(map_, axis: torch.Tensor) -> float:
