@@ -281,6 +281,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     teach = read_metrics(run / "metrics.jsonl", kind="teach")
     assert teach and all(0 <= r["median_deg"] <= 180 and r["iteration"] >= 1 for r in teach)
     assert config.refine.teach_time_s == 3.0
+    report = (run / "report.html").read_text()
+    assert "Encoder taught from the map" in report and f"median {teach[-1]['median_deg']:.1f}°" in report
     taught = load_taught_encoder(run / "checkpoints" / "encoder_taught.pt")
     capsys.readouterr()
     out = tmp_path / "taught.star"

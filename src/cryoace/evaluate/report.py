@@ -51,6 +51,7 @@ SECTIONS = {
     "fsc": "Fourier shell correlation",
     "resolution": "Resolution over time",
     "coverage": "Orientation coverage",
+    "teach": "Encoder taught from the map",
     "map": "Final map",
     "config": "Configuration",
 }
@@ -328,6 +329,21 @@ def _resolution(halves: list[dict]) -> str:
     return img + _table(rows[-12:])  # the latest dozen; the plot shows all
 
 
+def _teach(records: list[dict]) -> str:
+    """The encoder taught from the final map (reconstruct --teach-encoder): its poses against the
+    refined ones of a sample of particles, as it learned."""
+    if not records:
+        return _missing("No encoder was taught from the map (reconstruct --teach-encoder T does it; cryoace "
+                        "predict-poses then uses it).")
+    rows = [(f"step {int(r['iteration']):,} ({_duration(float(r['elapsed_s']))} into the run)",
+             "—" if r.get("median_deg") is None else
+             f"median {r['median_deg']:.1f}° from the refined poses, {100 * r['within_15deg']:.0f} % within 15°; "
+             f"training loss ‖ΔR‖² {r['rotation_loss']:.3f}") for r in records]
+    return ("<p>Poses in one forward pass: the encoder taught from the final map "
+            "(checkpoints/encoder_taught.pt) against the refined poses of a sample of particles.</p>"
+            + _table(rows[-12:]))
+
+
 def _coverage(run_dir: Path) -> str:
     from ..io.particles import read_particles
     from .plots import plot_pose_confidence, plot_viewing_directions
@@ -405,6 +421,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
         "fsc": _fsc(run_dir, halves, _run_pixel_size(config), gold, gold_problem),
         "resolution": _resolution(halves),
         "coverage": _coverage(run_dir),
+        "teach": _teach(read_metrics(metrics, "teach")),
         "map": _map(run_dir),
         "config": _config(run_dir),
     }
