@@ -8,7 +8,7 @@ frame: no alignment), and at the end with the true poses after global alignment,
 out of the draws that lent their CTFs (the encoder never sees a real image in training anyway).
 Writes bench/results/teach_encoder_<device>.json with the CPU load seen.
 
-    python bench/teach_encoder.py RUN_DIR DATA_DIR [--minutes 10] [--image-size 32] [--name teach_encoder]
+    python bench/teach_encoder.py RUN_DIR DATA_DIR [--map MAP] [--minutes 10] [--image-size 32] [--name teach_encoder]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("data_dir", type=Path, help="the simulated particles (particles.star with true poses)")
+    parser.add_argument("--map", type=Path, default=None,
+                        help="teach from this map instead of RUN_DIR/volume.mrc (e.g. RUN_DIR/volume_abinitio.mrc, "
+                        "which the refinement started from: the same frame)")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=100000)
     parser.add_argument("--image-size", type=int, default=32)
@@ -47,7 +50,8 @@ def main() -> int:
     truth = read_particles(args.data_dir / "particles.star")
     dataset = ParticleDataset(truth, normalize=True)
     refined = read_particles(args.run_dir / "poses.star")  # same rows and order as the particle file
-    volume = torch.tensor(read_volume(args.run_dir / "volume.mrc").data, dtype=torch.float32)
+    map_path = args.map or args.run_dir / "volume.mrc"
+    volume = torch.tensor(read_volume(map_path).data, dtype=torch.float32)
     rng = np.random.default_rng(0)
     held_out = np.sort(rng.choice(len(dataset), min(400, len(dataset) // 4), replace=False))
     train_rows = np.setdiff1d(np.arange(len(dataset)), held_out)
@@ -69,7 +73,7 @@ def main() -> int:
     angle = torch.rad2deg(geodesic_angle(alignment.aligned, true_rot))
     refined_median, refined_within = pose_agreement(predicted, refined.pose.rotmat[held_out])
     result = {
-        "run_dir": str(args.run_dir), "data_dir": str(args.data_dir), "settings": vars(settings),
+        "run_dir": str(args.run_dir), "data_dir": str(args.data_dir), "map": str(map_path), "settings": vars(settings),
         "load_average_start": load0, "load_average_end": os.getloadavg(), "particles_held_out": len(held_out),
         "steps": taught.history[-1].step if taught.history else 0,
         "history": [vars(r) for r in taught.history],
