@@ -297,6 +297,28 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert torch.allclose(read_particles(out).pose.rotmat, encoder.pose.rotmat, atol=1e-4)
 
 
+def test_refinement_rounds_on_a_subset_then_every_particle_once(particles, tmp_path, capsys):
+    """--refine-subset 100 of 200 particles: the rounds run on 100 (50 per half set), then the other
+    100 are searched once against their own half's map; poses.star and the half maps hold all 200."""
+    run = tmp_path / "run"
+    status = cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "10", "--quiet",
+                  "--device", "cpu", "--volume-every", "0", "--refine", "--refine-rounds", "2", "--refine-step", "15",
+                  "--ab-initio-iterations", "4", "--refine-subset", "100"])
+    assert status in FINISHED
+    (record,) = read_metrics(run / "metrics.jsonl", kind="refine_all")
+    assert record["particles"] == 200 and record["searched"] == 100 and 2.0 <= record["half_fsc0143_px"] <= 32
+    refined, truth = read_particles(run / "poses.star"), read_particles(particles)
+    assert len(refined) == 200
+    confidence = refined.extra_column("cryoacePoseConfidence")
+    assert np.isfinite(confidence).all() and (confidence > 0).all()
+    # the file's half sets are kept for every particle
+    assert np.array_equal(refined.extra_column("rlnRandomSubset"), truth.extra_column("rlnRandomSubset"))
+    config, _ = load_config(run / "config.yaml")
+    assert config.refine.subset == 100
+    gold = json.loads((run / "gold_standard.json").read_text())
+    assert gold["unmasked_resolution_px"] == pytest.approx(record["half_fsc0143_px"])
+
+
 def test_interrupted_refinement_resumes_where_it_stopped(particles, tmp_path):
     """A run stopped after refinement round 1 and resumed (with the round count raised) goes on from
     the saved state: no second ab initio, no repeated round, and the same map and poses as a run

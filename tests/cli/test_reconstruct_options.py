@@ -56,6 +56,7 @@ FLAGS = [
     ("--ab-initio-starts", ["2"], "refine.ab_initio_starts", 2),
     ("--ab-initio-halves", [], "refine.ab_initio_halves", True),
     ("--teach-encoder", ["2m"], "refine.teach_time_s", 120.0),
+    ("--refine-subset", ["500"], "refine.subset", 500),
     ("--halves", [], "halves", True),
     ("--downsample", ["16"], "data.downsample", 16),
     ("--datadir", ["stacks/"], "data.datadir", "stacks"),

@@ -70,7 +70,8 @@ from .pose_search import (
 )
 from .predictive_check import particle_radius_px, predictive_check
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "check_half_maps",
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "extend_refinement",
+           "check_half_maps",
            "fsc_weighted", "lowpass",
            "scale_shells", "alternate_half_sets"]
 
@@ -158,6 +159,7 @@ class RefineResult:
     start_resolution_px: float
     half_map_fsc: FSCResult
     check: PredictiveCheck | None = None
+    rows: np.ndarray | None = None  # the dataset rows of ``pose`` and ``confidence``, in their order
 
     @property
     def resolved_beyond_start(self) -> bool:
@@ -354,7 +356,8 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         half_rows=(rows[halves[0]], rows[halves[1]]), confidence=confidence.cpu(),
                         start_resolution_px=float(settings.start_resolution_px),
                         half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
-                        fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check)
+                        fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check,
+                        rows=rows)
 
 
 def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, local_only: bool,
@@ -385,6 +388,105 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
     return SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
                              torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
                         torch.where(better, kept.error, best.error)), confidence
+
+
+def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_sets: tuple[np.ndarray, np.ndarray],
+                      settings: RefineSettings | None = None, use_ctf: bool = True,
+                      device: torch.device | str = "cpu", progress: bool = True) -> RefineResult:
+    """Carry a refinement of a subset of particles over to all of them, each half apart.
+
+    The rounds of a refinement need a good map, not every particle: run on a bounded subset, they
+    cost the same whatever N. Then each particle of ``rows`` that the subset did not hold is searched
+    once — globally over SO(3), then locally, in the last round's bands, exactly as in that round —
+    against the final map of **its own** half set (``half_sets``: positions in ``rows``; every
+    subset particle must be in the same half as in ``refined``), and the half maps are rebuilt from
+    all particles (the subset's at their refined poses). The halves still never meet, so their FSC
+    stays a gold standard. Cost: ``subset × rounds + N`` particle searches instead of ``N × rounds``.
+    Returns the result for ``rows`` (poses, confidences, maps, FSC and the posterior-predictive check
+    of the final half maps); its ``rounds`` are the subset's."""
+    from tqdm.auto import tqdm
+
+    settings = settings or RefineSettings()
+    device = torch.device(device)
+    size = int(dataset.image_size)
+    rows = np.asarray(rows)
+    n = len(rows)
+    halves = tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
+    if not np.array_equal(np.sort(np.concatenate(halves)), np.arange(n)):
+        raise ValueError("the half sets must be disjoint and hold every particle position once")
+    if refined.rows is None:
+        raise ValueError("the refined result does not say which rows its poses belong to")
+    position_of = {int(row): k for k, row in enumerate(rows)}
+    known = {}  # position in rows -> index in the subset's result
+    subset_rows = np.concatenate(refined.half_rows)
+    subset_half = np.concatenate([np.zeros(len(refined.half_rows[0]), np.int64),
+                                  np.ones(len(refined.half_rows[1]), np.int64)])
+    half_of = np.empty(n, np.int64)
+    for h, positions in enumerate(halves):
+        half_of[positions] = h
+    refined_index = {int(row): k for k, row in enumerate(refined.rows)}
+    for row, h in zip(subset_rows.tolist(), subset_half.tolist(), strict=True):
+        if row not in position_of:
+            raise ValueError(f"particle row {row} of the refined subset is not among the rows to extend to")
+        if half_of[position_of[row]] != h:
+            raise ValueError(f"particle row {row} is in half set {h + 1} of the refined subset but not here")
+        known[position_of[row]] = refined_index[row]
+    use_ctf = bool(use_ctf and dataset.has_ctf)
+    last_round = refined.rounds[-1].round if refined.rounds else settings.rounds - 1
+    global_shells, local_shells = _round_shells(settings, size, last_round)
+    gband, lband = search_band(size, global_shells, device=device), search_band(size, local_shells, device=device)
+    rotations = so3_grid(settings.global_step_deg, device=device)
+    global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)
+    local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
+    offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
+    finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
+    # each half's final reference, FSC-weighted as the rounds weighted theirs
+    references = [VoxelFourierVolume.from_real(fsc_weighted(m.to(device=device, dtype=torch.float32),
+                                                            refined.half_map_fsc.curve), pad_factor=2)
+                  for m in refined.half_volumes]
+    rotmat = torch.empty(n, 3, 3, dtype=torch.float64)
+    shift = torch.empty(n, 2, dtype=torch.float64)
+    confidence = torch.empty(n)
+    accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
+    new_positions = np.array([k for k in range(n) if k not in known], dtype=np.int64)
+    bar = tqdm(total=n, unit="particle", desc="all particles", disable=None if progress else True)
+    try:
+        for h, positions in enumerate(halves):
+            for part, search in ((positions[np.isin(positions, new_positions)], True),
+                                 (positions[~np.isin(positions, new_positions)], False)):
+                for at in range(0, len(part), settings.batch_size):
+                    where = part[at:at + settings.batch_size]
+                    batch = dataset[rows[where]]
+                    images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)
+                    ctf = batch.ctf.to(device=device) if use_ctf else None
+                    if search:
+                        best, found_confidence = _search_particles(
+                            references[h], images, pixel_size, ctf, None, False, settings, gband, lband, rotations,
+                            global_shifts, local_shifts, offsets, finest, 2 * settings.global_step_deg)
+                        pose = best.pose
+                        confidence[where] = found_confidence.float().cpu()
+                    else:
+                        index = torch.as_tensor([known[int(k)] for k in where])
+                        pose = Pose(refined.pose.rotmat[index].to(device=device, dtype=torch.float32),
+                                    refined.pose.shift_angst[index].to(device=device, dtype=torch.float32))
+                        confidence[where] = refined.confidence[index].float()
+                    rotmat[where], shift[where] = pose.rotmat.double().cpu(), pose.shift_angst.double().cpu()
+                    accumulators[h].insert(images, pose.rotmat, pose.shift_angst / pixel_size[:, None], pixel_size,
+                                           ctf)
+                    bar.update(len(where))
+    finally:
+        bar.close()
+    half_maps = torch.stack([a.volume(settings.wiener_eps) for a in accumulators])
+    half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
+    volume = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
+    check = None
+    if settings.check_particles > 0:
+        check = check_half_maps(dataset, half_maps, settings, rows, halves, None, last_round, shift.float(),
+                                use_ctf, device)
+    return RefineResult(pose=Pose(rotmat=rotmat, shift_angst=shift), volume=volume.cpu(), rounds=refined.rounds,
+                        half_volumes=half_maps.cpu(), half_rows=(rows[halves[0]], rows[halves[1]]),
+                        confidence=confidence, start_resolution_px=refined.start_resolution_px,
+                        half_map_fsc=half_fsc, check=check, rows=rows)
 
 
 def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings | None = None,

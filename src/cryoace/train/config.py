@@ -72,6 +72,10 @@ def _duration(text: str) -> float:
     return parse_duration(text)
 
 
+def _all_when_zero(value: int | None) -> int | None:
+    return None if value == 0 else value
+
+
 def _minutes(seconds: float | None) -> str:
     return "none" if seconds is None else f"{seconds / 60:g}m"
 
@@ -265,6 +269,13 @@ class RefineConfig:
                                         help="gold standard: the two half sets are refined apart from the "
                                         "seed map low-passed to this resolution (px per cycle); no "
                                         "resolution at or below it is claimed")
+    subset: int | None = option(10000, flag="--refine-subset", group="refine", metavar="N", on_resume="fixed",
+                                convert=_all_when_zero,
+                                help="refinement rounds run on at most N particles (a seeded random draw from "
+                                "each half set); every other particle is then searched once (global, then "
+                                "local) against its own half's final map and added to it: the cost is N × "
+                                "rounds + all particles once, not all particles × rounds (0: every particle "
+                                "in every round)")
     teach_time_s: float | None = option(None, flag="--teach-encoder", group="refine", metavar="T", type=str,
                                         convert=_duration, show=_minutes, on_resume="free", default_text="off",
                                         help="after the refinement, teach a pose encoder from the final map for "
@@ -419,6 +430,7 @@ class TrainConfig:
         positive("--refine-rounds", self.refine.rounds)
         positive("--refine-max-time", self.refine.max_time_s, allow_none=True)
         positive("--teach-encoder", self.refine.teach_time_s, allow_none=True)
+        positive("--refine-subset", self.refine.subset, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("--ab-initio-starts", self.refine.ab_initio_starts)

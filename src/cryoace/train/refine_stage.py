@@ -68,7 +68,7 @@ from ..reconstruct.ab_initio import (
     mean_search_error,
 )
 from ..reconstruct.backproject import split_half_sets
-from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, refine
+from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, extend_refinement, refine
 from ..types import Pose
 from .monitor import PoseMonitor
 from .rundir import write_gold_standard
@@ -115,6 +115,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         log("refinement skipped: a half set has fewer than 2 particles")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted, {})
+    # the rounds run on a bounded subset (every particle when there are few), the others once at the end
+    rounds_rows, rounds_halves = _rounds_subset(half_sets, cfg.subset, trainer.config.seed)
     monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
@@ -122,7 +124,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         gold = record.half_map_fsc.resolution(0.143)
         half_map = {"half_fsc0143_px": gold.px, "half_fsc0143_angst": gold.angstrom,
                     "confidence_median": record.confidence_median}
-        monitor.update(np.arange(n), pose.rotmat.cpu())
+        monitor.update(rounds_rows, pose.rotmat.cpu())
         summary = monitor.summary()
         trainer.write_record({"kind": "refine", "step": trainer.step, "round": record.round,
                               "elapsed_s": clock(), "global_fraction": record.global_fraction,
@@ -143,7 +145,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         plot_refinement(read_metrics(run_dir / "metrics.jsonl", kind="refine"), run_dir / "refine.png")
 
     checkpoint = run_dir / "checkpoints" / "refine.pt"
-    resume, stage_elapsed, saved_start_agreement = _load_state(checkpoint, trainer.step, n, log)
+    resume, stage_elapsed, saved_start_agreement = _load_state(checkpoint, trainer.step, len(rounds_rows), log)
     stage_start = time.monotonic() - stage_elapsed
 
     def clock() -> float:  # the records' wall time goes on from the training's
@@ -161,14 +163,27 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     if resume is None:
         seed_map, start_agreement = ((decoder_map, None) if not cfg.ab_initio else
                                      _ab_initio_seed(trainer, dataset, decoder_map, half_sets, clock, log, progress))
-        log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°)")
+        log(f"refining poses and map by projection matching ({cfg.rounds} rounds, SO(3) grid {cfg.global_step_deg:g}°"
+            + (")" if len(rounds_rows) == n else f", on {len(rounds_rows)} of the {n} particles; the others are "
+               "searched once at the end)"))
     else:
         seed_map = decoder_map  # not used: the saved state holds the references
         start_agreement = saved_start_agreement
         log(f"resuming the refinement after round {resume.round + 1} of {cfg.rounds}")
-    result = refine(dataset, seed_map, settings, use_ctf=trainer.use_ctf, device=trainer.device,
-                    progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=half_sets)
+    result = refine(dataset, seed_map, settings, rows=rounds_rows, use_ctf=trainer.use_ctf, device=trainer.device,
+                    progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=rounds_halves)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
+    if len(rounds_rows) < n:
+        started = time.monotonic()
+        result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
+                                   device=trainer.device, progress=progress)
+        gold_fsc = result.half_map_fsc.resolution(0.143)
+        trainer.write_record({"kind": "refine_all", "step": trainer.step, "elapsed_s": clock(),
+                              "particles": n, "searched": n - len(rounds_rows), "half_fsc0143_px": gold_fsc.px,
+                              "confidence_median": float(result.confidence.median())})
+        log(f"the other {n - len(rounds_rows)} particles searched once against their half's map "
+            f"({time.monotonic() - started:.0f} s): half maps of all {n} particles FSC-0.143 "
+            f"{gold_fsc.angstrom:.2f} Å")
     volume = result.volume.float()
     gold = _write_gold_standard(trainer, result, start_agreement, clock, log)
     # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
@@ -219,6 +234,20 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
     log(f"the encoder taught from the map ({last.step} steps) predicts the refined poses of {len(rows)} particles "
         f"within {last.median_deg:.1f}° (median; {100 * last.within_15deg:.0f} % within 15°): {path}; "
         "'cryoace predict-poses RUN PARTICLES' uses it")
+
+
+def _rounds_subset(half_sets: tuple[np.ndarray, np.ndarray], subset: int | None, seed: int
+                   ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The particle rows the refinement rounds run on — at most ``subset``, drawn at random (seeded)
+    from each half set in proportion; all when ``subset`` is None or not smaller — and each half's
+    positions among them."""
+    n = sum(len(h) for h in half_sets)
+    if subset is None or subset >= n:
+        return np.arange(n), half_sets
+    generator = np.random.default_rng(seed + 7)
+    picked = [np.sort(generator.choice(h, max(2, round(subset * len(h) / n)), replace=False)) for h in half_sets]
+    rows = np.sort(np.concatenate(picked))
+    return rows, (np.searchsorted(rows, picked[0]), np.searchsorted(rows, picked[1]))
 
 
 def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
