@@ -416,21 +416,26 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
         raise ValueError("the half sets must be disjoint and hold every particle position once")
     if refined.rows is None:
         raise ValueError("the refined result does not say which rows its poses belong to")
-    position_of = {int(row): k for k, row in enumerate(rows)}
-    known = {}  # position in rows -> index in the subset's result
-    subset_rows = np.concatenate(refined.half_rows)
-    subset_half = np.concatenate([np.zeros(len(refined.half_rows[0]), np.int64),
-                                  np.ones(len(refined.half_rows[1]), np.int64)])
+    # where each refined particle sits in ``rows``, and in which half it was refined (no loop over particles)
+    size_rows = int(max(rows.max(), refined.rows.max())) + 1
+    position = np.full(size_rows, -1, np.int64)
+    position[rows] = np.arange(n)
+    refined_half = np.full(size_rows, -1, np.int64)
+    refined_half[refined.half_rows[0]], refined_half[refined.half_rows[1]] = 0, 1
     half_of = np.empty(n, np.int64)
     for h, positions in enumerate(halves):
         half_of[positions] = h
-    refined_index = {int(row): k for k, row in enumerate(refined.rows)}
-    for row, h in zip(subset_rows.tolist(), subset_half.tolist(), strict=True):
-        if row not in position_of:
-            raise ValueError(f"particle row {row} of the refined subset is not among the rows to extend to")
-        if half_of[position_of[row]] != h:
-            raise ValueError(f"particle row {row} is in half set {h + 1} of the refined subset but not here")
-        known[position_of[row]] = refined_index[row]
+    subset_positions = position[refined.rows]
+    if (subset_positions < 0).any():
+        raise ValueError(f"particle row {refined.rows[subset_positions < 0][0]} of the refined subset is not "
+                         "among the rows to extend to")
+    moved = half_of[subset_positions] != refined_half[refined.rows]
+    if moved.any():
+        row = refined.rows[moved][0]
+        raise ValueError(f"particle row {row} is in half set {refined_half[row] + 1} of the refined subset but "
+                         "not here")
+    known = np.full(n, -1, np.int64)  # index in the refined result, -1 for particles to search
+    known[subset_positions] = np.arange(len(refined.rows))
     use_ctf = bool(use_ctf and dataset.has_ctf)
     last_round = refined.rounds[-1].round if refined.rounds else settings.rounds - 1
     global_shells, local_shells = _round_shells(settings, size, last_round)
@@ -448,12 +453,10 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     shift = torch.empty(n, 2, dtype=torch.float64)
     confidence = torch.empty(n)
     accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
-    new_positions = np.array([k for k in range(n) if k not in known], dtype=np.int64)
     bar = tqdm(total=n, unit="particle", desc="all particles", disable=None if progress else True)
     try:
         for h, positions in enumerate(halves):
-            for part, search in ((positions[np.isin(positions, new_positions)], True),
-                                 (positions[~np.isin(positions, new_positions)], False)):
+            for part, search in ((positions[known[positions] < 0], True), (positions[known[positions] >= 0], False)):
                 for at in range(0, len(part), settings.batch_size):
                     where = part[at:at + settings.batch_size]
                     batch = dataset[rows[where]]
@@ -466,7 +469,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                         pose = best.pose
                         confidence[where] = found_confidence.float().cpu()
                     else:
-                        index = torch.as_tensor([known[int(k)] for k in where])
+                        index = torch.as_tensor(known[where])
                         pose = Pose(refined.pose.rotmat[index].to(device=device, dtype=torch.float32),
                                     refined.pose.shift_angst[index].to(device=device, dtype=torch.float32))
                         confidence[where] = refined.confidence[index].float()
