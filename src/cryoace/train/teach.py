@@ -179,7 +179,8 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
     shifts_angst : (P, 2) shifts the synthetic images draw from (e.g. the refinement's); default none.
     check        : (dataset rows, their (n, 3, 3) reference rotations in the map's frame): every
                    ``check_every`` steps the encoder's median error on them is recorded.
-    ``on_record(record)`` after each measurement.
+    ``on_record(record)`` after each measurement. Seeds torch's global generator (the random poses
+    and noise are drawn from it) with ``settings.seed``.
     """
     from tqdm.auto import tqdm
 
@@ -206,8 +207,10 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
     optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.learning_rate)
     batch_size = min(settings.batch_size, len(rows))
     start = time.monotonic()
-    sums, count, step = [0.0, 0.0], 0, 0
-    bar = tqdm(total=settings.steps, unit="step", desc="teaching the encoder", disable=None if progress else True)
+    # the losses are summed on the device and read only at a measurement: no host sync per step
+    sums, count, step = torch.zeros(2, device=device), 0, 0
+    bar = tqdm(total=settings.steps if settings.max_time_s is None else None, unit="step",
+               desc="teaching the encoder", disable=None if progress else True)
     try:
         while step < settings.steps:
             elapsed = time.monotonic() - start
@@ -228,12 +231,11 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
             optimizer.step()
             step += 1
             bar.update(1)
-            sums[0] += float(out.rotation.detach())
-            sums[1] += float(out.shift.detach())
+            sums += torch.stack([out.rotation.detach(), out.shift.detach()]).to(sums.dtype)
             count += 1
             if step % settings.check_every == 0 or step == settings.steps:
                 taught.history.append(_record(taught, step, sums, count, start, check, check_images))
-                sums, count = [0.0, 0.0], 0
+                sums, count = torch.zeros(2, device=device), 0
                 if on_record is not None:
                     on_record(taught.history[-1])
     finally:
@@ -246,11 +248,12 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
     return taught
 
 
-def _record(taught: TaughtEncoder, step: int, sums: list[float], count: int, start: float,
+def _record(taught: TaughtEncoder, step: int, sums: torch.Tensor, count: int, start: float,
             check: tuple[np.ndarray, torch.Tensor] | None, check_images: torch.Tensor | None) -> TeachRecord:
+    rotation, shift = (v / max(count, 1) for v in sums.tolist())
     median = within = None
     if check is not None and check_images is not None:
         predicted = taught.predict(check_images).rotmat
         median, within = pose_agreement(predicted, torch.as_tensor(check[1]).to(predicted.device))
-    return TeachRecord(step=step, rotation_loss=sums[0] / max(count, 1), shift_loss_px2=sums[1] / max(count, 1),
-                       elapsed_s=time.monotonic() - start, median_deg=median, within_15deg=within)
+    return TeachRecord(step=step, rotation_loss=rotation, shift_loss_px2=shift, elapsed_s=time.monotonic() - start,
+                       median_deg=median, within_15deg=within)
