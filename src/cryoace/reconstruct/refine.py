@@ -247,18 +247,9 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
         raise ValueError(f"the map is {tuple(volume.shape)}, the images need {size}³ (or 2 × {size}³, one per half)")
     rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
     n = len(rows)
-    halves = alternate_half_sets(n) if half_sets is None else tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
-    if len(halves) != 2 or min(len(h) for h in halves) == 0:
-        raise ValueError(f"refinement needs two non-empty half sets, got sizes {[len(h) for h in halves]}")
-    if not np.array_equal(np.sort(np.concatenate(halves)), np.arange(n)):
-        raise ValueError("the half sets must be disjoint and hold every particle position once")
+    halves = _checked_half_sets(alternate_half_sets(n) if half_sets is None else half_sets, n)
     use_ctf = bool(use_ctf and dataset.has_ctf)
-    rotations = so3_grid(settings.global_step_deg, device=device)
-    global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)
-    local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
-    offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
-    finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
-    confidence_radius_deg = 2 * settings.global_step_deg
+    grids = _SearchGrids.of(settings, device)
     if resume is None:
         first, pose = 0, None
         # one common start (low-passed and padded once, shared by both halves), or one per half
@@ -315,8 +306,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         best, found_confidence = _search_particles(
                             reference, images, pixel_size, ctf,
                             None if pose is None else Pose(pose.rotmat[where], pose.shift_angst[where]), local,
-                            settings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
-                            confidence_radius_deg)
+                            settings, gband, lband, grids)
                         if found_confidence is not None:
                             confidence[where] = found_confidence.to(device)
                         rotmat[where], shift[where], error[where] = best.pose.rotmat, best.pose.shift_angst, best.error
@@ -360,9 +350,43 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         rows=rows)
 
 
+@dataclasses.dataclass
+class _SearchGrids:
+    """The searches' grids of a :class:`RefineSettings`: SO(3) rotations and shifts of the global search,
+    the local shifts, the successive local rotation cubes and the finest one, and the pose
+    confidence's radius (°)."""
+
+    rotations: torch.Tensor
+    global_shifts: torch.Tensor
+    local_shifts: torch.Tensor
+    offsets: list[torch.Tensor]
+    finest: torch.Tensor
+    confidence_radius_deg: float
+
+    @classmethod
+    def of(cls, settings: RefineSettings, device) -> _SearchGrids:
+        return cls(rotations=so3_grid(settings.global_step_deg, device=device),
+                   global_shifts=shift_grid(settings.shift_range_px, settings.shift_step_px, device=device),
+                   local_shifts=shift_grid(1, settings.local_shift_step_px, device=device),
+                   offsets=[local_offsets(step, device=device) for step in settings.local_steps_deg],
+                   finest=local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device),
+                   confidence_radius_deg=2 * settings.global_step_deg)
+
+
+def _checked_half_sets(half_sets, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two half sets (positions among ``n`` particles) as int64 arrays, or ValueError unless both
+    are non-empty, disjoint and hold every position."""
+    halves = tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
+    if len(halves) != 2 or min(len(h) for h in halves) == 0:
+        raise ValueError(f"refinement needs two non-empty half sets, got sizes {[len(h) for h in halves]}")
+    if not np.array_equal(np.sort(np.concatenate(halves)), np.arange(n)):
+        raise ValueError("the half sets must be disjoint and hold every particle position once")
+    return halves
+
+
 def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, local_only: bool,
-                      settings: RefineSettings, gband, lband, rotations, global_shifts, local_shifts, offsets, finest,
-                      confidence_radius_deg: float) -> tuple[SearchResult, torch.Tensor | None]:
+                      settings: RefineSettings, gband, lband, grids: _SearchGrids
+                      ) -> tuple[SearchResult, torch.Tensor | None]:
     """One round's search of a batch against its half's ``reference``: the best pose and the pose
     confidence (None when not measured). Globally over SO(3) (the confidence from its best
     rotations), then locally with halving steps, and the last round's pose ``last`` touched up where it
@@ -371,19 +395,20 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
     search = (reference, images, pixel_size, lband)
     if local_only:
         found = last
-        for offset in offsets[1:]:
-            found = local_search(*search, found, offset, local_shifts, ctf).pose
-        return local_search(*search, found, finest, local_shifts, ctf), None
-    candidates = global_search(reference, images, pixel_size, gband, rotations, ctf, shifts_px=global_shifts,
-                               top_k=max(2, settings.confidence_candidates), distinct_rotations=True)
-    confidence = pose_confidence(candidates, confidence_radius_deg)
+        for offset in grids.offsets[1:]:
+            found = local_search(*search, found, offset, grids.local_shifts, ctf).pose
+        return local_search(*search, found, grids.finest, grids.local_shifts, ctf), None
+    candidates = global_search(reference, images, pixel_size, gband, grids.rotations, ctf,
+                               shifts_px=grids.global_shifts, top_k=max(2, settings.confidence_candidates),
+                               distinct_rotations=True)
+    confidence = pose_confidence(candidates, grids.confidence_radius_deg)
     found = Pose(candidates.pose.rotmat[:, 0], candidates.pose.shift_angst[:, 0])
-    for offset in offsets:
-        found = local_search(*search, found, offset, local_shifts, ctf).pose
-    best = local_search(*search, found, finest, local_shifts, ctf)
+    for offset in grids.offsets:
+        found = local_search(*search, found, offset, grids.local_shifts, ctf).pose
+    best = local_search(*search, found, grids.finest, grids.local_shifts, ctf)
     if last is None:
         return best, confidence
-    kept = local_search(*search, last, finest, local_shifts, ctf)  # last round's pose, touched up
+    kept = local_search(*search, last, grids.finest, grids.local_shifts, ctf)  # last round's pose, touched up
     better = kept.error < best.error
     return SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
                              torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
@@ -411,9 +436,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     size = int(dataset.image_size)
     rows = np.asarray(rows)
     n = len(rows)
-    halves = tuple(np.asarray(h, dtype=np.int64) for h in half_sets)
-    if not np.array_equal(np.sort(np.concatenate(halves)), np.arange(n)):
-        raise ValueError("the half sets must be disjoint and hold every particle position once")
+    halves = _checked_half_sets(half_sets, n)
     if refined.rows is None:
         raise ValueError("the refined result does not say which rows its poses belong to")
     # where each refined particle sits in ``rows``, and in which half it was refined (no loop over particles)
@@ -440,11 +463,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     last_round = refined.rounds[-1].round if refined.rounds else settings.rounds - 1
     global_shells, local_shells = _round_shells(settings, size, last_round)
     gband, lband = search_band(size, global_shells, device=device), search_band(size, local_shells, device=device)
-    rotations = so3_grid(settings.global_step_deg, device=device)
-    global_shifts = shift_grid(settings.shift_range_px, settings.shift_step_px, device=device)
-    local_shifts = shift_grid(1, settings.local_shift_step_px, device=device)
-    offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
-    finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
+    grids = _SearchGrids.of(settings, device)
     # each half's final reference, FSC-weighted as the rounds weighted theirs
     references = [VoxelFourierVolume.from_real(fsc_weighted(m.to(device=device, dtype=torch.float32),
                                                             refined.half_map_fsc.curve), pad_factor=2)
@@ -464,8 +483,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                     ctf = batch.ctf.to(device=device) if use_ctf else None
                     if search:
                         best, found_confidence = _search_particles(
-                            references[h], images, pixel_size, ctf, None, False, settings, gband, lband, rotations,
-                            global_shifts, local_shifts, offsets, finest, 2 * settings.global_step_deg)
+                            references[h], images, pixel_size, ctf, None, False, settings, gband, lband, grids)
                         pose = best.pose
                         confidence[where] = found_confidence.float().cpu()
                     else:
@@ -511,12 +529,12 @@ def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings |
         references = [VoxelFourierVolume.from_real(m.to(device=device, dtype=torch.float32), pad_factor=2)
                       for m in half_maps]
     round_index = settings.rounds if round_index is None else round_index
+    grids = _SearchGrids.of(settings, device)
     return predictive_check(
         dataset, rows, halves, references,
         search_band(size, _round_shells(settings, size, round_index)[0], device=device),
-        so3_grid(settings.global_step_deg, device=device),
-        shift_grid(settings.shift_range_px, settings.shift_step_px, device=device),
-        settings.confidence_candidates, 2 * settings.global_step_deg, particle_radius_px(half_maps[0], half_maps[1]),
+        grids.rotations, grids.global_shifts, settings.confidence_candidates, grids.confidence_radius_deg,
+        particle_radius_px(half_maps[0], half_maps[1]),
         shift_angst=shift_angst, use_ctf=bool(use_ctf and dataset.has_ctf), sample=settings.check_particles,
         batch_size=settings.batch_size, seed=settings.seed, device=device)
 

@@ -170,10 +170,14 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
         seed_map = decoder_map  # not used: the saved state holds the references
         start_agreement = saved_start_agreement
         log(f"resuming the refinement after round {resume.round + 1} of {cfg.rounds}")
-    result = refine(dataset, seed_map, settings, rows=rounds_rows, use_ctf=trainer.use_ctf, device=trainer.device,
-                    progress=progress, on_round=on_round, resume=resume, on_state=on_state, half_sets=rounds_halves)
+    extended = len(rounds_rows) < n
+    # the predictive check judges the final half maps: of all particles when the rounds ran on a subset
+    rounds_settings = dataclasses.replace(settings, check_particles=0) if extended else settings
+    result = refine(dataset, seed_map, rounds_settings, rows=rounds_rows, use_ctf=trainer.use_ctf,
+                    device=trainer.device, progress=progress, on_round=on_round, resume=resume, on_state=on_state,
+                    half_sets=rounds_halves)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
-    if len(rounds_rows) < n:
+    if extended:
         started = time.monotonic()
         result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
                                    device=trainer.device, progress=progress)
