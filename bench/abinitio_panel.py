@@ -156,8 +156,7 @@ def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetry: st
         poses = evaluate_poses(predicted, truth, operators=frame.operators)
     errors = poses.errors
     # poses.star keeps the particle file's rows and order
-    reference = truth.pose.rotmat.to(torch.float64) if poses.alignment.reference is None else poses.alignment.reference
-    angles = torch.rad2deg(geodesic_angle(poses.alignment.aligned, reference))
+    angles = torch.rad2deg(geodesic_angle(poses.alignment.aligned, poses.alignment.reference))
     bound = true_pose_bound(star)
     found = truth_fsc05_px(run_dir / "volume.mrc", star.parent / "volume.mrc")
     seed_records = read_metrics(run_dir / "metrics.jsonl", kind="refine_seed")

@@ -65,7 +65,8 @@ class RotationAlignment:
     mean_sq_frobenius            : mean ``‖R_gt − aligned‖²_F`` for the chosen hand.
     mean_sq_frobenius_other_hand : the same for the rejected hand (how decisive the choice was).
     reference      : (N, 3, 3) the true rotations as compared: ``R_gt`` itself, or with symmetry
-                     operators each particle's nearest symmetry mate ``R_gt g`` (None = ``R_gt``).
+                     operators each particle's nearest symmetry mate ``R_gt g`` (None only for an
+                     alignment rebuilt without them, e.g. from a saved record).
     """
 
     rotation: torch.Tensor
@@ -127,11 +128,10 @@ def _procrustes_modulo(src: torch.Tensor, rg: torch.Tensor, operators: torch.Ten
     proposals = (src[pick].transpose(-1, -2) @ rg[pick])[:, None] @ ops[None]  # (S, K, 3, 3)
     proposals = proposals.reshape(-1, 3, 3)
     sample = src[:4096] if len(src) > 4096 else src
-    sample_gt = rg[:len(sample)]
+    sample_mates = rg[:len(sample), None] @ ops[None]  # (S, K, 3, 3), the same for every proposal
     best, best_cost = proposals[0], math.inf
     for g in proposals:
-        mates = sample_gt[:, None] @ ops[None]
-        cost = float(((mates - (sample @ g)[:, None]) ** 2).sum((-1, -2)).min(1).values.median())
+        cost = float(((sample_mates - (sample @ g)[:, None]) ** 2).sum((-1, -2)).min(1).values.median())
         if cost < best_cost:
             best, best_cost = g, cost
     g, mates = best, nearest_mates(src @ best, rg, ops)
@@ -180,8 +180,7 @@ def align_rotations(rot_pred, rot_gt, hands: str = "both", operators: torch.Tens
         flip = hands == "flipped"
     g, aligned, err, reference = fits[flip]
     return RotationAlignment(rotation=g, flip_hand=bool(flip), aligned=aligned, mean_sq_frobenius=err,
-                             mean_sq_frobenius_other_hand=fits[not flip][2],
-                             reference=reference if symmetric else None)
+                             mean_sq_frobenius_other_hand=fits[not flip][2], reference=reference)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,9 +61,10 @@ class SymmetryFrame:
 
 
 def _correlation(volume: torch.Tensor, operators: torch.Tensor) -> float:
+    """The map's mean real-space correlation with itself turned by each of ``operators`` (K, 3, 3)."""
     v = volume - volume.mean()
     scores = []
-    for g in operators[1:]:
+    for g in operators:
         w = resample_volume(volume, g, oversample=1)
         w = w - w.mean()
         scores.append(float((v * w).sum() / (v.norm() * w.norm()).clamp_min(1e-30)))
@@ -90,15 +91,14 @@ def symmetry_frame(volume: torch.Tensor, name: str, directions: int = 1500, sear
     n_fold = symmetry_operators(f"C{n}")[1:2]  # one generator is enough to place the axis
 
     def score_axis(map_, axis: torch.Tensor) -> float:
-        return _correlation(map_, torch.cat([torch.eye(3, dtype=torch.float64)[None],
-                                             operators_in_frame(n_fold, _frame_with_z(axis))]))
+        return _correlation(map_, operators_in_frame(n_fold, _frame_with_z(axis)))
 
     candidates = _fibonacci_hemisphere(directions)
     scores = torch.tensor([score_axis(small, a) for a in candidates])
     axis = candidates[int(scores.argmax())]
-    step = math.radians(math.degrees(math.sqrt(4 * math.pi / (2 * directions))) / 2)
+    step = math.sqrt(4 * math.pi / (2 * directions)) / 2  # half the hemisphere grid's spacing (rad)
     best = score_axis(v, axis)
-    while step > math.radians(0.25):  # local refinement on the full map: a shrinking cross of tilts
+    while step > math.radians(0.25):  # local refinement on the refinement box: a shrinking cross of tilts
         moved = False
         q = _frame_with_z(axis)
         for tilt in ((step, 0.0), (-step, 0.0), (0.0, step), (0.0, -step)):
@@ -114,10 +114,8 @@ def symmetry_frame(volume: torch.Tensor, name: str, directions: int = 1500, sear
     if kind == "D":  # the two-fold perpendicular to the n-fold axis: a turn of the frame about it
         flip = symmetry_operators("D1")[1:2]
         spins = torch.linspace(0, math.pi / n, 61)[:-1]
-        spin_scores = [_correlation(v, torch.cat([torch.eye(3, dtype=torch.float64)[None],
-                                                  operators_in_frame(flip, _frame_with_z(axis, float(s)))]))
-                       for s in spins]
+        spin_scores = [_correlation(v, operators_in_frame(flip, _frame_with_z(axis, float(s)))) for s in spins]
         spin = float(spins[int(torch.tensor(spin_scores).argmax())])
     frame = _frame_with_z(axis, spin)
     operators = operators_in_frame(standard, frame)
-    return SymmetryFrame(group=group, frame=frame, operators=operators, correlation=_correlation(v, operators))
+    return SymmetryFrame(group=group, frame=frame, operators=operators, correlation=_correlation(v, operators[1:]))

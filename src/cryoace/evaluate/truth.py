@@ -175,12 +175,11 @@ def evaluate_poses(pred: ParticleTable, truth: ParticleTable, hands: str = "both
     shift_pred = pred.pose.shift_angst.to(torch.float64)[ip] / pixel_size
     shift_gt = truth.pose.shift_angst.to(torch.float64)[it] / pixel_size
     alignment = align_rotations(rot_pred, rot_gt, hands=hands, operators=operators)
-    compared = rot_gt if alignment.reference is None else alignment.reference
     offset, after = fit_global_offset(alignment.aligned, shift_pred, shift_gt)
     n = len(match.pred)
     return PoseEvaluation(
         n_particles=n, matched_by=match.how, alignment=alignment,
-        errors=rotation_errors(alignment.aligned, compared),
+        errors=rotation_errors(alignment.aligned, alignment.reference),
         translation_mean_sq_px=translation_error(shift_pred, shift_gt),
         global_offset_px=offset, translation_mean_sq_px_after_offset=after,
         coverage_bins=int(coverage_bins),
