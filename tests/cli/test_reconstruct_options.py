@@ -120,7 +120,7 @@ def test_every_generated_option_is_covered_here():
 
 
 def test_a_budget_option_replaces_the_presets_whole_budget(tmp_path):
-    assert preset_config("cpu").max_time_s == 480
+    assert preset_config("cpu").max_time_s == 1200
     config = _config(tmp_path, "--preset", "cpu", "--steps", "10")
     assert config.steps == 10 and config.max_time_s is None and config.epochs is None
 
@@ -131,7 +131,7 @@ def test_help_shows_each_default_from_the_presets(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr LR Adam learning rate (presets: tiny 0.001, cpu 0.001, paper 0.0001)" in text
     assert "--batch-size B images per step (presets: tiny 16, cpu 32, paper 64)" in text
-    assert "(presets: tiny none, cpu 8m, paper none)" in text  # --max-time, shown in minutes
+    assert "(presets: tiny none, cpu 20m, paper none)" in text  # --max-time, shown in minutes
     assert "--lr-gamma LR_GAMMA learning-rate factor at each milestone (default: 0.1)" in text
     assert ("--pip-weight LAMBDA weight of the PIP loss (from the data's SNR: ACE-EM's 0.9 noise-free ... 0.07 "
             "at -10 dB) (presets: tiny 0.1, cpu from the data's SNR, paper from the data's SNR)") in text

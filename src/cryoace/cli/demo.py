@@ -3,9 +3,9 @@
 The whole method on a fresh machine, with no downloads: 2000 particles of adenylate kinase (PDB
 4AKE chain A, shipped with cryoace) at L = 64, 1.5 Å/px, random poses, 3 Å shifts, CTF and noise
 at -10 dB ('cryoace simulate --preset demo'; --noise-free for clean images) go to DIR/dataset;
-with the 'cpu' preset reconstructs them with unknown poses into DIR/run: --max-time of amortized
-training (encoder + decoder), then projection-matching refinement rounds seeded by the decoder's
-map (about 6 minutes on a 2-core CPU; 'cryoace reconstruct --refine'); finally the predicted
+with the 'cpu' preset reconstructs them with unknown poses into DIR/run within --max-time (the whole
+job, 20 minutes by default: amortized training of encoder + decoder, an ab initio map by stochastic
+EM, then projection-matching refinement rounds; 'cryoace reconstruct --refine'); finally the predicted
 poses are aligned to the true ones (global rotation and hand, least squares over all particles) and
 the map, carried into the truth's frame by the same transform, is scored by its FSC against the
 true map ('cryoace evaluate'). The last lines name the maps to open in ChimeraX.
@@ -14,7 +14,7 @@ An existing DIR/dataset is reused (not simulated again); an existing DIR/run nee
 
 Example:
   cryoace demo -o cryoace_demo
-  cryoace demo -o cryoace_demo_clean --noise-free --max-time 10m
+  cryoace demo -o cryoace_demo_clean --noise-free --max-time 15m
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from ..errors import CryoaceInputError
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, default=Path("cryoace_demo"), metavar="DIR",
                         help="output directory (default: ./cryoace_demo)")
-    parser.add_argument("--max-time", default="8m", metavar="T",
-                        help="training time before the preset's refinement rounds, e.g. 8m, 1h, 90s (default: 8m)")
+    parser.add_argument("--max-time", default="20m", metavar="T",
+                        help="the reconstruction's whole wall time (networks, ab initio, refinement), e.g. 20m, "
+                        "1h, 90s (default: 20m)")
     parser.add_argument("--preset", default="cpu", help="training preset (default: cpu)")
     parser.add_argument("--noise-free", action="store_true", help="simulate images without noise")
     parser.add_argument("-n", "--num-particles", dest="n", type=int, metavar="N",

@@ -9,8 +9,8 @@ metrics.jsonl and tensorboard/ (loss curves), volume_STEP.mrc maps during traini
 volume.mrc (voxel size = the images' pixel size after --downsample), volume.png (central slices and
 projections), loss.png and poses.star (every particle's predicted pose, all input columns kept).
 
-Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, 8 minutes of training then
-10 rounds of --refine, about 6 minutes on the demo) and paper
+Presets: tiny (seconds, for tests), cpu (small networks for a 2-core CPU, then the ab initio and up
+to 10 rounds of --refine, the whole job within --max-time 20m) and paper
 (cryoAI's: VGG16-like encoder, FourierNet 256, batch 64, AMSGrad lr 1e-4, clip 1.0; 20 epochs).
 Both train coarse to fine with ACE-EM's PIP task. What the networks alone reach on a 2-core CPU
 (--no-refine, bench/amortized.py): on the demo Fourier-cropped to 32 px (--downsample 32, what a CPU
@@ -25,8 +25,12 @@ voxel-fourier use voxel grids (own learning rate 1.0; --optimizer adamw), --loss
 symmetric loss, --shift-l1 penalises large shifts, --encoder resnet18. Every --eval-every steps the
 coverage of the recent training poses (and, when the particle file has angles, their errors after
 global alignment) goes to metrics.jsonl, TensorBoard and viewing_directions.png.
-The default is cpu on the CPU and paper on a GPU. Options override the preset. The budget stops at
-the first of --steps, --epochs, --max-time (given ones replace the preset's; totals over resumes).
+The default is cpu on the CPU and paper on a GPU. Options override the preset. The networks' training
+stops at the first of --steps, --epochs and their share of --max-time (given ones replace the
+preset's; totals over resumes). --max-time is the whole job's: with --refine the networks get a
+quarter, the ab initio at most 35 %, the refinement rounds the rest, less the final pass over the
+particles not in the rounds (--refine-subset), which cannot be cut; the last round that fits searches
+at the full band. Each stage's time goes to the log, metrics.jsonl ("stage" records) and report.html.
 --resume continues an interrupted run exactly (same settings; a larger budget trains further). A
 NaN/Inf loss rolls back to the last checkpoint with half the learning rate. Before training, a quick
 pose-free test on up to 1000 particles stops the run if they look dark on a light background (fix it

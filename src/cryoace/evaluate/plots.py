@@ -117,11 +117,11 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
     """The ``metrics.jsonl`` records of one ``kind`` ("train": the loss records; "halves": half-map
     FSCs; "rollback"; "refine": one per refinement round, "ab_initio": one per iteration of each
     start of each half set, all at the last training step; "teach": one per measurement of the encoder
-    taught from the map, its optimizer step as ``iteration``), sorted by step (and half set, start, and
-    round or iteration).
+    taught from the map, its optimizer step as ``iteration``; "stage": one per stage of the run, with
+    its start ``started_s``), sorted by step (and half set, start, round or iteration, and start time).
     Where a step (and round) was logged twice (a rollback or resume re-ran it), the later record
     wins. A missing file gives ``[]``; a line cut by a crash is skipped."""
-    by_step: dict[tuple[int, int, int, int], dict] = {}
+    by_step: dict[tuple[int, int, int, int, float], dict] = {}
     path = Path(path)
     if not path.is_file():
         return []
@@ -136,7 +136,7 @@ def read_metrics(path: str | os.PathLike, kind: str = "train") -> list[dict]:
                 continue
             if isinstance(rec, dict) and rec.get("kind") == kind and "step" in rec:
                 by_step[int(rec["step"]), int(rec.get("half", 0)), int(rec.get("start", 0)),
-                        int(rec.get("round", rec.get("iteration", 0)))] = rec
+                        int(rec.get("round", rec.get("iteration", 0))), float(rec.get("started_s", 0.0))] = rec
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -47,6 +47,7 @@ COVERAGE_SAMPLE = 200_000
 #: section id -> heading, in page order
 SECTIONS = {
     "timings": "Timings",
+    "stages": "Stages and time budget",
     "loss": "Loss",
     "fsc": "Fourier shell correlation",
     "resolution": "Resolution over time",
@@ -206,6 +207,25 @@ def _timings(train: list[dict], rollbacks: list[dict], config: dict[str, Any]) -
         rows.append(("cryoace version", str(prov["cryoace_version"])))
     if not rows:
         return _missing("No training records (metrics.jsonl) or config.yaml in this run directory.")
+    return _table(rows)
+
+
+def _stages(records: list[dict], config: dict[str, Any]) -> str:
+    """Each stage of the run (``stage`` records, :mod:`cryoace.train.budget`): when it started, how long
+    it took and its share of ``--max-time``."""
+    from ..train.budget import STAGE_NAMES
+
+    if not records:
+        return _missing("No stage records in metrics.jsonl (--halves runs and older versions of cryoace write "
+                        "none).")
+    total = (config.get("config") or {}).get("max_time_s")
+    rows = [(STAGE_NAMES.get(r["stage"], r["stage"]),
+             f"{_duration(float(r['duration_s']))} from {_duration(float(r['started_s']))} into the run"
+             + ("" if r.get("budget_s") is None else f" (budget {_duration(float(r['budget_s']))})"))
+            for r in records]
+    end = max(float(r["elapsed_s"]) for r in records)
+    rows.append(("the whole run", _duration(end) + ("" if total is None else
+                                                    f" of a {_duration(float(total))} budget (--max-time)")))
     return _table(rows)
 
 
@@ -417,6 +437,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
     gold, gold_problem = _read_gold_standard(run_dir)
     bodies = {
         "timings": _timings(train, rollbacks, config),
+        "stages": _stages(read_metrics(metrics, "stage"), config),
         "loss": _loss(metrics, train),
         "fsc": _fsc(run_dir, halves, _run_pixel_size(config), gold, gold_problem),
         "resolution": _resolution(halves),

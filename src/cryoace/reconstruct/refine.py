@@ -90,7 +90,14 @@ class RefineSettings:
     local_shift_step_px : local shift grid ±1 step.
     wiener_eps      : Wiener constant of the reconstruction (relative to the mean summed CTF²).
     batch_size      : images per search batch.
-    max_time_s      : stop after the round that passes this wall time (None = all rounds).
+    max_time_s      : wall-time budget of the rounds (s, from this call's start; None = all rounds):
+                      a round after which another one (as long as the longest so far) and
+                      ``reserve_s`` would not fit is made the last one — searched at the last
+                      round's band, every particle globally — so that a short budget still ends
+                      with a full-band round rather than midway through the band schedule.
+    reserve_s       : time (s) kept out of ``max_time_s`` for what follows the rounds; a callable
+                      gets the longest round's time per particle (s) and returns it (e.g. a final
+                      pass over more particles).
     start_resolution_px : the common start map of the two halves is low-passed to this resolution
                       (px per cycle; the cosine edge ends there): the two halves share nothing finer,
                       so their FSC can only claim better resolutions from the data.
@@ -117,6 +124,7 @@ class RefineSettings:
     wiener_eps: float = 1e-2
     batch_size: int = 128
     max_time_s: float | None = None
+    reserve_s: float | Callable[[float], float] = 0.0
     start_resolution_px: float = 12.0
     confidence_candidates: int = 10
     local_confidence: float | None = 0.9
@@ -141,6 +149,7 @@ class RefineRound:
     half_map_fsc: FSCResult | None = None
     confidence_median: float | None = None
     global_fraction: float = 1.0
+    final: bool = False
 
 
 @dataclasses.dataclass
@@ -173,8 +182,9 @@ class RefineResult:
 class RefineState:
     """Everything the next round needs: the last completed ``round``, the poses found in it, the two
     FSC-weighted half maps (2, L, L, L) that serve as each half's next reference, the full map, the
-    two unweighted half maps and the pose confidences. Saved after each round, it lets an
-    interrupted refinement go on where it stopped."""
+    two unweighted half maps, the pose confidences, whether that round was a final one (the
+    schedule's last, or brought forward by the budget) and the longest round's wall time (s). Saved
+    after each round, it lets an interrupted refinement go on where it stopped."""
 
     round: int
     pose: Pose
@@ -182,6 +192,8 @@ class RefineState:
     volume: torch.Tensor
     half_volumes: torch.Tensor | None = None
     confidence: torch.Tensor | None = None
+    final: bool = False
+    longest_round_s: float = 0.0
 
 
 def scale_shells(volume: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -274,11 +286,19 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
         confidence = torch.zeros(n) if resume.confidence is None else resume.confidence
     clock0 = time.monotonic()
     history: list[RefineRound] = []
+    longest_s = 0.0 if resume is None else resume.longest_round_s
     bar = tqdm(total=max(0, settings.rounds - first), unit="round", desc="refining",
                disable=None if progress else True)
     try:
         for r in range(first, settings.rounds):
-            global_shells, local_shells = _round_shells(settings, size, r)
+            round_start = time.monotonic()
+            if r == first and resume is not None and resume.final and _no_time_after(
+                    settings, -longest_s, longest_s, n):  # it ended with a final round: more only with more time
+                break
+            final = r == settings.rounds - 1 or (longest_s > 0 and _no_time_after(settings, round_start - clock0,
+                                                                                     longest_s, n))
+            # a final round brought forward by the budget searches at the last round's band
+            global_shells, local_shells = _round_shells(settings, size, settings.rounds - 1 if final else r)
             gband = search_band(size, global_shells, device=device)
             lband = search_band(size, local_shells, device=device)
             rotmat = torch.empty(n, 3, 3, device=device)
@@ -289,7 +309,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
             # from round 1 on, particles whose pose the last global search singled out are only searched
             # locally around it (every particle is searched globally in round 0 and in the last round)
             local_only = (torch.zeros(n, dtype=torch.bool, device=device)
-                          if pose is None or settings.local_confidence is None or r == settings.rounds - 1
+                          if pose is None or settings.local_confidence is None or final
                           else previous_confidence >= settings.local_confidence)
             accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
             for h, positions in enumerate(halves):
@@ -325,21 +345,25 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                                  mean_error=float(error.mean()), elapsed_s=time.monotonic() - clock0,
                                  pose_change_median_deg=change, half_map_fsc=half_fsc,
                                  confidence_median=float(confidence.median()),
-                                 global_fraction=1.0 - float(local_only.float().mean()))
+                                 global_fraction=1.0 - float(local_only.float().mean()), final=final)
+            longest_s = max(longest_s, time.monotonic() - round_start)
             history.append(record)
             bar.update(1)
             if on_round is not None:
                 on_round(record, pose, current)
             if on_state is not None:
                 on_state(RefineState(round=r, pose=pose, half_references=weighted, volume=current,
-                                     half_volumes=half_maps, confidence=confidence.cpu()))
-            if settings.max_time_s is not None and record.elapsed_s >= settings.max_time_s:
+                                     half_volumes=half_maps, confidence=confidence.cpu(), final=final,
+                                     longest_round_s=longest_s))
+            if final:
                 break
     finally:
         bar.close()
     check = None
     if pose is not None and settings.check_particles > 0:
-        last = history[-1].round if history else first - 1  # (a resumed, finished run: its last round)
+        # the band of the last round (of a resumed, finished run: the one before this call)
+        last = (_band_round(settings, history[-1]) if history
+                else settings.rounds - 1 if resume is not None and resume.final else first - 1)
         check = check_half_maps(dataset, half_maps, settings, rows, halves, references, last, pose.shift_angst,
                                 use_ctf, device)
     return RefineResult(pose=pose, volume=current.cpu(), rounds=history, half_volumes=half_maps,
@@ -460,7 +484,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     known = np.full(n, -1, np.int64)  # index in the refined result, -1 for particles to search
     known[subset_positions] = np.arange(len(refined.rows))
     use_ctf = bool(use_ctf and dataset.has_ctf)
-    last_round = refined.rounds[-1].round if refined.rounds else settings.rounds - 1
+    last_round = _band_round(settings, refined.rounds[-1]) if refined.rounds else settings.rounds - 1
     global_shells, local_shells = _round_shells(settings, size, last_round)
     gband, lband = search_band(size, global_shells, device=device), search_band(size, local_shells, device=device)
     grids = _SearchGrids.of(settings, device)
@@ -537,6 +561,22 @@ def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings |
         particle_radius_px(half_maps[0], half_maps[1]),
         shift_angst=shift_angst, use_ctf=bool(use_ctf and dataset.has_ctf), sample=settings.check_particles,
         batch_size=settings.batch_size, seed=settings.seed, device=device)
+
+
+def _no_time_after(settings: RefineSettings, elapsed_s: float, longest_s: float, n: int) -> bool:
+    """Whether a round starting after ``elapsed_s`` of the rounds' budget must be the last: after it,
+    another round as long as the longest so far (``longest_s``, over ``n`` particles) and the
+    reserve would not fit."""
+    if settings.max_time_s is None:
+        return False
+    reserve = settings.reserve_s(longest_s / n) if callable(settings.reserve_s) else settings.reserve_s
+    return elapsed_s + 2 * longest_s + reserve > settings.max_time_s
+
+
+def _band_round(settings: RefineSettings, record: RefineRound) -> int:
+    """The round of the schedule whose bands ``record``'s round searched (a final round brought
+    forward by the budget searched at the last round's)."""
+    return settings.rounds - 1 if record.final else record.round
 
 
 def _round_shells(settings: RefineSettings, size: int, r: int) -> tuple[int, int]:

@@ -295,8 +295,9 @@ class TrainConfig:
     low frequencies, where each step is several times cheaper).
 
     Budget: training stops at the first of ``steps`` (optimizer steps), ``epochs`` (passes over the
-    particles; fractional allowed) and ``max_time_s`` (training wall time, summed over resumed
-    sessions); None means no limit on that count (at least one must be set).
+    particles; fractional allowed) and the networks' share of ``max_time_s`` (the whole job's wall
+    time, split over the stages when a refinement follows: :mod:`cryoace.train.budget`; summed over
+    resumed sessions); None means no limit on that count (at least one must be set).
     """
 
     preset: str = "custom"
@@ -311,7 +312,11 @@ class TrainConfig:
                                   on_resume="free", help="passes over the particles")
     max_time_s: float | None = option(None, flag="--max-time", group="budget", metavar="T", type=str,
                                       convert=_duration, show=_minutes, together="budget", on_resume="free",
-                                      help="training time, e.g. 30m, 1.5h, 90s (bare number: minutes)")
+                                      help="the whole job's wall time, e.g. 30m, 1.5h, 90s (bare number: "
+                                      "minutes): with --refine it is split over the stages (the networks a "
+                                      "quarter, the ab initio at most 35 %%, the refinement rounds the rest, "
+                                      "ending with a full-band round that leaves time for the final pass over "
+                                      "every particle); without, it is the networks' training time")
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -534,7 +539,7 @@ def _cpu() -> TrainConfig:
     """Small networks for a 2-core CPU, then the refinement stage. The networks alone (bench/amortized.py,
     demo at 32 px, noise-free) predict poses at a 9.8° median error after 20 minutes."""
     return TrainConfig(
-        preset="cpu", batch_size=32, max_time_s=8 * 60, log_every=25, checkpoint_every=200,
+        preset="cpu", batch_size=32, max_time_s=20 * 60, log_every=25, checkpoint_every=200,
         volume_every=1000, refine=RefineConfig(enabled=True, rounds=10),
         band_start_cyc_px=BAND_START_CYC_PX, band_ramp_steps=2000,
         pip=PIPConfig(enabled=True, weight=None, warmup_steps=100, warmup_amplitude=PIP_WARMUP_AMPLITUDE),

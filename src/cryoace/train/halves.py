@@ -61,7 +61,7 @@ from .rundir import RunResult, check_run_dir, open_training_dataset, write_gold_
 if TYPE_CHECKING:
     from ..evaluate.map_align import HalfMapFSC
 
-__all__ = ["HALF_NAMES", "MIN_GAIN", "half_seeds", "split_particles", "evaluations_without_gain",
+__all__ = ["HALF_NAMES", "MIN_GAIN", "half_config", "half_seeds", "split_particles", "evaluations_without_gain",
            "pose_in_reference_frame", "run_halves"]
 
 #: the half directories (and the ``rlnRandomSubset`` values 1, 2 in this order)
@@ -231,6 +231,14 @@ class _HalvesRun:
                                 self.run_dir / "resolution.png")
 
 
+def half_config(config: TrainConfig, seed: int) -> TrainConfig:
+    """One half model's settings: an ordinary run of its own ``seed`` with no refinement stage (so its
+    training is the whole of its budget: :mod:`cryoace.train.budget`), the two sharing ``--max-time``."""
+    return dataclasses.replace(config, seed=seed, halves=False, halves_patience=None,
+                               refine=dataclasses.replace(config.refine, enabled=False),
+                               max_time_s=None if config.max_time_s is None else config.max_time_s / 2)
+
+
 def _open_trainers(run_dir: Path, config: TrainConfig, dataset, rows, seeds: dict[str, int], resume: bool,
                    device, progress: bool, log: Callable[[str], None]) -> list:
     """One Trainer per half in RUN_DIR/halfK, on its subset, with its own seed (resumed from its own
@@ -242,9 +250,7 @@ def _open_trainers(run_dir: Path, config: TrainConfig, dataset, rows, seeds: dic
     for name, half_rows in zip(HALF_NAMES, rows, strict=True):
         half_dir = run_dir / name
         last = half_dir / "checkpoints" / "last.pt"
-        # each half is an ordinary run of its own seed; --max-time is shared between the two
-        cfg = dataclasses.replace(config, seed=seeds[name], halves=False, halves_patience=None,
-                                  max_time_s=None if config.max_time_s is None else config.max_time_s / 2)
+        cfg = half_config(config, seeds[name])
         subset = dataset.subset(half_rows)
         data_info = None
         if resume and last.is_file():

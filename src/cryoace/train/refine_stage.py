@@ -70,6 +70,7 @@ from ..reconstruct.ab_initio import (
 from ..reconstruct.backproject import split_half_sets
 from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, extend_refinement, refine
 from ..types import Pose
+from .budget import JobBudget, stage_record
 from .monitor import PoseMonitor
 from .rundir import write_gold_standard
 
@@ -91,10 +92,12 @@ class RefineOutcome:
 
 
 def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True,
-               table=None) -> RefineOutcome:
+               table=None, after_training_s: float = 0.0) -> RefineOutcome:
     """Refine the poses and map of ``trainer``'s run (see the module docstring); the outcome holds the
     refined poses (``predicted``, the encoder's, where there is nothing to refine). ``table`` (the
-    run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``."""
+    run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``.
+    ``after_training_s``: the run's wall time between the training and this stage (the encoder's pass),
+    counted in the run's clock, which the whole job's budget (:mod:`cryoace.train.budget`) is held to."""
     from ..evaluate.plots import plot_refinement, read_metrics
     from .export import plot_volume
 
@@ -148,8 +151,8 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     resume, stage_elapsed, saved_start_agreement = _load_state(checkpoint, trainer.step, len(rounds_rows), log)
     stage_start = time.monotonic() - stage_elapsed
 
-    def clock() -> float:  # the records' wall time goes on from the training's
-        return trainer.elapsed_s + (time.monotonic() - stage_start)
+    def clock() -> float:  # the run's wall time: the training's, then what came after it
+        return trainer.elapsed_s + after_training_s + (time.monotonic() - stage_start)
 
     def on_state(state: RefineState) -> None:
         with atomic_path(checkpoint) as tmp, open(tmp, "wb") as fh:
@@ -157,9 +160,11 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                         "shift_angst": state.pose.shift_angst.cpu(), "half_references": state.half_references.cpu(),
                         "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
                         "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start,
+                        "final": state.final, "longest_round_s": state.longest_round_s,
                         "start_agreement": None if start_agreement is None else
                         torch.tensor(start_agreement, dtype=torch.float64)}, fh)
 
+    budget = JobBudget.of(trainer.config)
     if resume is None:
         seed_map, start_agreement = ((decoder_map, None) if not cfg.ab_initio else
                                      _ab_initio_seed(trainer, dataset, decoder_map, half_sets, clock, log, progress))
@@ -173,20 +178,28 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     extended = len(rounds_rows) < n
     # the predictive check judges the final half maps: of all particles when the rounds ran on a subset
     rounds_settings = dataclasses.replace(settings, check_particles=0) if extended else settings
+    rounds_settings = _rounds_budget(rounds_settings, budget, clock(), n - len(rounds_rows), cfg.teach_time_s, log)
+    rounds_start = clock()
     result = refine(dataset, seed_map, rounds_settings, rows=rounds_rows, use_ctf=trainer.use_ctf,
                     device=trainer.device, progress=progress, on_round=on_round, resume=resume, on_state=on_state,
                     half_sets=rounds_halves)
     rounds_done = result.rounds[-1].round + 1 if result.rounds else resume.round + 1
+    trainer.write_record(stage_record("refine_rounds", trainer.step, rounds_start, clock(), rounds_settings.max_time_s,
+                                      rounds=len(result.rounds), particles=len(rounds_rows),
+                                      final_brought_forward=bool(result.rounds and result.rounds[-1].final
+                                                                 and result.rounds[-1].round < cfg.rounds - 1)))
     if extended:
-        started = time.monotonic()
+        started = clock()
         result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
                                    device=trainer.device, progress=progress)
         gold_fsc = result.half_map_fsc.resolution(0.143)
         trainer.write_record({"kind": "refine_all", "step": trainer.step, "elapsed_s": clock(),
                               "particles": n, "searched": n - len(rounds_rows), "half_fsc0143_px": gold_fsc.px,
                               "confidence_median": float(result.confidence.median())})
+        trainer.write_record(stage_record("final_pass", trainer.step, started, clock(), None,
+                                          particles=n - len(rounds_rows)))
         log(f"the other {n - len(rounds_rows)} particles searched once against their half's map "
-            f"({time.monotonic() - started:.0f} s): half maps of all {n} particles FSC-0.143 "
+            f"({clock() - started:.0f} s): half maps of all {n} particles FSC-0.143 "
             f"{gold_fsc.angstrom:.2f} Å")
     volume = result.volume.float()
     gold = _write_gold_standard(trainer, result, start_agreement, clock, log)
@@ -228,9 +241,11 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
                               "within_15deg": record.within_15deg})
 
     settings = TeachSettings(steps=10 ** 9, max_time_s=budget, seed=trainer.config.seed)
+    started = clock()
     taught = teach_encoder(volume, dataset, settings, shifts_angst=refined.shift_angst,
                            check=(rows, refined.rotmat[rows]), use_ctf=trainer.use_ctf, device=trainer.device,
                            progress=progress, on_record=on_record)
+    trainer.write_record(stage_record("teach", trainer.step, started, clock(), budget))
     path = trainer.run_dir / TAUGHT_ENCODER
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         torch.save(taught.state(), fh)
@@ -238,6 +253,27 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
     log(f"the encoder taught from the map ({last.step} steps) predicts the refined poses of {len(rows)} particles "
         f"within {last.median_deg:.1f}° (median; {100 * last.within_15deg:.0f} % within 15°): {path}; "
         "'cryoace predict-poses RUN PARTICLES' uses it")
+
+
+def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float, tail_particles: int,
+                   teach_s: float | None, log: Callable[[str], None]) -> RefineSettings:
+    """The rounds' settings under the whole job's budget (:mod:`cryoace.train.budget`): their time is
+    what is left of it (or ``--refine-max-time`` when that is shorter), less what follows them — the
+    final pass over the ``tail_particles`` not in the rounds (estimated per particle from the longest
+    round) and the teaching of an encoder (``teach_s``)."""
+    left = budget.left_s(elapsed_s)
+    limits = [t for t in (settings.max_time_s, left) if t is not None]
+    if not limits:
+        return settings
+    max_time_s = max(0.0, min(limits))
+    follows = ([f"the search of the other {tail_particles} particles"] if tail_particles else []) + (
+        [f"{teach_s / 60:.3g} min of teaching"] if teach_s else [])
+    log(f"refinement rounds: {max_time_s / 60:.1f} min" + (f" of the {budget.total_s / 60:.3g}-min budget left"
+                                                          if left is not None and max_time_s == max(0.0, left) else "")
+        + (f", less {' and '.join(follows)}" if follows else "")
+        + "; the last round that fits searches at the full band, every particle globally")
+    return dataclasses.replace(settings, max_time_s=max_time_s,
+                               reserve_s=lambda per_particle_s: per_particle_s * tail_particles + (teach_s or 0.0))
 
 
 def _rounds_subset(half_sets: tuple[np.ndarray, np.ndarray], subset: int | None, seed: int
@@ -287,7 +323,11 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
     for half-set starts, how far the two agree with the limit they must reach (px, FSC 0.5; else
     None). ``clock()`` is the run's wall time for the records."""
     cfg = trainer.config.refine
-    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
+    started = clock()
+    # each run's share of the job's budget (each stops after the iteration that passes it)
+    runs = cfg.ab_initio_starts * (2 if cfg.ab_initio_halves else 1)
+    run_s = JobBudget.of(trainer.config).ab_initio_run_s(runs)
+    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k, max_time_s=run_s)
               for k in range(cfg.ab_initio_starts)]
     first = starts[0]
     log(f"ab initio: {cfg.ab_initio_starts} start(s) "
@@ -330,6 +370,8 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
         ab_initio_map, ab_initio_error, agreement = maps[kept], errors[kept], None
     write_mrc(trainer.run_dir / "volume_abinitio.mrc", ab_initio_map.float().numpy(), trainer.pixel_size)
     decoder_error = search_error(decoder_map)
+    trainer.write_record(stage_record("ab_initio", trainer.step, started, clock(),
+                                      None if run_s is None else run_s * runs, runs=runs))
     chosen = "ab_initio" if ab_initio_error <= decoder_error else "decoder"
     apart = chosen == "ab_initio" and agreement is not None and agreement[0] > agreement[1]
     trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(), "chosen": chosen,
@@ -362,7 +404,9 @@ def _load_state(path, step: int, n: int, log: Callable[[str], None]
         saved = torch.load(path, map_location="cpu", weights_only=True)
         state = RefineState(round=int(saved["round"]), pose=Pose(saved["rotmat"], saved["shift_angst"]),
                             half_references=saved["half_references"], volume=saved["volume"],
-                            half_volumes=saved.get("half_volumes"), confidence=saved.get("confidence"))
+                            half_volumes=saved.get("half_volumes"), confidence=saved.get("confidence"),
+                            final=bool(saved.get("final", False)),
+                            longest_round_s=float(saved.get("longest_round_s", 0.0)))
         agreement = saved.get("start_agreement")
         agreement = None if agreement is None else tuple(float(x) for x in agreement)
     except Exception as exc:  # a damaged file: start the stage afresh rather than fail the run

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from .budget import JobBudget, describe_stages, stage_record
 from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 from .rundir import RunResult, check_run_dir, has_checkpoint, open_training_dataset, write_run_report
 
@@ -118,10 +119,15 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
         f"{n_params:,} parameters, batch {trainer.batch_size}"
         + (f" ({trainer.batch_size // ctx.world_size} on each of {ctx.world_size} processes)" if ctx.enabled else "")
         + f", device {device}")
+    budget = JobBudget.of(config)
+    log(budget.describe())
     trainer.fit()
+    trainer.write_record(stage_record("networks", trainer.step, 0.0, trainer.elapsed_s, budget.networks_s(),
+                                      steps=trainer.step))
     if owns_group:  # training is over: the other ranks may leave while rank 0 writes the outputs
         distributed.cleanup()
     # with a refinement stage the decoder's map is not the result: volume.mrc waits for the stage's map
+    trained = time.monotonic()
     trainer.finalize(DECODER_MAP if config.refine.enabled else "volume.mrc")
     poses_path = run_dir / "poses.star"
     gold = None
@@ -134,7 +140,10 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
 
             pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
             write_poses_star(run_dir / "poses_encoder.star", table, pose)
-            refined = refine_run(trainer, dataset, pose, log, progress, table=table)
+            after_training_s = time.monotonic() - trained
+            trainer.write_record(stage_record("encoder_poses", trainer.step, trainer.elapsed_s,
+                                              trainer.elapsed_s + after_training_s, None, particles=len(dataset)))
+            refined = refine_run(trainer, dataset, pose, log, progress, table=table, after_training_s=after_training_s)
             write_poses_star(poses_path, table, refined.pose, columns=refined.columns or None)
             gold = refined.gold
         else:  # amortized to the end: predicted chunk by chunk, then poses.star written chunk by chunk
@@ -142,6 +151,9 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
                              progress=progress)
             log("no resolution is reported: the networks were trained on all particles together, so no "
                 "independent half maps exist (use --refine, or --halves, for a gold-standard FSC)")
+        stages = [r for r in trainer.history if r["kind"] == "stage"]
+        if len(stages) > 1:
+            log(describe_stages(stages, budget.total_s))
         write_run_report(run_dir, log)
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=run_dir / "volume.mrc", poses=poses_path, config=run_dir / "config.yaml",

@@ -366,7 +366,15 @@ class Trainer:
         max_steps = self.max_steps
         if max_steps is not None and self.step >= max_steps:
             return True
-        return self.config.max_time_s is not None and self.elapsed_s >= self.config.max_time_s
+        limit = self.time_limit_s
+        return limit is not None and self.elapsed_s >= limit
+
+    @property
+    def time_limit_s(self) -> float | None:
+        """The networks' training time (s): their share of ``--max-time`` (:mod:`cryoace.train.budget`)."""
+        from .budget import JobBudget
+
+        return JobBudget.of(self.config).networks_s()
 
     # -- data ---------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:

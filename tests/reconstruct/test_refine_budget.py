@@ -1,0 +1,66 @@
+"""The refinement under a time budget (issue 15, one budget): the last round that fits is made the final
+one — the last round's band, every particle searched globally — and a refinement that ended on such a
+round goes on after a resume only with more time. On ASPIRE's spike images (another simulator)."""
+
+import pytest
+
+from cryoace.physics.rotations import geodesic_angle
+from cryoace.reconstruct.refine import RefineSettings, RefineState, _round_shells, lowpass, refine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _median_deg(a, b) -> float:
+    return float(geodesic_angle(a.double(), b.double()).rad2deg().median())
+
+
+def _state(result, rounds) -> RefineState:
+    return RefineState(round=rounds[-1].round, pose=result.pose, half_references=result.half_volumes,
+                       volume=result.volume, half_volumes=result.half_volumes, confidence=result.confidence,
+                       final=rounds[-1].final, longest_round_s=1.0)
+
+
+def test_a_spent_budget_brings_the_final_round_forward(aspire):
+    dataset, batch, spike = aspire
+    settings = RefineSettings(rounds=5, start_shells=12, shells_per_round=4, check_particles=0, max_time_s=0.0)
+    rounds, states = [], []
+    result = refine(dataset, lowpass(spike, 8.0), settings, progress=False,
+                    on_round=lambda record, pose, volume: rounds.append(record), on_state=states.append)
+    # round 0 (nothing measured yet to judge the time by), then the final round at the schedule's last band
+    assert [r.round for r in rounds] == [0, 1] and [r.final for r in rounds] == [False, True]
+    assert (rounds[1].global_shells, rounds[1].local_shells) == _round_shells(settings, 64, 4) != _round_shells(
+        settings, 64, 1)
+    assert rounds[1].global_fraction == 1.0  # every particle searched globally in the final round
+    assert states[-1].final and states[-1].longest_round_s > 0
+    assert _median_deg(result.pose.rotmat, batch.pose.rotmat) < 3.0  # two rounds from an 8-px start
+    # resumed with no more time: nothing more is done; with no budget: the schedule's other rounds run
+    again = refine(dataset, spike, settings, resume=states[-1], progress=False)
+    assert again.rounds == [] and again.pose.rotmat.shape == result.pose.rotmat.shape
+    more = []
+    refine(dataset, spike, RefineSettings(rounds=5, start_shells=12, shells_per_round=4, check_particles=0),
+           resume=states[-1], progress=False, on_round=lambda record, pose, volume: more.append(record))
+    assert [r.round for r in more] == [2, 3, 4] and [r.final for r in more] == [False, False, True]
+
+
+def test_the_reserve_is_estimated_per_particle_and_kept_out_of_the_rounds(aspire):
+    """The reserve (what follows the rounds) gets the longest round's time per particle; a reserve
+    larger than the budget ends the rounds as a spent budget does, one far below it changes nothing."""
+    dataset, _, spike = aspire
+    seen = []
+
+    def reserve(per_particle_s: float) -> float:
+        seen.append(per_particle_s)
+        return 1e6 * per_particle_s  # a million more particles
+
+    rounds = []
+    settings = RefineSettings(rounds=4, start_shells=12, shells_per_round=6, check_particles=0, max_time_s=3600.0,
+                              reserve_s=reserve)
+    refine(dataset, lowpass(spike, 8.0), settings, progress=False,
+           on_round=lambda record, pose, volume: rounds.append(record))
+    assert seen and all(0 < p < 10 for p in seen)
+    assert [r.final for r in rounds] == [False, True]
+    rounds.clear()
+    refine(dataset, lowpass(spike, 8.0), RefineSettings(rounds=3, start_shells=12, shells_per_round=6,
+                                                        check_particles=0, max_time_s=3600.0, reserve_s=1.0),
+           progress=False, on_round=lambda record, pose, volume: rounds.append(record))
+    assert [r.round for r in rounds] == [0, 1, 2] and [r.final for r in rounds] == [False, False, True]
