@@ -295,6 +295,29 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
                 "--encoder", "network"]) == 0
     assert "step 10" in capsys.readouterr().out
     assert torch.allclose(read_particles(out).pose.rotmat, encoder.pose.rotmat, atol=1e-4)
+    # cryoace refine: 120 of the particles posed again against the run's half maps, from the taught encoder's
+    # poses, into half maps of their own (their half sets from rlnRandomSubset), with a gold standard
+    new = tmp_path / "refined_new"
+    assert cli(["refine", str(run), str(particles), "-o", str(new), "--first", "120", "--quiet",
+                "--device", "cpu"]) in FINISHED
+    text = capsys.readouterr().out
+    assert "taught from the run's map: its poses were within" in text and "(120 particles)" in text
+    posed = read_particles(new / "poses.star")
+    assert len(posed) == 120 and np.array_equal(posed.extra_column("rlnRandomSubset"),
+                                                truth.extra_column("rlnRandomSubset")[:120])
+    confidence = posed.extra_column("cryoacePoseConfidence")
+    assert np.all((confidence >= 0) & (confidence <= 1))
+    for name in ("volume.mrc", "volume_half1.mrc", "volume_half2.mrc", "gold_standard.json", "fsc.png"):
+        assert (new / name).is_file()
+    assert open_mrc(new / "volume_half1.mrc", mmap=False).data.shape == (32, 32, 32)
+    gold = json.loads((new / "gold_standard.json").read_text())
+    assert gold["start_resolution_px"] == config.refine.start_resolution_px
+    # the same output again is refused (one line, exit 2), as is a run without half maps
+    assert cli(["refine", str(run), str(particles), "-o", str(new), "--quiet", "--device", "cpu"]) == 2
+    assert "already holds a refinement" in capsys.readouterr().err
+    (run / "volume_half2.mrc").unlink()
+    assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--quiet", "--device", "cpu"]) == 2
+    assert "has no volume_half2.mrc" in capsys.readouterr().err
 
 
 def test_refinement_rounds_on_a_subset_then_every_particle_once(particles, tmp_path, capsys):

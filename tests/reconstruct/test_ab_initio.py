@@ -122,6 +122,19 @@ def test_ab_initio_from_a_blob_finds_the_structure_at_snr_0_1(noisy_adk):
     assert float(errors.median()) < 10.0 and float((errors < 20).float().mean()) > 0.7
 
 
+def test_a_time_budget_brings_the_annealing_forward(noisy_adk):
+    """Cut short by ``max_time_s``, a run still ends annealed (temperature 1) at its final band rather
+    than midway through the schedule."""
+    settings = AbInitioSettings(iterations=200, batch_size=50, max_time_s=1.0)
+    history = ab_initio(noisy_adk, None, settings, progress=False).iterations
+    assert 2 <= len(history) < 200
+    assert history[-1].shells == settings.end_shells and history[-1].temperature == 1.0
+    assert history[-1].elapsed_s < 1.0 + 2 * (history[-1].elapsed_s - history[-2].elapsed_s)
+    assert history[0].shells == settings.start_shells and history[0].temperature == settings.start_temperature
+    unbounded = AbInitioSettings(iterations=3, batch_size=50)
+    assert [r.shells for r in ab_initio(noisy_adk, None, unbounded, progress=False).iterations] == [5, 8, 10]
+
+
 def test_ab_initio_refuses_a_start_map_of_another_box():
     dataset = ParticleDataset(read_particles(ASPIRE), normalize=True)
     with pytest.raises(ValueError, match="32"):

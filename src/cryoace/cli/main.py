@@ -33,6 +33,7 @@ COMMANDS = {
     "molmap": "molmap",
     "predict-poses": "predict_poses",
     "reconstruct": "reconstruct",
+    "refine": "refine",
     "report": "report",
     "simulate": "simulate",
 }

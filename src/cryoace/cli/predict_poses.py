@@ -60,9 +60,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..runtime import resolve_device
-    from ..train.predict import POSE_SUFFIXES, load_run, open_particles, pose_predictor, write_poses
-    from ..train.refine_stage import TAUGHT_ENCODER
-    from ..train.teach import load_taught_encoder
+    from ..train.predict import POSE_SUFFIXES, write_poses
 
     for name in ("batch_size", "chunk_rows"):
         if getattr(args, name) <= 0:
@@ -73,11 +71,26 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError("the output must be a .star (RELION), .cs (cryoSPARC) or .pkl (cryoDRGN) file",
                                 args.output)
     device = resolve_device(args.device)
+    _, table, _, poses, what = open_with_encoder(args, device)
+    write_poses(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
+    print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} ({what})", file=sys.stdout)
+    return 0
+
+
+def open_with_encoder(args: argparse.Namespace, device):
+    """The particles of ``args.particles`` prepared as the run ``args.run_dir`` trained on, and the encoder
+    that ``args.encoder`` picks (``auto``: the taught one when the run has it and no ``args.checkpoint``
+    is given): (the run, table, dataset, rows → Pose, what the poses come from)."""
+    from ..train.predict import load_run, open_particles, pose_predictor
+    from ..train.refine_stage import TAUGHT_ENCODER
+    from ..train.teach import load_taught_encoder
+
     taught_path = args.run_dir / TAUGHT_ENCODER
+    checkpoint = getattr(args, "checkpoint", None)
     taught = None
-    if args.encoder == "taught" or (args.encoder == "auto" and args.checkpoint is None and taught_path.is_file()):
+    if args.encoder == "taught" or (args.encoder == "auto" and checkpoint is None and taught_path.is_file()):
         taught = load_taught_encoder(taught_path, device)
-    run = load_run(args.run_dir, device, args.checkpoint)
+    run = load_run(args.run_dir, device, checkpoint)
     table = open_particle_table(args, args.particles)
     table.pose = None  # the file's own angles are replaced, not read: 20 bytes per particle less to hold
     invert = run.config.data.invert_contrast if args.invert_contrast is None else args.invert_contrast
@@ -86,13 +99,9 @@ def main(args: argparse.Namespace) -> int:
         def poses(rows):
             return taught.predict_particles(dataset.subset(rows), batch_size=args.batch_size, device=device)
 
-        what = "the encoder taught from the run's map"
-    else:
-        symmetric = run.config.loss == "symmetric"
-        radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
-        poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
-                               batch_size=args.batch_size, device=device, radius_cyc_px=radius)
-        what = f"step {run.step}{', symmetric paths' if symmetric else ''}"
-    write_poses(args.output, table, poses, chunk_rows=args.chunk_rows, progress=not args.quiet)
-    print(f"wrote {args.output}: poses of {len(table)} particles from {args.run_dir} ({what})", file=sys.stdout)
-    return 0
+        return run, table, dataset, poses, "the encoder taught from the run's map"
+    symmetric = run.config.loss == "symmetric"
+    radius = run.config.band_shells(run.step, run.data.image_size) / run.data.image_size
+    poses = pose_predictor(run.encoder, run.decoder, dataset, symmetric=symmetric, use_ctf=run.data.use_ctf,
+                           batch_size=args.batch_size, device=device, radius_cyc_px=radius)
+    return run, table, dataset, poses, f"the run's encoder at step {run.step}{', symmetric paths' if symmetric else ''}"

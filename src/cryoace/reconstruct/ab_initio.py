@@ -71,7 +71,10 @@ class AbInitioSettings:
     memory            : images the map remembers (Fourier sums decay by 1 − batch_size/memory).
     wiener_eps        : Wiener constant of the map (relative to the mean summed CTF²).
     seed              : of the batch draws.
-    max_time_s        : stop after the iteration that passes this wall time (None = all).
+    max_time_s        : wall-time budget (None = all iterations): the band and the temperature follow
+                        whichever is further along, the iterations or the time, and the iteration
+                        after which another one would not fit is made the last (final band,
+                        temperature 1), so a run cut short by its budget still ends annealed.
     """
 
     iterations: int = 30
@@ -148,9 +151,15 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
     last = max(1, settings.iterations - 1)
     bar = tqdm(total=settings.iterations, unit="it", desc="ab initio", disable=None if progress else True)
     try:
+        took = 0.0  # the last iteration's wall time
         for i in range(settings.iterations):
-            shells = round(settings.start_shells + (settings.end_shells - settings.start_shells) * i / last)
-            temperature = float(settings.start_temperature) ** (1 - i / last)
+            began = time.monotonic() - start
+            along, final = i / last, i == settings.iterations - 1
+            if settings.max_time_s is not None and i > 0:  # a budget that ends first brings the schedule forward
+                final = final or began + 2 * took > settings.max_time_s
+                along = 1.0 if final else max(along, min(1.0, (began + took) / settings.max_time_s))
+            shells = round(settings.start_shells + (settings.end_shells - settings.start_shells) * along)
+            temperature = float(settings.start_temperature) ** (1 - along)
             band = search_band(size, shells, device=device)
             coefficients = band_coefficients(band)
             reference = VoxelFourierVolume.from_real(current, pad_factor=2)
@@ -173,7 +182,8 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
             bar.update(1)
             if on_iteration is not None:
                 on_iteration(record, current)
-            if settings.max_time_s is not None and record.elapsed_s >= settings.max_time_s:
+            took = record.elapsed_s - began
+            if final:
                 break
     finally:
         bar.close()

@@ -71,6 +71,7 @@ from .pose_search import (
 from .predictive_check import particle_radius_px, predictive_check
 
 __all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "extend_refinement",
+           "refine_particles",
            "check_half_maps",
            "fsc_weighted", "lowpass",
            "scale_shells", "alternate_half_sets"]
@@ -386,15 +387,20 @@ class _SearchGrids:
     offsets: list[torch.Tensor]
     finest: torch.Tensor
     confidence_radius_deg: float
+    #: the cascade that carries a start from elsewhere (an encoder's prediction, off by some 10-20°):
+    #: a cube of twice the widest local step first, then the local steps and the finest
+    initial: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, settings: RefineSettings, device) -> _SearchGrids:
+        offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
+        finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
+        widest = 2 * max(settings.local_steps_deg, default=4.0)
         return cls(rotations=so3_grid(settings.global_step_deg, device=device),
                    global_shifts=shift_grid(settings.shift_range_px, settings.shift_step_px, device=device),
                    local_shifts=shift_grid(1, settings.local_shift_step_px, device=device),
-                   offsets=[local_offsets(step, device=device) for step in settings.local_steps_deg],
-                   finest=local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device),
-                   confidence_radius_deg=2 * settings.global_step_deg)
+                   offsets=offsets, finest=finest, confidence_radius_deg=2 * settings.global_step_deg,
+                   initial=[local_offsets(widest, device=device), *offsets, finest])
 
 
 def _checked_half_sets(half_sets, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,13 +415,14 @@ def _checked_half_sets(half_sets, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, local_only: bool,
-                      settings: RefineSettings, gband, lband, grids: _SearchGrids
+                      settings: RefineSettings, gband, lband, grids: _SearchGrids, last_from_elsewhere: bool = False
                       ) -> tuple[SearchResult, torch.Tensor | None]:
     """One round's search of a batch against its half's ``reference``: the best pose and the pose
     confidence (None when not measured). Globally over SO(3) (the confidence from its best
     rotations), then locally with halving steps, and the last round's pose ``last`` touched up where it
-    still explains the image better; or, with ``local_only``, locally around ``last`` only, from the
-    second local step on."""
+    still explains the image better (``last_from_elsewhere``: a start not from this search, e.g. an
+    encoder's, carried by the wider ``grids.initial`` cascade instead); or, with ``local_only``,
+    locally around ``last`` only, from the second local step on."""
     search = (reference, images, pixel_size, lband)
     if local_only:
         found = last
@@ -432,7 +439,9 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
     best = local_search(*search, found, grids.finest, grids.local_shifts, ctf)
     if last is None:
         return best, confidence
-    kept = local_search(*search, last, grids.finest, grids.local_shifts, ctf)  # last round's pose, touched up
+    kept = SearchResult(last, None)
+    for offset in grids.initial if last_from_elsewhere else [grids.finest]:  # last round's pose, touched up
+        kept = local_search(*search, kept.pose, offset, grids.local_shifts, ctf)
     better = kept.error < best.error
     return SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
                              torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
@@ -441,7 +450,8 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
 
 def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_sets: tuple[np.ndarray, np.ndarray],
                       settings: RefineSettings | None = None, use_ctf: bool = True,
-                      device: torch.device | str = "cpu", progress: bool = True) -> RefineResult:
+                      device: torch.device | str = "cpu", progress: bool = True,
+                      initial: Pose | None = None) -> RefineResult:
     """Carry a refinement of a subset of particles over to all of them, each half apart.
 
     The rounds of a refinement need a good map, not every particle: run on a bounded subset, they
@@ -452,7 +462,9 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     all particles (the subset's at their refined poses). The halves still never meet, so their FSC
     stays a gold standard. Cost: ``subset × rounds + N`` particle searches instead of ``N × rounds``.
     Returns the result for ``rows`` (poses, confidences, maps, FSC and the posterior-predictive check
-    of the final half maps); its ``rounds`` are the subset's."""
+    of the final half maps); its ``rounds`` are the subset's. ``initial``: poses (per position in
+    ``rows``) from elsewhere — an encoder's — each carried by a local search from 2× the widest local
+    step down and kept where it explains its image better than the global search's."""
     from tqdm.auto import tqdm
 
     settings = settings or RefineSettings()
@@ -464,7 +476,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     if refined.rows is None:
         raise ValueError("the refined result does not say which rows its poses belong to")
     # where each refined particle sits in ``rows``, and in which half it was refined (no loop over particles)
-    size_rows = int(max(rows.max(), refined.rows.max())) + 1
+    size_rows = int(max(rows.max(initial=-1), refined.rows.max(initial=-1))) + 1
     position = np.full(size_rows, -1, np.int64)
     position[rows] = np.arange(n)
     refined_half = np.full(size_rows, -1, np.int64)
@@ -506,8 +518,12 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                     images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)
                     ctf = batch.ctf.to(device=device) if use_ctf else None
                     if search:
+                        start = None if initial is None else Pose(
+                            initial.rotmat[where].to(device=device, dtype=torch.float32),
+                            initial.shift_angst[where].to(device=device, dtype=torch.float32))
                         best, found_confidence = _search_particles(
-                            references[h], images, pixel_size, ctf, None, False, settings, gband, lband, grids)
+                            references[h], images, pixel_size, ctf, start, False, settings, gband, lband, grids,
+                            last_from_elsewhere=True)
                         pose = best.pose
                         confidence[where] = found_confidence.float().cpu()
                     else:
@@ -532,6 +548,31 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                         half_volumes=half_maps.cpu(), half_rows=(rows[halves[0]], rows[halves[1]]),
                         confidence=confidence, start_resolution_px=refined.start_resolution_px,
                         half_map_fsc=half_fsc, check=check, rows=rows)
+
+
+def refine_particles(dataset, half_maps: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
+                     settings: RefineSettings | None = None, initial: Pose | None = None,
+                     start_resolution_px: float | None = None, use_ctf: bool = True,
+                     device: torch.device | str = "cpu", progress: bool = True) -> RefineResult:
+    """Pose every particle of ``dataset`` against the half maps of an earlier refinement (2, L, L, L,
+    in the images' units) and rebuild half maps from these particles alone: each half set
+    (``half_sets``, row positions) is searched against its own half map — globally, then locally, at
+    the final round's bands of ``settings``, and from ``initial`` (e.g. an encoder's poses) where
+    that explains an image better — so the new half maps stay a gold standard, as independent as the
+    old ones (``start_resolution_px``: what those shared, default ``settings.start_resolution_px``).
+    :func:`extend_refinement` with no particle refined before."""
+    settings = settings or RefineSettings()
+    if tuple(half_maps.shape) != (2,) + (int(dataset.image_size),) * 3:
+        raise ValueError(f"the half maps are {tuple(half_maps.shape)}, the images need 2 × {dataset.image_size}³")
+    half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
+    nothing = np.zeros(0, np.int64)
+    empty = RefineResult(pose=Pose(torch.zeros(0, 3, 3), torch.zeros(0, 2)), volume=half_maps.mean(0), rounds=[],
+                         half_volumes=half_maps, half_rows=(nothing, nothing), confidence=torch.zeros(0),
+                         start_resolution_px=float(settings.start_resolution_px if start_resolution_px is None
+                                                   else start_resolution_px),
+                         half_map_fsc=half_fsc, rows=nothing)
+    return extend_refinement(dataset, empty, np.arange(len(dataset)), half_sets, settings, use_ctf=use_ctf,
+                             device=device, progress=progress, initial=initial)
 
 
 def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings | None = None,

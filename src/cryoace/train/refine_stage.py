@@ -74,7 +74,7 @@ from .budget import JobBudget, stage_record
 from .monitor import PoseMonitor
 from .rundir import write_gold_standard
 
-__all__ = ["refine_run", "RefineOutcome", "DECODER_MAP"]
+__all__ = ["refine_run", "RefineOutcome", "DECODER_MAP", "half_sets_of"]
 
 #: the decoder's map in a run with a refinement stage (whose map alone is ``volume.mrc``)
 DECODER_MAP = "volume_decoder.mrc"
@@ -113,7 +113,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
                               batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px,
                               seed=trainer.config.seed)
     n = len(dataset)
-    half_sets = _half_sets(table, n, trainer.config.seed)
+    half_sets = half_sets_of(table, n, trainer.config.seed)
     if min(len(h) for h in half_sets) < 2:
         log("refinement skipped: a half set has fewer than 2 particles")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
@@ -290,7 +290,7 @@ def _rounds_subset(half_sets: tuple[np.ndarray, np.ndarray], subset: int | None,
     return rows, (np.searchsorted(rows, picked[0]), np.searchsorted(rows, picked[1]))
 
 
-def _half_sets(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def half_sets_of(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The refinement's two half sets (row positions): the table's ``rlnRandomSubset`` when it has one
     that splits the particles, else a seeded random split."""
     rows = np.arange(n, dtype=np.int64)

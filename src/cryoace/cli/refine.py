@@ -1,0 +1,123 @@
+"""Refine the poses of new particles against a finished run's half maps, and rebuild the map from them.
+
+For particles of the same molecule that were not in the run (a new collection, a larger selection):
+each particle's pose is first predicted in one forward pass by the run's encoder (the one taught
+from its map with 'reconstruct --teach-encoder' when the run has it, else the networks' encoder;
+--encoder picks, none skips it), then searched against the run's half map of its own half set
+(RUN_DIR/volume_half1.mrc or volume_half2.mrc; rlnRandomSubset when the file has it, else a seeded
+random split): globally over SO(3) at the run's final global band, then locally at its final band,
+the encoder's pose carried by a local search from 8° down and kept where it explains the image
+better. OUT gets poses.star (every input column kept, with rlnRandomSubset and
+cryoacePoseConfidence), volume.mrc and the half maps built from these particles alone
+(volume_half1.mrc, volume_half2.mrc, volume_mask.mrc), gold_standard.json and fsc.png: the new half
+maps are as independent as the run's, so their FSC is a gold standard; a resolution is only claimed
+beyond the run's --refine-start-resolution (what the run's half maps shared). The images are
+prepared as the run's (Fourier-cropped to its box, normalized with its mean and std); the pixel size
+must match.
+
+Exit status: 0 done; 2 bad input (a run without half maps, another box or pixel size); 4 the half
+maps resolved nothing (NOT RESOLVED, as 'cryoace reconstruct').
+
+Example:
+  cryoace reconstruct particles.star -o run1 --teach-encoder 10m
+  cryoace refine run1 new_particles.star -o refined_new
+  cryoace fsc refined_new/volume.mrc run1/volume.mrc
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CryoaceInputError
+from .particle_input import add_particle_input_args
+
+HALF_MAPS = ("volume_half1.mrc", "volume_half2.mrc")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a finished 'cryoace reconstruct' run with a refinement stage (its half maps)")
+    parser.add_argument("particles", type=Path, help="particles: RELION .star, cryoSPARC .cs or an .mrcs stack")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT",
+                        help="output directory (poses.star, volume.mrc, half maps, gold_standard.json, fsc.png)")
+    parser.add_argument("--encoder", choices=("auto", "taught", "network", "none"), default="auto",
+                        help="the poses to start from: taught (RUN_DIR/checkpoints/encoder_taught.pt), network "
+                        "(the encoder trained with the decoder), none (the global search alone); auto (default): "
+                        "taught when the run has it, else network")
+    parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
+    parser.add_argument("--invert-contrast", action="store_true", default=None,
+                        help="for stacks with dark particles (default: as the run was trained)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_particle_input_args(parser, poses_flag=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
+    from ..io.mrc import read_volume, write_mrc
+    from ..reconstruct.refine import RefineSettings, refine_particles
+    from ..runtime import resolve_device
+    from ..train.predict import write_poses_star
+    from ..train.refine_stage import half_sets_of
+    from ..train.rundir import write_gold_standard
+    from ..train.teach import pose_agreement
+    from .predict_poses import open_with_encoder
+
+    if args.batch_size <= 0:
+        raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
+    out: Path = args.output
+    if out.exists() and not out.is_dir():
+        raise CryoaceInputError("the output exists and is not a directory", out)
+    if (out / "poses.star").exists():
+        raise CryoaceInputError("the output directory already holds a refinement (poses.star); give another", out)
+    for name in HALF_MAPS:
+        if not (args.run_dir / name).is_file():
+            raise CryoaceInputError(f"the run has no {name}: refine needs the half maps of a run with a refinement "
+                                    "stage (cryoace reconstruct --refine, on in the cpu preset)", args.run_dir / name)
+    device = resolve_device(args.device)
+    choice = args.encoder
+    args.encoder = "network" if choice == "none" else choice  # the run's data preparation is needed either way
+    run, table, dataset, predict, what = open_with_encoder(args, device)
+    half_maps = torch.stack([torch.as_tensor(read_volume(args.run_dir / name).data.copy()) for name in HALF_MAPS])
+    if tuple(half_maps.shape[1:]) != (dataset.image_size,) * 3:
+        raise CryoaceInputError(f"the run's half maps are {tuple(half_maps.shape[1:])}, its images "
+                                f"{dataset.image_size} px", args.run_dir / HALF_MAPS[0])
+    n = len(dataset)
+    say = (lambda m: None) if args.quiet else (lambda m: print(f"cryoace refine: {m}", file=sys.stderr))
+    initial = None
+    if choice != "none":
+        say(f"predicting the poses of {n} particles with {what}")
+        initial = predict(np.arange(n))
+    cfg = run.config.refine
+    settings = RefineSettings(rounds=cfg.rounds, global_step_deg=cfg.global_step_deg, batch_size=cfg.batch_size,
+                              start_resolution_px=cfg.start_resolution_px, seed=run.config.seed)
+    halves = half_sets_of(table, n, run.config.seed)
+    say(f"searching {n} particles against the run's half maps (each half set against its own)")
+    result = refine_particles(dataset, half_maps.float(), halves, settings, initial=initial,
+                              start_resolution_px=cfg.start_resolution_px, use_ctf=run.data.use_ctf, device=device,
+                              progress=not args.quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    subset = np.zeros(n, dtype=np.int64)
+    subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
+    write_mrc(out / "volume.mrc", result.volume.float().numpy(), run.data.pixel_size)
+    gold = write_gold_standard(out, result.half_volumes[0], result.half_volumes[1], run.data.pixel_size,
+                               result.start_resolution_px, result.confidence, result.check,
+                               title="gold-standard FSC of the new particles' half maps")
+    write_poses_star(out / "poses.star", table, result.pose,
+                     columns={"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()})
+    if initial is not None:
+        median, within = pose_agreement(initial.rotmat, result.pose.rotmat)
+        print(f"{what}: its poses were within {median:.1f}° of the refined ones (median; "
+              f"{100 * within:.0f} % within 15°)")
+    print(f"wrote {out}/poses.star, volume.mrc, volume_half1.mrc, volume_half2.mrc, volume_mask.mrc, "
+          f"gold_standard.json and fsc.png ({n} particles)")
+    for line in gold.summary():
+        print(line)
+    return 0 if gold.resolved else UNRESOLVED_EXIT_CODE
