@@ -113,3 +113,28 @@ def c3_map(size: int = 32) -> torch.Tensor:
         v = v + blob(7 * math.cos(t), 7 * math.sin(t), 3, 2.0) + 0.7 * blob(
             5 * math.cos(t + 0.6), 5 * math.sin(t + 0.6), -5, 1.5)
     return v
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], cwd, timeout: float = 120, worker_exit: int = 0):
+    """``torchrun --nproc-per-node 2`` on the loopback interface, one thread per process; asserts success
+    (or, with ``worker_exit`` ≠ 0, that rank 0 ended with that status, e.g. 4: NOT RESOLVED)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    ended = proc.returncode == 0 if worker_exit == 0 else f"exitcode  : {worker_exit} " in proc.stderr
+    assert ended, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -15,6 +15,10 @@ beyond the run's --refine-start-resolution (what the run's half maps shared). Th
 prepared as the run's (Fourier-cropped to its box, normalized with its mean and std); the pixel size
 must match.
 
+Under torchrun (one process per GPU, or gloo on the CPU) the encoder's pass, the searches and the
+map's Fourier sums are split over the processes (each takes every WORLD_SIZE-th particle) and
+summed; rank 0 writes OUT. The result is the single process's, up to the order of float sums.
+
 Exit status: 0 done; 2 bad input (a run without half maps, another box or pixel size); 4 the half
 maps resolved nothing (NOT RESOLVED, as 'cryoace reconstruct').
 
@@ -22,6 +26,7 @@ Example:
   cryoace reconstruct particles.star -o run1 --teach-encoder 10m
   cryoace refine run1 new_particles.star -o refined_new
   cryoace fsc refined_new/volume.mrc run1/volume.mrc
+  torchrun --nproc-per-node 4 -m cryoace refine run1 new_particles.star -o refined_new --device cuda
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
     from ..io.mrc import read_volume, write_mrc
     from ..reconstruct.refine import RefineSettings, refine_particles
-    from ..runtime import resolve_device
+    from ..types import Pose
+    from ..train import distributed
     from ..train.predict import write_poses_star
     from ..train.refine_stage import half_sets_of
     from ..train.rundir import write_gold_standard
@@ -81,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
         if not (args.run_dir / name).is_file():
             raise CryoaceInputError(f"the run has no {name}: refine needs the half maps of a run with a refinement "
                                     "stage (cryoace reconstruct --refine, on in the cpu preset)", args.run_dir / name)
-    device = resolve_device(args.device)
+    context = distributed.init_distributed(args.device)  # a no-op outside torchrun
+    device = context.device
+    rank, world = context.rank, context.world_size
     choice = args.encoder
     args.encoder = "network" if choice == "none" else choice  # the run's data preparation is needed either way
     run, table, dataset, predict, what = open_with_encoder(args, device)
@@ -90,11 +98,16 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError(f"the run's half maps are {tuple(half_maps.shape[1:])}, its images "
                                 f"{dataset.image_size} px", args.run_dir / HALF_MAPS[0])
     n = len(dataset)
-    say = (lambda m: None) if args.quiet else (lambda m: print(f"cryoace refine: {m}", file=sys.stderr))
+    quiet = args.quiet or not context.is_main
+    say = (lambda m: None) if quiet else (lambda m: print(f"cryoace refine: {m}", file=sys.stderr))
+    mine = np.arange(rank, n, world)  # the particles this process searches (extend_refinement's split)
     initial = None
     if choice != "none":
-        say(f"predicting the poses of {n} particles with {what}")
-        initial = predict(np.arange(n))
+        say(f"predicting the poses of {n} particles with {what}"
+            + (f" ({len(mine)} in each of {world} processes)" if world > 1 else ""))
+        predicted = predict(mine)
+        initial = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
+        initial.rotmat[mine], initial.shift_angst[mine] = predicted.rotmat.double(), predicted.shift_angst.double()
     cfg = run.config.refine
     settings = RefineSettings(rounds=cfg.rounds, global_step_deg=cfg.global_step_deg, batch_size=cfg.batch_size,
                               start_resolution_px=cfg.start_resolution_px, seed=run.config.seed)
@@ -102,7 +115,10 @@ def main(args: argparse.Namespace) -> int:
     say(f"searching {n} particles against the run's half maps (each half set against its own)")
     result = refine_particles(dataset, half_maps.float(), halves, settings, initial=initial,
                               start_resolution_px=cfg.start_resolution_px, use_ctf=run.data.use_ctf, device=device,
-                              progress=not args.quiet)
+                              progress=not quiet, ranks=(rank, world) if world > 1 else None)
+    if not context.is_main:  # rank 0 writes; the others hold the same result
+        distributed.cleanup()
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     subset = np.zeros(n, dtype=np.int64)
     subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
@@ -112,12 +128,13 @@ def main(args: argparse.Namespace) -> int:
                                title="gold-standard FSC of the new particles' half maps")
     write_poses_star(out / "poses.star", table, result.pose,
                      columns={"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()})
-    if initial is not None:
-        median, within = pose_agreement(initial.rotmat, result.pose.rotmat)
+    if initial is not None:  # (rank 0's particles)
+        median, within = pose_agreement(initial.rotmat[mine], result.pose.rotmat[mine])
         print(f"{what}: its poses were within {median:.1f}° of the refined ones (median; "
               f"{100 * within:.0f} % within 15°)")
     print(f"wrote {out}/poses.star, volume.mrc, volume_half1.mrc, volume_half2.mrc, volume_mask.mrc, "
           f"gold_standard.json and fsc.png ({n} particles)")
     for line in gold.summary():
         print(line)
+    distributed.cleanup()
     return 0 if gold.resolved else UNRESOLVED_EXIT_CODE

@@ -451,7 +451,7 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
 def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_sets: tuple[np.ndarray, np.ndarray],
                       settings: RefineSettings | None = None, use_ctf: bool = True,
                       device: torch.device | str = "cpu", progress: bool = True,
-                      initial: Pose | None = None) -> RefineResult:
+                      initial: Pose | None = None, ranks: tuple[int, int] | None = None) -> RefineResult:
     """Carry a refinement of a subset of particles over to all of them, each half apart.
 
     The rounds of a refinement need a good map, not every particle: run on a bounded subset, they
@@ -464,7 +464,13 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     Returns the result for ``rows`` (poses, confidences, maps, FSC and the posterior-predictive check
     of the final half maps); its ``rounds`` are the subset's. ``initial``: poses (per position in
     ``rows``) from elsewhere — an encoder's — each carried by a local search from 2× the widest local
-    step down and kept where it explains its image better than the global search's."""
+    step down and kept where it explains its image better than the global search's (a rank needs
+    only its own particles' starts).
+
+    ``ranks`` = (rank, world size) of an initialized ``torch.distributed`` process group (torchrun)
+    that shares the work: rank r searches and inserts the particles at positions p ≡ r (mod world
+    size) of ``rows``; the Fourier sums, poses and confidences are then summed over the ranks, so every
+    rank returns the whole result, equal to one process's up to the order of the float sums."""
     from tqdm.auto import tqdm
 
     settings = settings or RefineSettings()
@@ -504,13 +510,17 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     references = [VoxelFourierVolume.from_real(fsc_weighted(m.to(device=device, dtype=torch.float32),
                                                             refined.half_map_fsc.curve), pad_factor=2)
                   for m in refined.half_volumes]
-    rotmat = torch.empty(n, 3, 3, dtype=torch.float64)
-    shift = torch.empty(n, 2, dtype=torch.float64)
-    confidence = torch.empty(n)
+    rank, world = (0, 1) if ranks is None else ranks
+    # zeros, not empty: with several ranks each fills its own particles and the sums make the whole
+    rotmat = torch.zeros(n, 3, 3, dtype=torch.float64)
+    shift = torch.zeros(n, 2, dtype=torch.float64)
+    confidence = torch.zeros(n)
     accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
-    bar = tqdm(total=n, unit="particle", desc="all particles", disable=None if progress else True)
+    mine = [positions[positions % world == rank] for positions in halves]
+    bar = tqdm(total=sum(len(p) for p in mine), unit="particle", desc="all particles",
+               disable=None if progress else True)
     try:
-        for h, positions in enumerate(halves):
+        for h, positions in enumerate(mine):
             for part, search in ((positions[known[positions] < 0], True), (positions[known[positions] >= 0], False)):
                 for at in range(0, len(part), settings.batch_size):
                     where = part[at:at + settings.batch_size]
@@ -537,11 +547,13 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                     bar.update(len(where))
     finally:
         bar.close()
+    if world > 1:
+        _sum_over_ranks([rotmat, shift, confidence, *(a.grid for a in accumulators)], device)
     half_maps = torch.stack([a.volume(settings.wiener_eps) for a in accumulators])
     half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
     volume = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
     check = None
-    if settings.check_particles > 0:
+    if settings.check_particles > 0:  # the same seeded sample on every rank: the same check
         check = check_half_maps(dataset, half_maps, settings, rows, halves, None, last_round, shift.float(),
                                 use_ctf, device)
     return RefineResult(pose=Pose(rotmat=rotmat, shift_angst=shift), volume=volume.cpu(), rounds=refined.rounds,
@@ -553,14 +565,16 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
 def refine_particles(dataset, half_maps: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
                      settings: RefineSettings | None = None, initial: Pose | None = None,
                      start_resolution_px: float | None = None, use_ctf: bool = True,
-                     device: torch.device | str = "cpu", progress: bool = True) -> RefineResult:
+                     device: torch.device | str = "cpu", progress: bool = True,
+                     ranks: tuple[int, int] | None = None) -> RefineResult:
     """Pose every particle of ``dataset`` against the half maps of an earlier refinement (2, L, L, L,
     in the images' units) and rebuild half maps from these particles alone: each half set
     (``half_sets``, row positions) is searched against its own half map — globally, then locally, at
     the final round's bands of ``settings``, and from ``initial`` (e.g. an encoder's poses) where
     that explains an image better — so the new half maps stay a gold standard, as independent as the
     old ones (``start_resolution_px``: what those shared, default ``settings.start_resolution_px``).
-    :func:`extend_refinement` with no particle refined before."""
+    :func:`extend_refinement` with no particle refined before (``ranks``: the work split over a
+    torchrun process group, as there)."""
     settings = settings or RefineSettings()
     if tuple(half_maps.shape) != (2,) + (int(dataset.image_size),) * 3:
         raise ValueError(f"the half maps are {tuple(half_maps.shape)}, the images need 2 × {dataset.image_size}³")
@@ -572,7 +586,20 @@ def refine_particles(dataset, half_maps: torch.Tensor, half_sets: tuple[np.ndarr
                                                    else start_resolution_px),
                          half_map_fsc=half_fsc, rows=nothing)
     return extend_refinement(dataset, empty, np.arange(len(dataset)), half_sets, settings, use_ctf=use_ctf,
-                             device=device, progress=progress, initial=initial)
+                             device=device, progress=progress, initial=initial, ranks=ranks)
+
+
+def _sum_over_ranks(tensors: list[torch.Tensor], device) -> None:
+    """Sum each tensor in place over the ranks of the process group (one flat all-reduce, on
+    ``device``: NCCL reduces GPU tensors, gloo CPU ones)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.to(device=device, dtype=torch.float64).reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    at = 0
+    for t in tensors:
+        t.copy_(flat[at:at + t.numel()].reshape(t.shape).to(t.dtype))
+        at += t.numel()
 
 
 def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings | None = None,
