@@ -44,8 +44,8 @@ def teach_into(run: Path, minutes: float) -> dict:
     normalization and refined shifts) and save it as the run's taught encoder."""
     from cryoace.io.atomic import atomic_path
     from cryoace.io.mrc import read_volume
+    from cryoace.pipeline.refine_stage import TAUGHT_ENCODER
     from cryoace.train.predict import load_run, open_particles
-    from cryoace.train.refine_stage import TAUGHT_ENCODER
     from cryoace.train.teach import TeachSettings, teach_encoder
 
     trained = load_run(run)

@@ -21,8 +21,8 @@ from cryoace.evaluate.plots import read_metrics
 from cryoace.evaluate.truth import compare_maps, evaluate_poses
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import read_particles
+from cryoace.pipeline.run import run_reconstruction
 from cryoace.train.config import TrainConfig
-from cryoace.train.run import run_reconstruction
 
 
 def demo_dataset(directory: Path, noise_free: bool, n: int | None = None, seed: int = 0) -> Path:

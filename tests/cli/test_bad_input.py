@@ -731,7 +731,7 @@ def test_interrupted_run_has_no_final_looking_map_and_says_how_to_resume(test_da
                                                                         monkeypatch):
     """Ctrl-C during the refinement stage: no volume.mrc (the decoder's map is volume_decoder.mrc),
     exit 130, and the message gives the exact command that continues; that command finishes the run."""
-    import cryoace.train.refine_stage as refine_stage
+    import cryoace.pipeline.refine_stage as refine_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

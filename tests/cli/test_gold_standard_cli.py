@@ -18,7 +18,7 @@ from cryoace.evaluate.gold_standard import UNRESOLVED_EXIT_CODE
 from cryoace.evaluate.plots import read_metrics
 from cryoace.io.mrc import write_mrc
 from cryoace.io.particles import read_particles
-from cryoace.train.budget import NETWORK_SHARE
+from cryoace.pipeline.budget import NETWORK_SHARE
 
 from conftest import TEST_DATA
 
@@ -60,6 +60,7 @@ def test_noise_gets_no_resolution(noise_run, capsys):
     stages = {r["stage"]: r for r in read_metrics(run / "metrics.jsonl", kind="stage")}
     assert set(stages) == {"networks", "encoder_poses", "ab_initio", "refine_rounds"}
     assert stages["networks"]["budget_s"] == pytest.approx(15 * NETWORK_SHARE)
+    assert stages["networks"]["duration_s"] < 15 * NETWORK_SHARE + 3  # (it stops at the first step past it)
     assert stages["networks"]["elapsed_s"] <= stages["ab_initio"]["started_s"] <= stages["refine_rounds"]["started_s"]
     assert "Stages and time budget" in report and "of a 15.0 s budget (--max-time)" in report
 

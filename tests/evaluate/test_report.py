@@ -33,8 +33,8 @@ def _section(page: str, key: str) -> str:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 10-step tiny run on 64 simulated noisy particles (L=32, CTF): it writes report.html itself."""
+    from cryoace.pipeline.run import run_reconstruction
     from cryoace.train.config import preset_config
-    from cryoace.train.run import run_reconstruction
 
     from helpers import simulate_adk
 
@@ -123,7 +123,7 @@ def test_plot_viewing_directions(tmp_path):
 
 def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch):
     import cryoace.evaluate.report as report
-    from cryoace.train.rundir import write_run_report
+    from cryoace.pipeline.rundir import write_run_report
 
     def broken(run_dir, path=None):
         raise RuntimeError("no plots today")

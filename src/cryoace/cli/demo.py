@@ -68,9 +68,9 @@ def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..pipeline.run import check_run_dir, run_reconstruction
     from ..runtime import resolve_device
     from ..train.config import parse_duration, preset_config
-    from ..train.run import check_run_dir, run_reconstruction
     from .main import main as cli
 
     if args.n is not None and args.n <= 0:

@@ -76,7 +76,7 @@ def resume_command(run_dir, argv: list[str]) -> str | None:
     when the run has no checkpoint to continue from."""
     import shlex
 
-    from ..train.run import has_checkpoint
+    from ..pipeline.run import has_checkpoint
 
     if not has_checkpoint(run_dir):
         return None

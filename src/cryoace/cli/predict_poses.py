@@ -81,8 +81,8 @@ def open_with_encoder(args: argparse.Namespace, device):
     """The particles of ``args.particles`` prepared as the run ``args.run_dir`` trained on, and the encoder
     that ``args.encoder`` picks (``auto``: the taught one when the run has it and no ``args.checkpoint``
     is given): (the run, table, dataset, rows → Pose, what the poses come from)."""
+    from ..pipeline.refine_stage import TAUGHT_ENCODER
     from ..train.predict import load_run, open_particles, pose_predictor
-    from ..train.refine_stage import TAUGHT_ENCODER
     from ..train.teach import load_taught_encoder
 
     taught_path = args.run_dir / TAUGHT_ENCODER

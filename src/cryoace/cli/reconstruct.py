@@ -183,7 +183,7 @@ def resume_hint(args: argparse.Namespace, argv: list[str]) -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.run import check_run_dir, run_reconstruction
+    from ..pipeline.run import check_run_dir, run_reconstruction
 
     check_run_dir(args.output, args.resume)
     config = build_config(args)

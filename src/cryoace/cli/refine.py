@@ -67,11 +67,11 @@ def main(args: argparse.Namespace) -> int:
 
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
     from ..io.mrc import read_volume, write_mrc
+    from ..pipeline.refine_stage import half_sets_of
+    from ..pipeline.rundir import write_gold_standard
     from ..reconstruct.refine import RefineSettings, refine_particles
     from ..train import distributed
     from ..train.predict import write_poses_star
-    from ..train.refine_stage import half_sets_of
-    from ..train.rundir import write_gold_standard
     from ..train.teach import pose_agreement
     from ..types import Pose
     from .predict_poses import open_with_encoder

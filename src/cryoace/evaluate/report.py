@@ -211,9 +211,9 @@ def _timings(train: list[dict], rollbacks: list[dict], config: dict[str, Any]) -
 
 
 def _stages(records: list[dict], config: dict[str, Any]) -> str:
-    """Each stage of the run (``stage`` records, :mod:`cryoace.train.budget`): when it started, how long
+    """Each stage of the run (``stage`` records, :mod:`cryoace.pipeline.budget`): when it started, how long
     it took and its share of ``--max-time``."""
-    from ..train.budget import STAGE_NAMES
+    from ..pipeline.budget import STAGE_NAMES
 
     if not records:
         return _missing("No stage records in metrics.jsonl (--halves runs and older versions of cryoace write "

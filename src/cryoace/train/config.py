@@ -296,7 +296,7 @@ class TrainConfig:
 
     Budget: training stops at the first of ``steps`` (optimizer steps), ``epochs`` (passes over the
     particles; fractional allowed) and the networks' share of ``max_time_s`` (the whole job's wall
-    time, split over the stages when a refinement follows: :mod:`cryoace.train.budget`; summed over
+    time, split over the stages when a refinement follows: :mod:`cryoace.pipeline.budget`; summed over
     resumed sessions); None means no limit on that count (at least one must be set).
     """
 

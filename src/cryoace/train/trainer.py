@@ -258,6 +258,9 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.elapsed_s = 0.0
+        #: the training's wall time (s): ``--max-time``, or the networks' share of it that the pipeline
+        #: sets when stages follow them (:mod:`cryoace.pipeline.budget`)
+        self.time_limit_s = config.max_time_s
         self.lr_factor = 1.0
         self._scheduler = None  # the learning-rate schedule, started by _apply_lr
         self._scheduler_factor = 1.0
@@ -366,15 +369,7 @@ class Trainer:
         max_steps = self.max_steps
         if max_steps is not None and self.step >= max_steps:
             return True
-        limit = self.time_limit_s
-        return limit is not None and self.elapsed_s >= limit
-
-    @property
-    def time_limit_s(self) -> float | None:
-        """The networks' training time (s): their share of ``--max-time`` (:mod:`cryoace.train.budget`)."""
-        from .budget import JobBudget
-
-        return JobBudget.of(self.config).networks_s()
+        return self.time_limit_s is not None and self.elapsed_s >= self.time_limit_s
 
     # -- data ---------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:

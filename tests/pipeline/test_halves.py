@@ -25,15 +25,15 @@ from cryoace.io.mrc import open_mrc, read_volume
 from cryoace.io.particles import read_particles
 from cryoace.physics.forward import VoxelFourierVolume, render_images
 from cryoace.physics.rotations import axis_angle_to_rotmat, random_rotmat
-from cryoace.train.config import load_config, preset_config
-from cryoace.train.halves import (
+from cryoace.pipeline.halves import (
     HALF_NAMES,
     evaluations_without_gain,
     half_seeds,
     pose_in_reference_frame,
     split_particles,
 )
-from cryoace.train.run import run_reconstruction
+from cryoace.pipeline.run import run_reconstruction
+from cryoace.train.config import load_config, preset_config
 from cryoace.train.trainer import load_checkpoint_file
 from cryoace.types import Pose
 

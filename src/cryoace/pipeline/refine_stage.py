@@ -69,9 +69,9 @@ from ..reconstruct.ab_initio import (
 )
 from ..reconstruct.backproject import split_half_sets
 from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, extend_refinement, refine
+from ..train.monitor import PoseMonitor
 from ..types import Pose
 from .budget import JobBudget, stage_record
-from .monitor import PoseMonitor
 from .rundir import write_gold_standard
 
 __all__ = ["refine_run", "RefineOutcome", "DECODER_MAP", "half_sets_of"]
@@ -97,9 +97,9 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     refined poses (``predicted``, the encoder's, where there is nothing to refine). ``table`` (the
     run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``.
     ``after_training_s``: the run's wall time between the training and this stage (the encoder's pass),
-    counted in the run's clock, which the whole job's budget (:mod:`cryoace.train.budget`) is held to."""
+    counted in the run's clock, which the whole job's budget (:mod:`cryoace.pipeline.budget`) is held to."""
     from ..evaluate.plots import plot_refinement, read_metrics
-    from .export import plot_volume
+    from ..train.export import plot_volume
 
     cfg = trainer.config.refine
     if len(dataset) < 4:  # two half sets of at least two particles are needed
@@ -226,7 +226,7 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
                    log: Callable[[str], None], progress: bool) -> None:
     """Teach a pose encoder from the final map (:mod:`cryoace.train.teach`) for ``refine.teach_time_s``,
     measure it against the refined poses of a sample of particles, and save it (atomically)."""
-    from .teach import TeachSettings, teach_encoder
+    from ..train.teach import TeachSettings, teach_encoder
 
     rows = np.sort(np.random.default_rng(trainer.config.seed).choice(
         len(dataset), min(TEACH_CHECK_PARTICLES, len(dataset)), replace=False))
@@ -257,7 +257,7 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
 
 def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float, tail_particles: int,
                    teach_s: float | None, log: Callable[[str], None]) -> RefineSettings:
-    """The rounds' settings under the whole job's budget (:mod:`cryoace.train.budget`): their time is
+    """The rounds' settings under the whole job's budget (:mod:`cryoace.pipeline.budget`): their time is
     what is left of it (or ``--refine-max-time`` when that is shorter), less what follows them — the
     final pass over the ``tail_particles`` not in the rounds (estimated per particle from the longest
     round) and the teaching of an encoder (``teach_s``)."""

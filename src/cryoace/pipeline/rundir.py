@@ -2,8 +2,8 @@
 dataset (after the contrast check), the gold-standard outputs of two half maps, the closing report,
 and the :class:`RunResult` both return.
 
-Its own module so that :mod:`cryoace.train.run` (which dispatches ``--halves`` runs) and
-:mod:`cryoace.train.halves` both import it without importing each other.
+Its own module so that :mod:`cryoace.pipeline.run` (which dispatches ``--halves`` runs) and
+:mod:`cryoace.pipeline.halves` both import it without importing each other.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CryoaceInputError
-from .config import TrainConfig
+from ..train.config import TrainConfig
 
 __all__ = ["RunResult", "check_run_dir", "open_training_dataset", "write_run_report", "write_gold_standard"]
 
@@ -40,7 +40,7 @@ class RunResult:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that ``--resume`` can continue."""
-    # a --halves run keeps its checkpoints in half1/ and half2/ (train.halves)
+    # a --halves run keeps its checkpoints in half1/ and half2/ (pipeline.halves)
     return any((Path(run_dir) / sub / "checkpoints" / "last.pt").is_file() for sub in (".", "half1"))
 
 

@@ -8,7 +8,7 @@ trains (:class:`~cryoace.train.trainer.Trainer`), writes ``volume.mrc`` and the 
 every particle's pose into ``poses.star`` (:func:`~cryoace.train.predict.predict_poses`), and last
 the self-contained ``report.html`` (:mod:`cryoace.evaluate.report`). With ``refine.enabled`` the
 encoder's poses go to ``poses_encoder.star``, the decoder's map to ``volume_decoder.mrc``, and the
-projection-matching refinement seeded by that map (:mod:`cryoace.train.refine_stage`) writes
+projection-matching refinement seeded by that map (:mod:`cryoace.pipeline.refine_stage`) writes
 ``volume.mrc`` and ``poses.star`` (rank 0 only; ``--halves`` runs have no refinement stage).
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CryoaceInputError
+from ..train.config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 from .budget import JobBudget, describe_stages, stage_record
-from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 from .rundir import RunResult, check_run_dir, has_checkpoint, open_training_dataset, write_run_report
 
 __all__ = ["RunResult", "run_reconstruction", "check_run_dir", "has_checkpoint"]
@@ -54,10 +54,10 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
 
     from ..io.particles import read_particles
     from ..io.preload import prepare_dataset
-    from . import distributed
-    from .predict import pose_predictor, predict_poses, write_poses_star
+    from ..train import distributed
+    from ..train.predict import pose_predictor, predict_poses, write_poses_star
+    from ..train.trainer import DataInfo, Trainer, load_checkpoint_file
     from .refine_stage import DECODER_MAP
-    from .trainer import DataInfo, Trainer, load_checkpoint_file
 
     wall0 = time.monotonic()
     log = log or (lambda m: None)
@@ -120,6 +120,7 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
         + (f" ({trainer.batch_size // ctx.world_size} on each of {ctx.world_size} processes)" if ctx.enabled else "")
         + f", device {device}")
     budget = JobBudget.of(config)
+    trainer.time_limit_s = budget.networks_s()
     log(budget.describe())
     trainer.fit()
     trainer.write_record(stage_record("networks", trainer.step, 0.0, trainer.elapsed_s, budget.networks_s(),
@@ -135,7 +136,7 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
         log(f"predicting the poses of {len(dataset)} particles")
         options = dict(symmetric=trainer.symmetric, use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size,
                        device=device, radius_cyc_px=trainer.band_shells() / trainer.image_size)
-        if config.refine.enabled:  # projection matching from the decoder's map (train.refine_stage)
+        if config.refine.enabled:  # projection matching from the decoder's map (pipeline.refine_stage)
             from .refine_stage import refine_run
 
             pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)

@@ -26,7 +26,7 @@ same in every shell), so the first FSCs can be optimistic; evaluate after a real
 At the end RUN_DIR holds volume_half1.mrc, volume_half2.mrc (half 2 in half 1's frame), volume.mrc
 (their average) and volume.png, the gold standard of the two half maps as a refinement writes it
 (volume_mask.mrc, gold_standard.json, fsc.png, a ``gold_standard`` record:
-:func:`cryoace.train.rundir.write_gold_standard`; the resolution is claimed only when the halves
+:func:`cryoace.pipeline.rundir.write_gold_standard`; the resolution is claimed only when the halves
 agree clearly beyond ``refine.start_resolution_px`` and each half's particles align to its map as
 sharply as the map's own projections do (the posterior-predictive check of
 :func:`cryoace.reconstruct.refine.check_half_maps`), else the run says NOT RESOLVED and exits 4),
@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 from ..errors import CryoaceInputError
+from ..train.config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 from ..types import Pose
-from .config import TrainConfig, load_config, provenance, save_config, spawn_seeds
 from .rundir import RunResult, check_run_dir, open_training_dataset, write_gold_standard, write_run_report
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class _HalvesRun:
     def evaluate(self, record: bool = True) -> _Evaluation:
         """Export both maps, align half 2 onto half 1, FSC; log, record and plot it (see module doc)."""
         from ..evaluate.map_align import half_map_fsc
-        from .export import decoder_volume
+        from ..train.export import decoder_volume
 
         first = self.trainers[0]
         size, voxel_size = first.image_size, first.pixel_size
@@ -233,7 +233,7 @@ class _HalvesRun:
 
 def half_config(config: TrainConfig, seed: int) -> TrainConfig:
     """One half model's settings: an ordinary run of its own ``seed`` with no refinement stage (so its
-    training is the whole of its budget: :mod:`cryoace.train.budget`), the two sharing ``--max-time``."""
+    training is the whole of its budget: :mod:`cryoace.pipeline.budget`), the two sharing ``--max-time``."""
     return dataclasses.replace(config, seed=seed, halves=False, halves_patience=None,
                                refine=dataclasses.replace(config.refine, enabled=False),
                                max_time_s=None if config.max_time_s is None else config.max_time_s / 2)
@@ -244,7 +244,7 @@ def _open_trainers(run_dir: Path, config: TrainConfig, dataset, rows, seeds: dic
     """One Trainer per half in RUN_DIR/halfK, on its subset, with its own seed (resumed from its own
     checkpoint when there is one); each half directory gets a config.yaml like an ordinary run."""
     from ..io.preload import prepare_dataset
-    from .trainer import DataInfo, Trainer, load_checkpoint_file
+    from ..train.trainer import DataInfo, Trainer, load_checkpoint_file
 
     trainers = []
     for name, half_rows in zip(HALF_NAMES, rows, strict=True):
@@ -279,7 +279,7 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
                progress: bool = True, log: Callable[[str], None] | None = None, table=None) -> RunResult:
     """Half-set training of ``particles`` into ``run_dir`` with every output (module docstring).
 
-    The arguments are :func:`~cryoace.train.run.run_reconstruction`'s (which calls this when
+    The arguments are :func:`~cryoace.pipeline.run.run_reconstruction`'s (which calls this when
     ``config.halves``). One process only (not under torchrun). ``RunResult.steps`` and ``epochs`` are
     each half's, ``train_time_s`` both halves' together, ``resolution_angst`` the final half-map FSC
     0.143 resolution.
@@ -288,9 +288,9 @@ def run_halves(particles: str | os.PathLike, run_dir: str | os.PathLike, config:
     from ..io.particles import read_particles
     from ..reconstruct.refine import RefineSettings, check_half_maps
     from ..runtime import resolve_device
-    from . import distributed
-    from .export import plot_volume
-    from .predict import pose_predictor, write_poses_star
+    from ..train import distributed
+    from ..train.export import plot_volume
+    from ..train.predict import pose_predictor, write_poses_star
 
     wall0 = time.monotonic()
     log = log or (lambda m: None)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cryoace.train.budget import AB_INITIO_SHARE, NETWORK_SHARE, JobBudget, describe_stages, stage_record
+from cryoace.pipeline.budget import AB_INITIO_SHARE, NETWORK_SHARE, JobBudget, describe_stages, stage_record
 from cryoace.train.config import preset_config
 
 
@@ -14,11 +14,6 @@ def test_the_cpu_preset_bounds_the_whole_job_and_splits_it():
     assert budget.ab_initio_run_s(3) == pytest.approx(20 * 60 * AB_INITIO_SHARE / 3)
     assert budget.left_s(1000.0) == pytest.approx(200.0) and budget.left_s(1300.0) < 0
     assert "20 min for the whole job" in budget.describe()
-    # the networks' trainer stops at their share
-    from cryoace.train.trainer import Trainer
-
-    fake = type("T", (), {"config": config})()
-    assert Trainer.time_limit_s.fget(fake) == pytest.approx(300.0)
 
 
 def test_without_a_refinement_stage_the_networks_have_it_all():
@@ -34,7 +29,7 @@ def test_without_a_refinement_stage_the_networks_have_it_all():
 def test_half_models_train_for_half_the_budget_each():
     """--halves with the cpu preset's refinement switched on: each half model trains for half of
     --max-time (not a quarter of it, as a networks stage before a refinement would)."""
-    from cryoace.train.halves import half_config
+    from cryoace.pipeline.halves import half_config
 
     config = preset_config("cpu")
     config.halves = True
