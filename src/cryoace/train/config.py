@@ -222,8 +222,9 @@ class PIPConfig:
 class RefineConfig:
     """Projection-matching refinement after the amortized training (:mod:`cryoace.reconstruct.refine`):
     poses searched against the decoder's map (global over SO(3) on a ``global_step_deg`` grid, then
-    local), the map rebuilt from them, for ``rounds`` rounds with a growing band, or until
-    ``max_time_s`` (None = all rounds). Its map and poses become ``volume.mrc`` and ``poses.star``.
+    local), the map rebuilt from them, for ``rounds`` rounds with a growing band, or as many as fit in
+    ``max_time_s`` and what the job's ``--max-time`` leaves them (the last one that fits searches at
+    the final band). Its map and poses become ``volume.mrc`` and ``poses.star``.
 
     With ``ab_initio``, a low-resolution map is first built from a featureless blob by
     ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`), ``ab_initio_starts``
@@ -260,7 +261,9 @@ class RefineConfig:
                          help="refinement rounds")
     max_time_s: float | None = option(None, flag="--refine-max-time", group="refine", metavar="T", type=str,
                                       convert=_duration, show=_minutes, on_resume="free",
-                                      default_text="all rounds", help="stop refining after the round that passes T")
+                                      default_text="all rounds",
+                                      help="the rounds' wall time (at most what --max-time leaves them): the last "
+                                      "round that fits is made the final one, at the full band")
     global_step_deg: float = option(8.0, flag="--refine-step", group="refine", metavar="DEG", on_resume="free",
                                     help="SO(3) grid spacing of the global search in degrees")
     batch_size: int = 128
