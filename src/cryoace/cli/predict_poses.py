@@ -46,16 +46,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="taught: the encoder taught from the run's final map (reconstruct --teach-encoder; "
                         "RUN_DIR/checkpoints/encoder_taught.pt); network: the one trained with the decoder; "
                         "auto (default): the taught one when the run has it and no --checkpoint is given")
-    parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
-    parser.add_argument("--invert-contrast", action="store_true", default=None,
-                        help="for stacks with dark particles (default: as the run was trained)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    add_run_input_args(parser)
     parser.add_argument("--chunk-rows", type=int, default=CHUNK_ROWS,
                         help=f"particles predicted (and written) at once (default {CHUNK_ROWS}; every chunk but "
                              "the last has exactly this many, so its batches have the same shapes each time)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_particle_input_args(parser, poses_flag=None)
+
+
+def add_run_input_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that reads particles as a run's encoder sees them (:func:`open_with_encoder`)."""
+    parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
+    parser.add_argument("--invert-contrast", action="store_true", default=None,
+                        help="for stacks with dark particles (default: as the run was trained)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 
 from ..errors import CryoaceInputError
 from .particle_input import add_particle_input_args
+from .predict_poses import add_run_input_args
 
 HALF_MAPS = ("volume_half1.mrc", "volume_half2.mrc")
 
@@ -53,10 +54,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the poses to start from: taught (RUN_DIR/checkpoints/encoder_taught.pt), network "
                         "(the encoder trained with the decoder), none (the global search alone); auto (default): "
                         "taught when the run has it, else network")
-    parser.add_argument("--datadir", type=Path, help="directory holding the image stacks, if not where the file says")
-    parser.add_argument("--invert-contrast", action="store_true", default=None,
-                        help="for stacks with dark particles (default: as the run was trained)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    add_run_input_args(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_particle_input_args(parser, poses_flag=None)
