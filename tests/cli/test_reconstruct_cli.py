@@ -338,6 +338,9 @@ def test_refinement_rounds_on_a_subset_then_every_particle_once(particles, tmp_p
     assert np.array_equal(refined.extra_column("rlnRandomSubset"), truth.extra_column("rlnRandomSubset"))
     config, _ = load_config(run / "config.yaml")
     assert config.refine.subset == 100
+    # more particles than the subset: no pass of the networks' encoder over every particle
+    assert not (run / "poses_encoder.star").exists()
+    assert "encoder_poses" not in {r["stage"] for r in read_metrics(run / "metrics.jsonl", kind="stage")}
     gold = json.loads((run / "gold_standard.json").read_text())
     assert gold["unmasked_resolution_px"] == pytest.approx(record["half_fsc0143_px"])
 

@@ -91,10 +91,10 @@ class RefineOutcome:
     gold: GoldStandard | None = None
 
 
-def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], progress: bool = True,
+def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[str], None], progress: bool = True,
                table=None, after_training_s: float = 0.0) -> RefineOutcome:
     """Refine the poses and map of ``trainer``'s run (see the module docstring); the outcome holds the
-    refined poses (``predicted``, the encoder's, where there is nothing to refine). ``table`` (the
+    refined poses (``predicted()``, the encoder's, where there is nothing to refine). ``table`` (the
     run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``.
     ``after_training_s``: the run's wall time between the training and this stage (the encoder's pass),
     counted in the run's clock, which the whole job's budget (:mod:`cryoace.pipeline.budget`) is held to."""
@@ -105,7 +105,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     if len(dataset) < 4:  # two half sets of at least two particles are needed
         log("refinement skipped: it needs at least 4 particles (two half sets)")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
-        return RefineOutcome(predicted, {})
+        return RefineOutcome(predicted(), {})
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
     decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
@@ -117,7 +117,7 @@ def refine_run(trainer, dataset, predicted: Pose, log: Callable[[str], None], pr
     if min(len(h) for h in half_sets) < 2:
         log("refinement skipped: a half set has fewer than 2 particles")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
-        return RefineOutcome(predicted, {})
+        return RefineOutcome(predicted(), {})
     # the rounds run on a bounded subset (every particle when there are few), the others once at the end
     rounds_rows, rounds_halves = _rounds_subset(half_sets, cfg.subset, trainer.config.seed)
     monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())

@@ -133,21 +133,34 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
     poses_path = run_dir / "poses.star"
     gold = None
     if ctx.is_main:
-        log(f"predicting the poses of {len(dataset)} particles")
         options = dict(symmetric=trainer.symmetric, use_ctf=trainer.use_ctf, batch_size=config.predict_batch_size,
                        device=device, radius_cyc_px=trainer.band_shells() / trainer.image_size)
         if config.refine.enabled:  # projection matching from the decoder's map (pipeline.refine_stage)
             from .refine_stage import refine_run
 
-            pose = predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
-            write_poses_star(run_dir / "poses_encoder.star", table, pose)
-            after_training_s = time.monotonic() - trained
-            trainer.write_record(stage_record("encoder_poses", trainer.step, trainer.elapsed_s,
-                                              trainer.elapsed_s + after_training_s, None, particles=len(dataset)))
-            refined = refine_run(trainer, dataset, pose, log, progress, table=table, after_training_s=after_training_s)
+            def encoder_poses():
+                return predict_poses(trainer.encoder, trainer.decoder, dataset, progress=progress, **options)
+
+            subset = config.refine.subset
+            if subset is None or len(dataset) <= subset:  # the networks' poses beside the result, for comparison
+                log(f"predicting the poses of {len(dataset)} particles with the networks' encoder")
+                pose = encoder_poses()
+                write_poses_star(run_dir / "poses_encoder.star", table, pose)
+                after_training_s = time.monotonic() - trained
+                trainer.write_record(stage_record("encoder_poses", trainer.step, trainer.elapsed_s,
+                                                  trainer.elapsed_s + after_training_s, None, particles=len(dataset)))
+                predicted = lambda: pose  # noqa: E731
+            else:  # a pass over every particle that nothing uses: left to predict-poses (the cost stays bounded)
+                log(f"no poses_encoder.star: with more particles than --refine-subset ({subset}) the networks' "
+                    f"poses are not predicted for every particle (cryoace predict-poses {run_dir} PARTICLES "
+                    "-o poses_encoder.star gives them)")
+                after_training_s, predicted = time.monotonic() - trained, encoder_poses
+            refined = refine_run(trainer, dataset, predicted, log, progress, table=table,
+                                 after_training_s=after_training_s)
             write_poses_star(poses_path, table, refined.pose, columns=refined.columns or None)
             gold = refined.gold
         else:  # amortized to the end: predicted chunk by chunk, then poses.star written chunk by chunk
+            log(f"predicting the poses of {len(dataset)} particles")
             write_poses_star(poses_path, table, pose_predictor(trainer.encoder, trainer.decoder, dataset, **options),
                              progress=progress)
             log("no resolution is reported: the networks were trained on all particles together, so no "
