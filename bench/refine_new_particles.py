@@ -39,19 +39,20 @@ from cryoace.evaluate.truth import evaluate_poses  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402
 
 
-def teach_into(run: Path, minutes: float) -> dict:
-    """Teach an encoder from ``run``'s final map as ``reconstruct --teach-encoder`` does (its particles,
-    normalization and refined shifts) and save it as the run's taught encoder."""
+def teach_into(run: Path, source: Path, minutes: float) -> dict:
+    """Teach an encoder from the final map of ``source`` (a run) as ``reconstruct --teach-encoder``
+    does (its particles, normalization and refined shifts) and save it as ``run``'s (a copy of it)
+    taught encoder."""
     from cryoace.io.atomic import atomic_path
     from cryoace.io.mrc import read_volume
     from cryoace.pipeline.refine_stage import TAUGHT_ENCODER
     from cryoace.train.predict import load_run, open_particles
     from cryoace.train.teach import TeachSettings, teach_encoder
 
-    trained = load_run(run)
-    config_particles = read_particles(run / "poses.star")
-    dataset = open_particles(run / "poses.star", trained.data, table=config_particles)
-    volume = torch.as_tensor(read_volume(run / "volume.mrc").data.copy())
+    trained = load_run(source)
+    config_particles = read_particles(source / "poses.star")  # (its stacks are named relative to it)
+    dataset = open_particles(source / "poses.star", trained.data, table=config_particles)
+    volume = torch.as_tensor(read_volume(source / "volume.mrc").data.copy())
     started = time.monotonic()
     taught = teach_encoder(volume, dataset, TeachSettings(steps=10 ** 9, max_time_s=minutes * 60, seed=0),
                            shifts_angst=config_particles.pose.shift_angst, use_ctf=trained.data.use_ctf,
@@ -97,7 +98,7 @@ def main() -> int:
     if run.exists():
         shutil.rmtree(run)
     shutil.copytree(args.run_dir, run)
-    teach = teach_into(run, args.teach) if args.teach else None
+    teach = teach_into(run, args.run_dir, args.teach) if args.teach else None
     encoder_star = args.work / "encoder_new.star"
     started = time.monotonic()
     if cli(["predict-poses", str(run), str(star), "-o", str(encoder_star), "--quiet"]) != 0:
