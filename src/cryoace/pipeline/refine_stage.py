@@ -74,7 +74,8 @@ from ..types import Pose
 from .budget import JobBudget, stage_record
 from .rundir import write_gold_standard
 
-__all__ = ["refine_run", "RefineOutcome", "DECODER_MAP", "half_sets_of"]
+__all__ = ["refine_run", "RefineOutcome", "DECODER_MAP", "half_sets_of", "follow_final_pass", "stage_settings",
+           "rounds_subset"]
 
 #: the decoder's map in a run with a refinement stage (whose map alone is ``volume.mrc``)
 DECODER_MAP = "volume_decoder.mrc"
@@ -92,34 +93,36 @@ class RefineOutcome:
 
 
 def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[str], None], progress: bool = True,
-               table=None, after_training_s: float = 0.0) -> RefineOutcome:
+               table=None, after_training_s: float = 0.0, ranks: tuple[int, int] | None = None) -> RefineOutcome:
     """Refine the poses and map of ``trainer``'s run (see the module docstring); the outcome holds the
     refined poses (``predicted()``, the encoder's, where there is nothing to refine). ``table`` (the
     run's ParticleTable) gives RELION's half sets when it has ``rlnRandomSubset``.
     ``after_training_s``: the run's wall time between the training and this stage (the encoder's pass),
-    counted in the run's clock, which the whole job's budget (:mod:`cryoace.pipeline.budget`) is held to."""
+    counted in the run's clock, which the whole job's budget (:mod:`cryoace.pipeline.budget`) is held to.
+    ``ranks`` = (0, world size) under torchrun: the other ranks wait in :func:`follow_final_pass` and
+    share the final pass over the particles not in the rounds (one broadcast of the rounds' result)."""
     from ..evaluate.plots import plot_refinement, read_metrics
     from ..train.export import plot_volume
 
     cfg = trainer.config.refine
     if len(dataset) < 4:  # two half sets of at least two particles are needed
+        _share_rounds(None, ranks)
         log("refinement skipped: it needs at least 4 particles (two half sets)")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted(), {})
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
     decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
-    settings = RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
-                              batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px,
-                              seed=trainer.config.seed)
+    settings = stage_settings(trainer.config)
     n = len(dataset)
     half_sets = half_sets_of(table, n, trainer.config.seed)
     if min(len(h) for h in half_sets) < 2:
+        _share_rounds(None, ranks)
         log("refinement skipped: a half set has fewer than 2 particles")
         os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
         return RefineOutcome(predicted(), {})
     # the rounds run on a bounded subset (every particle when there are few), the others once at the end
-    rounds_rows, rounds_halves = _rounds_subset(half_sets, cfg.subset, trainer.config.seed)
+    rounds_rows, rounds_halves = rounds_subset(half_sets, cfg.subset, trainer.config.seed)
     monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())
 
     def on_round(record: RefineRound, pose: Pose, volume) -> None:
@@ -188,10 +191,11 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
                                       rounds=len(result.rounds), particles=len(rounds_rows),
                                       final_brought_forward=bool(result.rounds and result.rounds[-1].final
                                                                  and result.rounds[-1].round < cfg.rounds - 1)))
+    _share_rounds(result if extended else None, ranks)
     if extended:
         started = clock()
         result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
-                                   device=trainer.device, progress=progress)
+                                   device=trainer.device, progress=progress, ranks=ranks)
         gold_fsc = result.half_map_fsc.resolution(0.143)
         trainer.write_record({"kind": "refine_all", "step": trainer.step, "elapsed_s": clock(),
                               "particles": n, "searched": n - len(rounds_rows), "half_fsc0143_px": gold_fsc.px,
@@ -199,8 +203,8 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
         trainer.write_record(stage_record("final_pass", trainer.step, started, clock(), None,
                                           particles=n - len(rounds_rows)))
         log(f"the other {n - len(rounds_rows)} particles searched once against their half's map "
-            f"({clock() - started:.0f} s): half maps of all {n} particles FSC-0.143 "
-            f"{gold_fsc.angstrom:.2f} Å")
+            f"({clock() - started:.0f} s" + ("" if ranks is None else f", shared by {ranks[1]} processes")
+            + f"): half maps of all {n} particles FSC-0.143 {gold_fsc.angstrom:.2f} Å")
     volume = result.volume.float()
     gold = _write_gold_standard(trainer, result, start_agreement, clock, log)
     # volume.mrc appears only now: an interrupted stage leaves volume_decoder.mrc, never a final-looking map
@@ -255,6 +259,37 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
         "'cryoace predict-poses RUN PARTICLES' uses it")
 
 
+def stage_settings(config) -> RefineSettings:
+    """The refinement's settings of a run's :class:`~cryoace.train.config.TrainConfig`."""
+    cfg = config.refine
+    return RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
+                          batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px, seed=config.seed)
+
+
+def _share_rounds(result: RefineResult | None, ranks: tuple[int, int] | None) -> None:
+    """Rank 0: send the other ranks the rounds' result for the final pass (None: there is none)."""
+    if ranks is not None:
+        import torch.distributed as dist
+
+        if result is not None:  # on the CPU: a pickled GPU tensor would land on rank 0's device
+            result = dataclasses.replace(result, pose=Pose(result.pose.rotmat.cpu(), result.pose.shift_angst.cpu()))
+        dist.broadcast_object_list([result], src=0)
+
+
+def follow_final_pass(trainer, dataset, table, ranks: tuple[int, int]) -> None:
+    """A rank other than 0 under torchrun: wait for rank 0's refinement rounds (:func:`refine_run`), then
+    search its share of the other particles and add it to the half maps' sums (rank 0 writes the result)."""
+    import torch.distributed as dist
+
+    received: list[RefineResult | None] = [None]
+    dist.broadcast_object_list(received, src=0)
+    if received[0] is None:  # nothing to share: the refinement was skipped, or ran on every particle
+        return
+    half_sets = half_sets_of(table, len(dataset), trainer.config.seed)
+    extend_refinement(dataset, received[0], np.arange(len(dataset)), half_sets, stage_settings(trainer.config),
+                      use_ctf=trainer.use_ctf, device=trainer.device, progress=False, ranks=ranks)
+
+
 def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float, tail_particles: int,
                    teach_s: float | None, log: Callable[[str], None]) -> RefineSettings:
     """The rounds' settings under the whole job's budget (:mod:`cryoace.pipeline.budget`): their time is
@@ -276,7 +311,7 @@ def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float
                                reserve_s=lambda per_particle_s: per_particle_s * tail_particles + (teach_s or 0.0))
 
 
-def _rounds_subset(half_sets: tuple[np.ndarray, np.ndarray], subset: int | None, seed: int
+def rounds_subset(half_sets: tuple[np.ndarray, np.ndarray], subset: int | None, seed: int
                    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The particle rows the refinement rounds run on — at most ``subset``, drawn at random (seeded)
     from each half set in proportion; all when ``subset`` is None or not smaller — and each half's

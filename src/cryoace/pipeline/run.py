@@ -24,7 +24,11 @@ from ..train.config import TrainConfig, load_config, provenance, save_config, sp
 from .budget import JobBudget, describe_stages, stage_record
 from .rundir import RunResult, check_run_dir, has_checkpoint, open_training_dataset, write_run_report
 
-__all__ = ["RunResult", "run_reconstruction", "check_run_dir", "has_checkpoint"]
+__all__ = ["RunResult", "run_reconstruction", "check_run_dir", "has_checkpoint", "FINAL_PASS_WAIT_S"]
+
+#: how long the other torchrun ranks may wait (s) for rank 0's ab initio and refinement rounds before
+#: they share the final pass (the process group's timeout)
+FINAL_PASS_WAIT_S = 24 * 3600.0
 
 
 def run_reconstruction(particles: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
@@ -75,7 +79,9 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
     config.validate()
     check_run_dir(run_dir, resume)
     owns_group = distributed.env_world_size() > 1 and not distributed.current().enabled
-    ctx = distributed.init_distributed(config.device)  # torchrun: join the group, cuda:LOCAL_RANK
+    # torchrun: join the group, cuda:LOCAL_RANK; with a refinement stage the other ranks wait through rank 0's
+    # ab initio and rounds to share the final pass over every particle, hence the long timeout
+    ctx = distributed.init_distributed(config.device, timeout_s=FINAL_PASS_WAIT_S if config.refine.enabled else 1800.0)
     ctx.barrier()  # every rank has checked RUN_DIR before rank 0 writes into it
     device = ctx.device
     if not ctx.is_main:  # rank 0 alone logs and writes
@@ -125,7 +131,9 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
     trainer.fit()
     trainer.write_record(stage_record("networks", trainer.step, 0.0, trainer.elapsed_s, budget.networks_s(),
                                       steps=trainer.step))
-    if owns_group:  # training is over: the other ranks may leave while rank 0 writes the outputs
+    # the final pass over the particles not in the refinement rounds is split over the ranks
+    share_final_pass = ctx.enabled and config.refine.enabled
+    if owns_group and not share_final_pass:  # training is over: the other ranks may leave while rank 0 writes
         distributed.cleanup()
     # with a refinement stage the decoder's map is not the result: volume.mrc waits for the stage's map
     trained = time.monotonic()
@@ -156,7 +164,8 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
                     "-o poses_encoder.star gives them)")
                 after_training_s, predicted = time.monotonic() - trained, encoder_poses
             refined = refine_run(trainer, dataset, predicted, log, progress, table=table,
-                                 after_training_s=after_training_s)
+                                 after_training_s=after_training_s,
+                                 ranks=(ctx.rank, ctx.world_size) if share_final_pass else None)
             write_poses_star(poses_path, table, refined.pose, columns=refined.columns or None)
             gold = refined.gold
         else:  # amortized to the end: predicted chunk by chunk, then poses.star written chunk by chunk
@@ -169,6 +178,12 @@ def _run_reconstruction(particles, run_dir, config: TrainConfig, resume: bool, a
         if len(stages) > 1:
             log(describe_stages(stages, budget.total_s))
         write_run_report(run_dir, log)
+    elif share_final_pass:  # the other ranks: their share of the final pass, then they leave
+        from .refine_stage import follow_final_pass
+
+        follow_final_pass(trainer, dataset, table, (ctx.rank, ctx.world_size))
+    if owns_group and share_final_pass:
+        distributed.cleanup()
     final = next((r["loss"] for r in reversed(trainer.history) if r["kind"] == "train"), None)
     return RunResult(run_dir=run_dir, volume=run_dir / "volume.mrc", poses=poses_path, config=run_dir / "config.yaml",
                      steps=trainer.step, epochs=trainer.step / trainer.steps_per_epoch,
