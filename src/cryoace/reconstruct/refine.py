@@ -293,11 +293,11 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
     try:
         for r in range(first, settings.rounds):
             round_start = time.monotonic()
-            if r == first and resume is not None and resume.final and _no_time_after(
-                    settings, -longest_s, longest_s, n):  # it ended with a final round: more only with more time
-                break
-            final = r == settings.rounds - 1 or (longest_s > 0 and _no_time_after(settings, round_start - clock0,
-                                                                                     longest_s, n))
+            if r == first and resume is not None and resume.final and not _fits(settings, 0.0, 1, longest_s, n):
+                break  # it ended with a final round: more rounds only with time for one
+            # the last round is the schedule's, or the one after which another would not fit
+            final = r == settings.rounds - 1 or (longest_s > 0 and not _fits(settings, round_start - clock0, 2,
+                                                                               longest_s, n))
             # a final round brought forward by the budget searches at the last round's band
             global_shells, local_shells = _round_shells(settings, size, settings.rounds - 1 if final else r)
             gband = search_band(size, global_shells, device=device)
@@ -631,14 +631,13 @@ def check_half_maps(dataset, half_maps: torch.Tensor, settings: RefineSettings |
         batch_size=settings.batch_size, seed=settings.seed, device=device)
 
 
-def _no_time_after(settings: RefineSettings, elapsed_s: float, longest_s: float, n: int) -> bool:
-    """Whether a round starting after ``elapsed_s`` of the rounds' budget must be the last: after it,
-    another round as long as the longest so far (``longest_s``, over ``n`` particles) and the
-    reserve would not fit."""
+def _fits(settings: RefineSettings, elapsed_s: float, rounds: int, longest_s: float, n: int) -> bool:
+    """Whether ``rounds`` more rounds, each as long as the longest so far (``longest_s``, over ``n``
+    particles), and the reserve fit in the rounds' budget after ``elapsed_s`` of it."""
     if settings.max_time_s is None:
-        return False
+        return True
     reserve = settings.reserve_s(longest_s / n) if callable(settings.reserve_s) else settings.reserve_s
-    return elapsed_s + 2 * longest_s + reserve > settings.max_time_s
+    return elapsed_s + rounds * longest_s + reserve <= settings.max_time_s
 
 
 def _band_round(settings: RefineSettings, record: RefineRound) -> int:
