@@ -37,6 +37,15 @@ half set (``rlnRandomSubset``) and pose confidence (``cryoacePoseConfidence``: t
 rotations near the best one) go to ``poses.star``.
 When the verdict is "not resolved" the run prints no resolution and says why.
 
+**Subset, budget, processes.** The rounds run on at most ``refine.subset`` particles
+(:func:`rounds_subset`, a seeded draw from each half set); every other particle is then searched once
+against its own half's final map (:func:`~cryoace.reconstruct.refine.extend_refinement`, a
+``refine_all`` record). The ab initio runs and the rounds get their shares of the job's
+``--max-time`` (:mod:`cryoace.pipeline.budget`): the rounds keep time for that final pass and end
+with a full-band round; each part leaves a ``stage`` record. Under torchrun the ab initio and the
+rounds run on rank 0 while the other ranks wait in :func:`follow_final_pass`; the final pass is
+shared by all ranks.
+
 After each round the stage saves its state to ``checkpoints/refine.pt`` (atomically): a resumed run
 whose training is over goes on from the last completed round (ab initio and earlier rounds are not
 repeated); a checkpoint from another training step (the training went on) is ignored.
