@@ -25,7 +25,7 @@ the plain errors are recorded beside them). Writes
 bench/results/abinitio_panel_<device>.json (with the CPU load seen) and prints a table.
 
     python bench/abinitio_panel.py [--molecules adk,spike,s2] [--snr 0.1,0.05] [--seeds 0,1,2]
-        [--n 2000] [--max-time 8m] [--refine-rounds 10] [--ribosome-map 70S.mrc --ribosome-pixel-size 5]
+        [--n 2000] [--max-time 20m] [--refine-rounds 10] [--ribosome-map 70S.mrc --ribosome-pixel-size 5]
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ map against the true map (aligned, both hands; the truth of the signal set). For
 is no truth: the run must say NOT RESOLVED and exit with status 4, and its half maps must not agree
 at better than 10 px. Writes bench/results/honest_resolution_<device>.json with the CPU load seen.
 
-    python bench/honest_resolution.py [--max-time 2m] [--refine-rounds 10] [--work DIR]
+    python bench/honest_resolution.py [--max-time 20m] [--refine-rounds 10] [--work DIR]
                                       [--sets signal,noise,wrong_start]
 """
 
@@ -129,7 +129,7 @@ def run_wrong_start(star: Path, truth: Path, rounds: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-time", default="2m", help="training budget of each run (the cpu preset's is 8m)")
+    parser.add_argument("--max-time", default="20m", help="each run's whole-job budget (the cpu preset's: 20m)")
     parser.add_argument("--refine-rounds", type=int, default=10)
     parser.add_argument("--sets", default="signal,noise,wrong_start")
     parser.add_argument("--work", type=Path, default=Path("bench_work/honest_resolution"))

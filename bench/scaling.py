@@ -9,7 +9,7 @@ refinement rounds, the final pass over the other particles) from metrics.jsonl, 
 process tree, FSC-0.5 against the truth, the median pose error, and the claimed resolution. Writes
 bench/results/<name>_<device>.json with the CPU load seen.
 
-    python bench/scaling.py [--n 2000,8000] [--subset 2000] [--max-time 1m] [--refine-rounds 4]
+    python bench/scaling.py [--n 2000,8000] [--subset 2000] [--max-time 20m] [--refine-rounds 4]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="2000,8000")
     parser.add_argument("--subset", default="2000", help="--refine-subset values to run (0 = all particles)")
-    parser.add_argument("--max-time", default="1m")
+    parser.add_argument("--max-time", default="20m", help="each run's whole-job budget")
     parser.add_argument("--refine-rounds", default="4")
     parser.add_argument("--work", type=Path, default=Path("bench_work/scaling"))
     parser.add_argument("--name", default="scaling")
