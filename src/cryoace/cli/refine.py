@@ -65,9 +65,9 @@ def main(args: argparse.Namespace) -> int:
 
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
     from ..io.mrc import read_volume, write_mrc
-    from ..pipeline.refine_stage import half_sets_of
+    from ..pipeline.refine_stage import half_sets_of, stage_settings
     from ..pipeline.rundir import write_gold_standard
-    from ..reconstruct.refine import RefineSettings, refine_particles
+    from ..reconstruct.refine import refine_particles
     from ..train import distributed
     from ..train.predict import write_poses_star
     from ..train.teach import pose_agreement
@@ -106,26 +106,21 @@ def main(args: argparse.Namespace) -> int:
         predicted = predict(mine)
         initial = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
         initial.rotmat[mine], initial.shift_angst[mine] = predicted.rotmat.double(), predicted.shift_angst.double()
-    cfg = run.config.refine
-    settings = RefineSettings(rounds=cfg.rounds, global_step_deg=cfg.global_step_deg, batch_size=cfg.batch_size,
-                              start_resolution_px=cfg.start_resolution_px, seed=run.config.seed)
+    settings = stage_settings(run.config)  # the run's final bands, grid and start low-pass
     halves = half_sets_of(table, n, run.config.seed)
     say(f"searching {n} particles against the run's half maps (each half set against its own)")
     result = refine_particles(dataset, half_maps.float(), halves, settings, initial=initial,
-                              start_resolution_px=cfg.start_resolution_px, use_ctf=run.data.use_ctf, device=device,
+                              use_ctf=run.data.use_ctf, device=device,
                               progress=not quiet, ranks=(rank, world) if world > 1 else None)
     if not context.is_main:  # rank 0 writes; the others hold the same result
         distributed.cleanup()
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    subset = np.zeros(n, dtype=np.int64)
-    subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
     write_mrc(out / "volume.mrc", result.volume.float().numpy(), run.data.pixel_size)
     gold = write_gold_standard(out, result.half_volumes[0], result.half_volumes[1], run.data.pixel_size,
                                result.start_resolution_px, result.confidence, result.check,
                                title="gold-standard FSC of the new particles' half maps")
-    write_poses_star(out / "poses.star", table, result.pose,
-                     columns={"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()})
+    write_poses_star(out / "poses.star", table, result.pose, columns=result.star_columns())
     if initial is not None:  # (rank 0's particles)
         median, within = pose_agreement(initial.rotmat[mine], result.pose.rotmat[mine])
         print(f"{what}: its poses were within {median:.1f}° of the refined ones (median; "

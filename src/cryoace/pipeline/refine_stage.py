@@ -114,11 +114,15 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     from ..train.export import plot_volume
 
     cfg = trainer.config.refine
-    if len(dataset) < 4:  # two half sets of at least two particles are needed
+
+    def skipped(why: str) -> RefineOutcome:  # the decoder's map and the encoder's poses are the result
         _share_rounds(None, ranks)
-        log("refinement skipped: it needs at least 4 particles (two half sets)")
-        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
+        log(f"refinement skipped: {why}")
+        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")
         return RefineOutcome(predicted(), {})
+
+    if len(dataset) < 4:
+        return skipped("it needs at least 4 particles (two half sets)")
     run_dir = trainer.run_dir
     pixel_size = trainer.pixel_size
     decoder_map = torch.as_tensor(read_volume(run_dir / DECODER_MAP).data.copy())  # Trainer.finalize wrote it
@@ -126,10 +130,7 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     n = len(dataset)
     half_sets = half_sets_of(table, n, trainer.config.seed)
     if min(len(h) for h in half_sets) < 2:
-        _share_rounds(None, ranks)
-        log("refinement skipped: a half set has fewer than 2 particles")
-        os.replace(trainer.run_dir / DECODER_MAP, trainer.run_dir / "volume.mrc")  # the decoder's is the result
-        return RefineOutcome(predicted(), {})
+        return skipped("a half set has fewer than 2 particles")
     # the rounds run on a bounded subset (every particle when there are few), the others once at the end
     rounds_rows, rounds_halves = rounds_subset(half_sets, cfg.subset, trainer.config.seed)
     monitor = PoseMonitor(n, "cpu", trainer.truth_rotmat_of())
@@ -221,12 +222,9 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {rounds_done} refinement rounds "
                       f"({trainer.image_size}³, {pixel_size:.4g} Å/voxel)")
-    subset = np.zeros(n, dtype=np.int64)
-    subset[result.half_rows[0]], subset[result.half_rows[1]] = 1, 2
-    columns = {"rlnRandomSubset": subset, "cryoacePoseConfidence": result.confidence.double().numpy()}
     if cfg.teach_time_s is not None:
         _teach_encoder(trainer, dataset, volume, result.pose, clock, log, progress)
-    return RefineOutcome(result.pose, columns, gold)
+    return RefineOutcome(result.pose, result.star_columns(), gold)
 
 
 #: the taught encoder's checkpoint in the run directory (read by ``cryoace predict-poses``)
@@ -312,8 +310,9 @@ def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float
     max_time_s = max(0.0, min(limits))
     follows = ([f"the search of the other {tail_particles} particles"] if tail_particles else []) + (
         [f"{teach_s / 60:.3g} min of teaching"] if teach_s else [])
-    log(f"refinement rounds: {max_time_s / 60:.1f} min" + (f" of the {budget.total_s / 60:.3g}-min budget left"
-                                                          if left is not None and max_time_s == max(0.0, left) else "")
+    by_budget = left is not None and (settings.max_time_s is None or left <= settings.max_time_s)
+    log(f"refinement rounds: {max_time_s / 60:.1f} min"
+        + (f" of the {budget.total_s / 60:.3g}-min budget left" if by_budget else "")
         + (f", less {' and '.join(follows)}" if follows else "")
         + "; the last round that fits searches at the full band, every particle globally")
     return dataclasses.replace(settings, max_time_s=max_time_s,

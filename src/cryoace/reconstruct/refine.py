@@ -178,6 +178,16 @@ class RefineResult:
         the run has resolved nothing the start did not already hold."""
         return self.half_map_fsc.resolution(0.143).px * MIN_GAIN_OVER_START <= self.start_resolution_px
 
+    def star_columns(self) -> dict[str, np.ndarray]:
+        """The per-particle columns for poses.star, in the order of ``rows``: each particle's half set
+        (``rlnRandomSubset``: 1 or 2) and pose confidence (``cryoacePoseConfidence``)."""
+        rows = np.asarray(self.rows)
+        order = np.argsort(rows)
+        subset = np.zeros(len(rows), dtype=np.int64)
+        for h, half in enumerate(self.half_rows):
+            subset[order[np.searchsorted(rows, half, sorter=order)]] = h + 1
+        return {"rlnRandomSubset": subset, "cryoacePoseConfidence": self.confidence.double().numpy()}
+
 
 @dataclasses.dataclass
 class RefineState:
