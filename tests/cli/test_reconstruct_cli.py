@@ -321,19 +321,29 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
 
 
 def test_refinement_rounds_on_a_subset_then_every_particle_once(particles, tmp_path, capsys):
-    """--refine-subset 100 of 200 particles: the rounds run on 100 (50 per half set), then the other
-    100 are searched once against their own half's map; poses.star and the half maps hold all 200."""
+    """--refine-subset 100 of 200 particles: the rounds run on 100 (50 per half set), an encoder is
+    taught from their map (--teach-encoder) and poses every particle, then the other 100 are searched
+    once against their own half's map — locally from the encoder's poses where the calibration on the
+    subset allows it; poses.star and the half maps hold all 200."""
     run = tmp_path / "run"
     status = cli(["reconstruct", str(particles), "-o", str(run), "--preset", "tiny", "--steps", "10", "--quiet",
                   "--device", "cpu", "--volume-every", "0", "--refine", "--refine-rounds", "2", "--refine-step", "15",
-                  "--ab-initio-iterations", "4", "--refine-subset", "100"])
+                  "--ab-initio-iterations", "4", "--refine-subset", "100", "--teach-encoder", "3s"])
     assert status in FINISHED
     (record,) = read_metrics(run / "metrics.jsonl", kind="refine_all")
     assert record["particles"] == 200 and record["searched"] == 100 and 2.0 <= record["half_fsc0143_px"] <= 32
+    # taught from the rounds' map before the final pass, which calibrated its local search on the subset
+    stages = [r["stage"] for r in read_metrics(run / "metrics.jsonl", kind="stage")]
+    assert stages.index("teach") < stages.index("final_pass") and stages.count("teach") == 1
+    plan = record["local_first"]
+    assert plan["sample"] == 100 and 0.0 <= plan["reachable"] <= 1.0
+    assert (run / "checkpoints" / "encoder_taught.pt").is_file()
     refined, truth = read_particles(run / "poses.star"), read_particles(particles)
     assert len(refined) == 200
     confidence = refined.extra_column("cryoacePoseConfidence")
-    assert np.isfinite(confidence).all() and (confidence > 0).all()
+    measured = ~np.isnan(confidence)  # NaN: kept from a local search, no global search measured it
+    assert (confidence[measured] > 0).all() and int((~measured).sum()) == plan["particles"] - plan["fell_back"]
+    assert np.isfinite(refined.extra_column("cryoacePoseScore")).all()
     # the file's half sets are kept for every particle
     assert np.array_equal(refined.extra_column("rlnRandomSubset"), truth.extra_column("rlnRandomSubset"))
     config, _ = load_config(run / "config.yaml")

@@ -145,3 +145,19 @@ def test_coverage_of_many_poses_plots_an_even_sample(run_dir, tmp_path, monkeypa
     assert "10 evenly spaced particles of 64" in section and len(PNG_URI.findall(section)) == 1
     monkeypatch.setattr(report, "COVERAGE_SAMPLE", 64)
     assert "evenly spaced" not in _section(write_report(copy).read_text(encoding="utf-8"), "coverage")
+
+
+def test_pose_confidence_histogram_counts_unmeasured_particles(tmp_path):
+    """NaN confidences (poses kept from a local search) are counted in the title, not drawn; the
+    median of the gold standard ignores them."""
+    from cryoace.evaluate.gold_standard import assess
+    from cryoace.evaluate.plots import plot_pose_confidence
+
+    confidence = np.r_[np.linspace(0.1, 1.0, 10), [np.nan] * 5]
+    path = tmp_path / "confidence.png"
+    plot_pose_confidence(confidence, path)
+    assert matplotlib.image.imread(path).shape[-1] in (3, 4)
+    plot_pose_confidence(np.full(3, np.nan), tmp_path / "none.png")  # nothing measured: still a plot
+    half = torch.randn(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    gold = assess(half, half + 0.1 * torch.randn(16, 16, 16), 12.0, 1.0, confidence=confidence)
+    assert gold.confidence_median == pytest.approx(0.5)  # (torch: the lower middle of the 10 measured)

@@ -5,10 +5,15 @@ each particle's pose is first predicted in one forward pass by the run's encoder
 from its map with 'reconstruct --teach-encoder' when the run has it, else the networks' encoder;
 --encoder picks, none skips it), then searched against the run's half map of its own half set
 (RUN_DIR/volume_half1.mrc or volume_half2.mrc; rlnRandomSubset when the file has it, else a seeded
-random split): globally over SO(3) at the run's final global band, then locally at its final band,
-the encoder's pose carried by a local search from 8° down and kept where it explains the image
-better. OUT gets poses.star (every input column kept, with rlnRandomSubset and
-cryoacePoseConfidence), volume.mrc and the half maps built from these particles alone
+random split). Local search first: each particle is searched locally from the encoder's pose (cubes
+as wide as the encoder's error needs, then finer) at the run's final band, and only where the found
+pose's score stays below a threshold does it fall back to the global search over SO(3). The reach
+and the threshold are calibrated on 256 particles searched both ways: the kept local results may
+explain their images worse than the global search's in at most 5 % of them; an encoder whose poses
+are mostly beyond a local search's reach (another frame) is not used. OUT gets poses.star (every
+input column kept, with rlnRandomSubset, cryoacePoseConfidence — NaN where a local result was kept:
+no global search measured it — and cryoacePoseScore, the pose's fit against random rotations in
+standard deviations), volume.mrc and the half maps built from these particles alone
 (volume_half1.mrc, volume_half2.mrc, volume_mask.mrc), gold_standard.json and fsc.png: the new half
 maps are as independent as the run's, so their FSC is a gold standard; a resolution is only claimed
 beyond the run's --refine-start-resolution (what the run's half maps shared). The images are
@@ -125,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
         median, within = pose_agreement(initial.rotmat[mine], result.pose.rotmat[mine])
         print(f"{what}: its poses were within {median:.1f}° of the refined ones (median; "
               f"{100 * within:.0f} % within 15°)")
+    if result.local_first is not None:
+        print(f"search: {result.local_first.describe()}")
     print(f"wrote {out}/poses.star, volume.mrc, volume_half1.mrc, volume_half2.mrc, volume_mask.mrc, "
           f"gold_standard.json and fsc.png ({n} particles)")
     for line in gold.summary():

@@ -308,6 +308,7 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
+        values = values[~torch.isnan(values)]  # NaN: a pose kept from a local search, its confidence not measured
         median = float(values.median()) if values.numel() else None
     return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
                         reasons=reasons, check=check,

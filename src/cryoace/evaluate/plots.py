@@ -217,16 +217,22 @@ def plot_viewing_directions(rotmat, path: str | os.PathLike | BinaryIO, title: s
 def plot_pose_confidence(confidence, path: str | os.PathLike | BinaryIO, dpi: int = 100) -> None:
     """PNG histogram of the particles' pose confidences (poses.star ``cryoacePoseConfidence``, in
     [0, 1]: the fraction of a particle's best rotations near the best one; near 1 when its pose is
-    determined, near 1/candidates when its best matches are scattered over SO(3))."""
-    values = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    determined, near 1/candidates when its best matches are scattered over SO(3)). NaN values — poses
+    kept from a local search, which measures no confidence — are counted in the title, not drawn."""
+    values = np.asarray(confidence, dtype=np.float64)
+    unmeasured = int(np.isnan(values).sum())
+    values = np.clip(values[~np.isnan(values)], 0.0, 1.0)
     fig = _figure(7.0, 3.6)
     ax = fig.add_subplot()
     ax.hist(values, bins=np.linspace(0.0, 1.0, 21), color="#4477aa", edgecolor="white")
     ax.set_xlabel("pose confidence (fraction of the best rotations near the best one)")
     ax.set_ylabel("particles")
     ax.set_xlim(0.0, 1.0)
-    ax.set_title(f"pose confidence of {len(values):,} particles: median {np.median(values):.2f}, "
-                 f"{100 * np.mean(values < 0.3):.0f} % below 0.3 (unresolved)", fontsize=10)
+    title = (f"pose confidence of {len(values):,} particles: median {np.median(values):.2f}, "
+             f"{100 * np.mean(values < 0.3):.0f} % below 0.3 (unresolved)" if len(values) else "no pose confidence")
+    if unmeasured:
+        title += f"\n({unmeasured:,} more kept from a local search: not measured)"
+    ax.set_title(title, fontsize=10)
     _save_png(fig, path, dpi)
 
 

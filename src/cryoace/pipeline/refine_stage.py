@@ -50,10 +50,16 @@ After each round the stage saves its state to ``checkpoints/refine.pt`` (atomica
 whose training is over goes on from the last completed round (ab initio and earlier rounds are not
 repeated); a checkpoint from another training step (the training went on) is ignored.
 
-With ``refine.teach_time_s`` (``--teach-encoder T``) a pose encoder is then taught from the final map
-for that wall time (:mod:`cryoace.train.teach`): ``checkpoints/encoder_taught.pt``, ``teach`` records
-in metrics.jsonl (its median disagreement with the refined poses of 400 particles as it learns), and
-``cryoace predict-poses`` uses it. An interrupted teaching starts again on resume.
+With ``refine.teach_time_s`` (``--teach-encoder T``) a pose encoder is taught from a refined map for
+that wall time (:mod:`cryoace.train.teach`): ``checkpoints/encoder_taught.pt``, ``teach`` records in
+metrics.jsonl (its median disagreement with the refined poses of 400 particles as it learns), and
+``cryoace predict-poses`` / ``cryoace refine`` use it. When the rounds ran on a subset it is taught
+from the rounds' map **before** the final pass, and the final pass is amortized: every particle's
+pose comes from one encoder pass, each is searched locally from it, and only those whose pose score
+stays below a threshold calibrated on the subset fall back to the global search
+(:func:`~cryoace.reconstruct.refine.extend_refinement`; the ``refine_all`` record's ``local_first``,
+``cryoacePoseScore`` in poses.star). Otherwise it is taught from the final map at the end. An
+interrupted teaching starts again on resume.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ from .budget import JobBudget, stage_record
 from .rundir import write_gold_standard
 
 __all__ = ["refine_run", "RefineOutcome", "DECODER_MAP", "half_sets_of", "follow_final_pass", "stage_settings",
-           "rounds_subset"]
+           "rounds_subset", "encoder_starts"]
 
 #: the decoder's map in a run with a refinement stage (whose map alone is ``volume.mrc``)
 DECODER_MAP = "volume_decoder.mrc"
@@ -201,17 +207,30 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
                                       rounds=len(result.rounds), particles=len(rounds_rows),
                                       final_brought_forward=bool(result.rounds and result.rounds[-1].final
                                                                  and result.rounds[-1].round < cfg.rounds - 1)))
-    _share_rounds(result if extended else None, ranks)
+    taught = None
+    if extended and cfg.teach_time_s is not None:
+        # amortized: an encoder taught from the rounds' map poses every particle in one pass, and the final
+        # pass searches locally from its poses (the global search only where their fit stays poor)
+        taught = _teach_encoder(trainer, dataset, result.volume.float(), rounds_rows, result.pose, clock, log,
+                                progress)
+    _share_rounds(result if extended else None, ranks, taught)
     if extended:
         started = clock()
+        initial = None if taught is None else encoder_starts(taught, dataset, ranks, trainer.device)
         result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
-                                   device=trainer.device, progress=progress, ranks=ranks)
+                                   device=trainer.device, progress=progress, ranks=ranks, initial=initial)
         gold_fsc = result.half_map_fsc.resolution(0.143)
+        plan = result.local_first
         trainer.write_record({"kind": "refine_all", "step": trainer.step, "elapsed_s": clock(),
                               "particles": n, "searched": n - len(rounds_rows), "half_fsc0143_px": gold_fsc.px,
-                              "confidence_median": float(result.confidence.median())})
+                              "confidence_median": float(result.confidence.nanmedian()),
+                              **({} if plan is None else {"local_first": dataclasses.asdict(plan)})})
         trainer.write_record(stage_record("final_pass", trainer.step, started, clock(), None,
-                                          particles=n - len(rounds_rows)))
+                                          particles=n - len(rounds_rows),
+                                          searched_globally=(n - len(rounds_rows) if plan is None or not plan.enabled
+                                                             else plan.fell_back)))
+        if plan is not None:
+            log(f"final pass: {plan.describe()}")
         log(f"the other {n - len(rounds_rows)} particles searched once against their half's map "
             f"({clock() - started:.0f} s" + ("" if ranks is None else f", shared by {ranks[1]} processes")
             + f"): half maps of all {n} particles FSC-0.143 {gold_fsc.angstrom:.2f} Å")
@@ -222,9 +241,21 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     plot_volume(volume, run_dir / "volume.png", pixel_size,
                 title=f"cryoace map after {rounds_done} refinement rounds "
                       f"({trainer.image_size}³, {pixel_size:.4g} Å/voxel)")
-    if cfg.teach_time_s is not None:
-        _teach_encoder(trainer, dataset, volume, result.pose, clock, log, progress)
+    if cfg.teach_time_s is not None and taught is None:  # (every particle was in the rounds)
+        _teach_encoder(trainer, dataset, volume, np.arange(n), result.pose, clock, log, progress)
     return RefineOutcome(result.pose, result.star_columns(), gold)
+
+
+def encoder_starts(taught, dataset, ranks: tuple[int, int] | None, device) -> Pose:
+    """The taught encoder's poses of this rank's share of the particles (positions p ≡ rank mod world
+    size; every particle in one process), zeros elsewhere: the final pass's starts."""
+    rank, world = (0, 1) if ranks is None else ranks
+    n = len(dataset)
+    mine = np.arange(rank, n, world)
+    predicted = taught.predict_particles(dataset.subset(mine), device=device)
+    starts = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
+    starts.rotmat[mine], starts.shift_angst[mine] = predicted.rotmat.double().cpu(), predicted.shift_angst.double().cpu()
+    return starts
 
 
 #: the taught encoder's checkpoint in the run directory (read by ``cryoace predict-poses``)
@@ -233,16 +264,19 @@ TAUGHT_ENCODER = "checkpoints/encoder_taught.pt"
 TEACH_CHECK_PARTICLES = 400
 
 
-def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock: Callable[[], float],
-                   log: Callable[[str], None], progress: bool) -> None:
-    """Teach a pose encoder from the final map (:mod:`cryoace.train.teach`) for ``refine.teach_time_s``,
-    measure it against the refined poses of a sample of particles, and save it (atomically)."""
+def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined_rows: np.ndarray, refined: Pose,
+                   clock: Callable[[], float], log: Callable[[str], None], progress: bool):
+    """Teach a pose encoder from a refined map (:mod:`cryoace.train.teach`) for ``refine.teach_time_s``,
+    measure it against the refined poses (of the particles ``refined_rows``) of a sample of them, save
+    it (atomically) and return it."""
     from ..train.teach import TeachSettings, teach_encoder
 
-    rows = np.sort(np.random.default_rng(trainer.config.seed).choice(
-        len(dataset), min(TEACH_CHECK_PARTICLES, len(dataset)), replace=False))
+    picked = np.sort(np.random.default_rng(trainer.config.seed).choice(
+        len(refined_rows), min(TEACH_CHECK_PARTICLES, len(refined_rows)), replace=False))
+    rows = np.asarray(refined_rows)[picked]
     budget = float(trainer.config.refine.teach_time_s)
-    log(f"teaching a pose encoder from the map for {budget / 60:g} min (its poses of {len(rows)} particles are "
+    of = "" if len(refined_rows) == len(dataset) else f"the rounds' {len(refined_rows)} particles' "
+    log(f"teaching a pose encoder from {of}map for {budget / 60:g} min (its poses of {len(rows)} particles are "
         "compared with the refined ones as it learns)")
 
     def on_record(record) -> None:
@@ -254,8 +288,8 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
     settings = TeachSettings(steps=10 ** 9, max_time_s=budget, seed=trainer.config.seed)
     started = clock()
     taught = teach_encoder(volume, dataset, settings, shifts_angst=refined.shift_angst,
-                           check=(rows, refined.rotmat[rows]), use_ctf=trainer.use_ctf, device=trainer.device,
-                           progress=progress, on_record=on_record)
+                           check=(rows, refined.rotmat[torch.as_tensor(picked)]), use_ctf=trainer.use_ctf,
+                           device=trainer.device, progress=progress, on_record=on_record)
     trainer.write_record(stage_record("teach", trainer.step, started, clock(), budget))
     path = trainer.run_dir / TAUGHT_ENCODER
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -264,6 +298,7 @@ def _teach_encoder(trainer, dataset, volume: torch.Tensor, refined: Pose, clock:
     log(f"the encoder taught from the map ({last.step} steps) predicts the refined poses of {len(rows)} particles "
         f"within {last.median_deg:.1f}° (median; {100 * last.within_15deg:.0f} % within 15°): {path}; "
         "'cryoace predict-poses RUN PARTICLES' uses it")
+    return taught
 
 
 def stage_settings(config) -> RefineSettings:
@@ -273,14 +308,19 @@ def stage_settings(config) -> RefineSettings:
                           batch_size=cfg.batch_size, start_resolution_px=cfg.start_resolution_px, seed=config.seed)
 
 
-def _share_rounds(result: RefineResult | None, ranks: tuple[int, int] | None) -> None:
-    """Rank 0: send the other ranks the rounds' result for the final pass (None: there is none)."""
+def _share_rounds(result: RefineResult | None, ranks: tuple[int, int] | None, taught=None) -> None:
+    """Rank 0: send the other ranks the rounds' result for the final pass (None: there is none) and the
+    encoder taught from its map, if any (each rank predicts its own particles' starts)."""
     if ranks is not None:
         import torch.distributed as dist
 
         if result is not None:  # on the CPU: a pickled GPU tensor would land on rank 0's device
             result = dataclasses.replace(result, pose=Pose(result.pose.rotmat.cpu(), result.pose.shift_angst.cpu()))
-        dist.broadcast_object_list([result], src=0)
+        state = None
+        if taught is not None:  # (predict_particles moves it back to the device)
+            taught.encoder.cpu()
+            state = taught.state()
+        dist.broadcast_object_list([result, state], src=0)
 
 
 def follow_final_pass(trainer, dataset, table, ranks: tuple[int, int]) -> None:
@@ -288,13 +328,19 @@ def follow_final_pass(trainer, dataset, table, ranks: tuple[int, int]) -> None:
     search its share of the other particles and add it to the half maps' sums (rank 0 writes the result)."""
     import torch.distributed as dist
 
-    received: list[RefineResult | None] = [None]
+    from ..train.teach import TaughtEncoder
+
+    received: list = [None, None]
     dist.broadcast_object_list(received, src=0)
-    if received[0] is None:  # nothing to share: the refinement was skipped, or ran on every particle
+    rounds, state = received
+    if rounds is None:  # nothing to share: the refinement was skipped, or ran on every particle
         return
+    initial = None
+    if state is not None:
+        initial = encoder_starts(TaughtEncoder.from_state(state), dataset, ranks, trainer.device)
     half_sets = half_sets_of(table, len(dataset), trainer.config.seed)
-    extend_refinement(dataset, received[0], np.arange(len(dataset)), half_sets, stage_settings(trainer.config),
-                      use_ctf=trainer.use_ctf, device=trainer.device, progress=False, ranks=ranks)
+    extend_refinement(dataset, rounds, np.arange(len(dataset)), half_sets, stage_settings(trainer.config),
+                      use_ctf=trainer.use_ctf, device=trainer.device, progress=False, ranks=ranks, initial=initial)
 
 
 def _rounds_budget(settings: RefineSettings, budget: JobBudget, elapsed_s: float, tail_particles: int,

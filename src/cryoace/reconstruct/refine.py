@@ -45,6 +45,7 @@ which refreshes every pose confidence and lets any particle still leave a wrong 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -55,7 +56,7 @@ from ..evaluate.fsc import FSCResult, fsc
 from ..evaluate.gold_standard import MIN_GAIN_OVER_START, PredictiveCheck
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import fft3_centered, ifft3_centered, radial_shell_index
-from ..physics.rotations import geodesic_angle
+from ..physics.rotations import geodesic_angle, random_rotmat
 from ..types import Pose
 from .backproject import FourierAccumulator
 from .pose_search import (
@@ -64,13 +65,15 @@ from .pose_search import (
     local_offsets,
     local_search,
     pose_confidence,
+    pose_score,
     search_band,
     shift_grid,
     so3_grid,
 )
 from .predictive_check import particle_radius_px, predictive_check
 
-__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "refine", "extend_refinement",
+__all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "LocalFirst", "refine", "extend_refinement",
+           "coarse_steps", "score_threshold", "MIN_REACHABLE", "SCORE_MARGIN",
            "refine_particles",
            "check_half_maps",
            "fsc_weighted", "lowpass",
@@ -110,6 +113,18 @@ class RefineSettings:
     check_particles : particles of each half set sampled for the posterior-predictive check of the
                       final poses (:mod:`cryoace.reconstruct.predictive_check`); 0 skips it.
     seed            : seeds the check's sample, rotations and noise.
+    local_first     : where :func:`extend_refinement` is given poses from elsewhere (an encoder's), search
+                      each particle only locally from its pose and fall back to the global search where
+                      the local result's pose score stays below a threshold calibrated on a sample
+                      (:class:`LocalFirst`); False: every such particle is searched globally as well.
+    calibration_particles : the sample, searched both ways (or taken from the refined subset), that sets
+                      the local search's reach (the encoder's error) and the score threshold.
+    max_false_accept : at most this fraction of the sample's local results that the threshold accepts
+                      may explain their image worse than the reference pose (:class:`LocalFirst`).
+    max_carry_radius_deg : beyond this encoder error (80th percentile on the sample) local searches are
+                      not tried: every particle is searched globally.
+    score_rotations : random rotations (seeded, shared) that a pose score compares each pose with
+                      (:func:`~cryoace.reconstruct.pose_search.pose_score`).
     """
 
     rounds: int = 10
@@ -131,6 +146,11 @@ class RefineSettings:
     local_confidence: float | None = 0.9
     check_particles: int = 256
     seed: int = 0
+    local_first: bool = True
+    calibration_particles: int = 256
+    max_false_accept: float = 0.05
+    max_carry_radius_deg: float = 32.0
+    score_rotations: int = 64
 
 
 @dataclasses.dataclass
@@ -170,6 +190,10 @@ class RefineResult:
     half_map_fsc: FSCResult
     check: PredictiveCheck | None = None
     rows: np.ndarray | None = None  # the dataset rows of ``pose`` and ``confidence``, in their order
+    #: each particle's pose score (:func:`~cryoace.reconstruct.pose_search.pose_score`; None if not measured)
+    score: torch.Tensor | None = None
+    #: how a final pass used poses from elsewhere (None: it had none)
+    local_first: LocalFirst | None = None
 
     @property
     def resolved_beyond_start(self) -> bool:
@@ -180,13 +204,72 @@ class RefineResult:
 
     def star_columns(self) -> dict[str, np.ndarray]:
         """The per-particle columns for poses.star, in the order of ``rows``: each particle's half set
-        (``rlnRandomSubset``: 1 or 2) and pose confidence (``cryoacePoseConfidence``)."""
+        (``rlnRandomSubset``: 1 or 2), pose confidence (``cryoacePoseConfidence``; NaN where no global
+        search measured it: a pose kept from a local search) and pose score (``cryoacePoseScore``, when
+        measured)."""
         rows = np.asarray(self.rows)
         order = np.argsort(rows)
         subset = np.zeros(len(rows), dtype=np.int64)
         for h, half in enumerate(self.half_rows):
             subset[order[np.searchsorted(rows, half, sorter=order)]] = h + 1
-        return {"rlnRandomSubset": subset, "cryoacePoseConfidence": self.confidence.double().numpy()}
+        columns = {"rlnRandomSubset": subset, "cryoacePoseConfidence": self.confidence.double().numpy()}
+        if self.score is not None:
+            columns["cryoacePoseScore"] = self.score.double().numpy()
+        return columns
+
+
+#: a local result whose pose score is this much below its reference pose's explains its image worse
+SCORE_MARGIN = 1.0
+#: below this fraction of given poses within a local search's reach, a final pass searches every particle
+#: globally without them (carrying them would cost more than it saves)
+MIN_REACHABLE = 0.2
+
+
+@dataclasses.dataclass
+class LocalFirst:
+    """How a final pass (:func:`extend_refinement`) used poses from elsewhere — an encoder's — instead
+    of a global search for every particle, calibrated on a sample of ``sample`` particles with
+    reference poses (the refined subset's, or a global search's):
+
+    encoder_median_deg : the given poses' median angle to the references';
+    reachable, radius_deg : the fraction of them within ``max_carry_radius_deg``, and those's
+                      80th-percentile angle (it sets the coarse cubes that carry them, ``coarse_steps_deg``);
+    threshold       : the pose score from which a particle's local result is kept (inf: none is; every
+                      particle is searched globally, without its given pose — fewer than
+                      :data:`MIN_REACHABLE` were near enough — or with it — the score could not tell
+                      right from wrong);
+    sample_accepted, sample_false_accept : the fraction of the sample whose local result the threshold
+                      keeps, and the fraction of those whose pose explains its image worse than the
+                      reference pose (a pose score :data:`SCORE_MARGIN` lower);
+    particles, fell_back : particles searched from their given pose, and those of them searched
+                      globally after all (score below the threshold)."""
+
+    sample: int
+    encoder_median_deg: float
+    radius_deg: float
+    coarse_steps_deg: list[float]
+    threshold: float
+    sample_accepted: float
+    sample_false_accept: float
+    reachable: float = 1.0
+    particles: int = 0
+    fell_back: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.threshold)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        head = (f"the given poses were {self.encoder_median_deg:.1f}° from the reference poses of {self.sample} "
+                f"particles (median; {100 * self.reachable:.0f} % within reach of a local search)")
+        if not self.enabled:
+            return head + ": every particle searched globally"
+        return (head + f"; local search first (cubes from {self.coarse_steps_deg[0]:g}°), kept where the pose score "
+                f"≥ {self.threshold:.2f} ({100 * self.sample_accepted:.0f} % of the sample, "
+                f"{100 * self.sample_false_accept:.1f} % of those off their reference): "
+                f"{self.particles - self.fell_back} of {self.particles} particles kept, {self.fell_back} searched "
+                "globally")
 
 
 @dataclasses.dataclass
@@ -297,6 +380,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
         confidence = torch.zeros(n) if resume.confidence is None else resume.confidence
     clock0 = time.monotonic()
     history: list[RefineRound] = []
+    score = torch.full((n,), math.nan)
     longest_s = 0.0 if resume is None else resume.longest_round_s
     bar = tqdm(total=max(0, settings.rounds - first), unit="round", desc="refining",
                disable=None if progress else True)
@@ -341,6 +425,9 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         if found_confidence is not None:
                             confidence[where] = found_confidence.to(device)
                         rotmat[where], shift[where], error[where] = best.pose.rotmat, best.pose.shift_angst, best.error
+                        if final:  # the final poses' scores (poses.star) against the references they were found in
+                            score[where] = pose_score(reference, images, pixel_size, lband, best.pose,
+                                                      grids.score_rotations, ctf).cpu()
                         accumulators[h].insert(images, best.pose.rotmat, best.pose.shift_angst / pixel_size[:, None],
                                                pixel_size, ctf)
             new = Pose(rotmat=rotmat, shift_angst=shift)
@@ -382,14 +469,14 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                         start_resolution_px=float(settings.start_resolution_px),
                         half_map_fsc=history[-1].half_map_fsc if history else  # (a resumed, finished run)
                         fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size)), check=check,
-                        rows=rows)
+                        rows=rows, score=score if history and history[-1].final else None)
 
 
 @dataclasses.dataclass
 class _SearchGrids:
     """The searches' grids of a :class:`RefineSettings`: SO(3) rotations and shifts of the global search,
-    the local shifts, the successive local rotation cubes and the finest one, and the pose
-    confidence's radius (°)."""
+    the local shifts, the successive local rotation cubes and the finest one, the pose confidence's
+    radius (°) and the pose score's random rotations."""
 
     rotations: torch.Tensor
     global_shifts: torch.Tensor
@@ -397,20 +484,33 @@ class _SearchGrids:
     offsets: list[torch.Tensor]
     finest: torch.Tensor
     confidence_radius_deg: float
-    #: the cascade that carries a start from elsewhere (an encoder's prediction, off by some 10-20°):
-    #: a cube of twice the widest local step first, then the local steps and the finest
-    initial: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    score_rotations: torch.Tensor
+    #: the wider cubes (searched in the global band) that carry a start from elsewhere (an encoder's
+    #: prediction, some 10-20° off) before the local steps: by default one of twice the widest local step
+    coarse: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(cls, settings: RefineSettings, device) -> _SearchGrids:
         offsets = [local_offsets(step, device=device) for step in settings.local_steps_deg]
         finest = local_offsets(min(settings.local_steps_deg, default=1.0) / 2, device=device)
-        widest = 2 * max(settings.local_steps_deg, default=4.0)
+        generator = torch.Generator().manual_seed(settings.seed + 101)
         return cls(rotations=so3_grid(settings.global_step_deg, device=device),
                    global_shifts=shift_grid(settings.shift_range_px, settings.shift_step_px, device=device),
                    local_shifts=shift_grid(1, settings.local_shift_step_px, device=device),
                    offsets=offsets, finest=finest, confidence_radius_deg=2 * settings.global_step_deg,
-                   initial=[local_offsets(widest, device=device), *offsets, finest])
+                   score_rotations=random_rotmat(settings.score_rotations, generator=generator).to(device),
+                   coarse=[local_offsets(step, device=device) for step in coarse_steps(settings, 0.0)])
+
+
+def coarse_steps(settings: RefineSettings, radius_deg: float) -> list[float]:
+    """The steps (°, widest first) of the cubes that carry a start whose error is about ``radius_deg``
+    before the local steps: twice the widest local step, doubled until 2.5 steps reach the radius
+    (a cube's search moves a pose by up to ~1.5 steps, and the finer ones add as much again)."""
+    widest = max(settings.local_steps_deg, default=4.0)
+    steps = [2 * widest]
+    while 2.5 * steps[0] < radius_deg:
+        steps.insert(0, 2 * steps[0])
+    return steps
 
 
 def _checked_half_sets(half_sets, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -431,8 +531,8 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
     confidence (None when not measured). Globally over SO(3) (the confidence from its best
     rotations), then locally with halving steps, and the last round's pose ``last`` touched up where it
     still explains the image better (``last_from_elsewhere``: a start not from this search, e.g. an
-    encoder's, carried by the wider ``grids.initial`` cascade instead); or, with ``local_only``,
-    locally around ``last`` only, from the second local step on."""
+    encoder's, carried by :func:`_carry` instead); or, with ``local_only``, locally around ``last``
+    only, from the second local step on."""
     search = (reference, images, pixel_size, lband)
     if local_only:
         found = last
@@ -449,13 +549,29 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
     best = local_search(*search, found, grids.finest, grids.local_shifts, ctf)
     if last is None:
         return best, confidence
-    kept = SearchResult(last, None)
-    for offset in grids.initial if last_from_elsewhere else [grids.finest]:  # last round's pose, touched up
-        kept = local_search(*search, kept.pose, offset, grids.local_shifts, ctf)
-    better = kept.error < best.error
-    return SearchResult(Pose(torch.where(better[:, None, None], kept.pose.rotmat, best.pose.rotmat),
-                             torch.where(better[:, None], kept.pose.shift_angst, best.pose.shift_angst)),
-                        torch.where(better, kept.error, best.error)), confidence
+    kept = (_carry(reference, images, pixel_size, ctf, last, grids, gband, lband) if last_from_elsewhere
+            else local_search(*search, last, grids.finest, grids.local_shifts, ctf))  # last round's, touched up
+    return _better(kept, best), confidence
+
+
+def _carry(reference, images, pixel_size, ctf, start: Pose, grids: _SearchGrids, gband, lband) -> SearchResult:
+    """A start from elsewhere (an encoder's pose) carried to the nearest optimum: the coarse cubes in the
+    global band (their steps need no finer detail, and it is cheap), then the local steps and the
+    finest in the local band."""
+    found = start
+    for offset in grids.coarse:
+        found = local_search(reference, images, pixel_size, gband, found, offset, grids.global_shifts, ctf).pose
+    for offset in grids.offsets:
+        found = local_search(reference, images, pixel_size, lband, found, offset, grids.local_shifts, ctf).pose
+    return local_search(reference, images, pixel_size, lband, found, grids.finest, grids.local_shifts, ctf)
+
+
+def _better(a: SearchResult, b: SearchResult) -> SearchResult:
+    """Per image, whichever of two search results has the lower error."""
+    pick = a.error < b.error
+    return SearchResult(Pose(torch.where(pick[:, None, None], a.pose.rotmat, b.pose.rotmat),
+                             torch.where(pick[:, None], a.pose.shift_angst, b.pose.shift_angst)),
+                        torch.where(pick, a.error, b.error))
 
 
 def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_sets: tuple[np.ndarray, np.ndarray],
@@ -471,16 +587,27 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     subset particle must be in the same half as in ``refined``), and the half maps are rebuilt from
     all particles (the subset's at their refined poses). The halves still never meet, so their FSC
     stays a gold standard. Cost: ``subset × rounds + N`` particle searches instead of ``N × rounds``.
-    Returns the result for ``rows`` (poses, confidences, maps, FSC and the posterior-predictive check
-    of the final half maps); its ``rounds`` are the subset's. ``initial``: poses (per position in
-    ``rows``) from elsewhere — an encoder's — each carried by a local search from 2× the widest local
-    step down and kept where it explains its image better than the global search's (a rank needs
-    only its own particles' starts).
+    Returns the result for ``rows`` (poses, confidences, pose scores, maps, FSC and the
+    posterior-predictive check of the final half maps); its ``rounds`` are the subset's.
+
+    ``initial``: poses (per position in ``rows``) from elsewhere — an encoder's. With
+    ``settings.local_first`` each particle is then searched **locally** from its pose (coarse cubes as
+    wide as the poses' error needs, then the local steps) and kept where its pose score
+    (:func:`~cryoace.reconstruct.pose_search.pose_score`) reaches a threshold; only the others fall
+    back to the global search (keeping the local result where it explains the image better). The
+    reach and the threshold are calibrated on ``settings.calibration_particles`` particles with
+    reference poses — refined subset particles, or else particles searched globally as well — so that
+    at most ``settings.max_false_accept`` of the kept local results explain their image worse than
+    the reference pose (:class:`LocalFirst`, the result's ``local_first``): good poses save the global search, poor
+    ones (a wrong frame, noisy images) cost one local search more. Without ``local_first`` every
+    particle is searched globally and the given pose, carried locally, kept where it explains its
+    image better.
 
     ``ranks`` = (rank, world size) of an initialized ``torch.distributed`` process group (torchrun)
     that shares the work: rank r searches and inserts the particles at positions p ≡ r (mod world
-    size) of ``rows``; the Fourier sums, poses and confidences are then summed over the ranks, so every
-    rank returns the whole result, equal to one process's up to the order of the float sums."""
+    size) of ``rows`` (and needs only their ``initial`` poses); the Fourier sums, poses, confidences,
+    scores and the calibration are summed over the ranks, so every rank returns the whole result,
+    equal to one process's up to the order of the float sums."""
     from tqdm.auto import tqdm
 
     settings = settings or RefineSettings()
@@ -521,44 +648,87 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                                                             refined.half_map_fsc.curve), pad_factor=2)
                   for m in refined.half_volumes]
     rank, world = (0, 1) if ranks is None else ranks
+    ctx = _PassContext(dataset, rows, references, settings, grids, gband, lband, use_ctf, device, world)
+
+    def refined_pose(where: np.ndarray) -> Pose:
+        index = torch.as_tensor(known[where])
+        return Pose(refined.pose.rotmat[index].to(device=device, dtype=torch.float32),
+                    refined.pose.shift_angst[index].to(device=device, dtype=torch.float32))
+
+    def given_pose(where: np.ndarray) -> Pose:
+        return Pose(initial.rotmat[where].to(device=device, dtype=torch.float32),
+                    initial.shift_angst[where].to(device=device, dtype=torch.float32))
+
+    plan = None
+    if initial is not None and settings.local_first and (known < 0).any():
+        plan = _calibrate_local_first(ctx, half_of, known, refined_pose, given_pose, rank)
+        if plan.reachable < MIN_REACHABLE:  # e.g. an encoder in another frame: its poses would only cost time
+            initial = None
     # zeros, not empty: with several ranks each fills its own particles and the sums make the whole
     rotmat = torch.zeros(n, 3, 3, dtype=torch.float64)
     shift = torch.zeros(n, 2, dtype=torch.float64)
     confidence = torch.zeros(n)
+    score = torch.zeros(n)
     accumulators = [FourierAccumulator(size, pad_factor=2, device=device) for _ in halves]
     mine = [positions[positions % world == rank] for positions in halves]
     bar = tqdm(total=sum(len(p) for p in mine), unit="particle", desc="all particles",
                disable=None if progress else True)
+    fell_back = 0
+
+    def keep(h: int, where: np.ndarray, batch, pose: Pose, found_confidence: torch.Tensor | None) -> None:
+        images, pixel_size, ctf = batch
+        rotmat[where], shift[where] = pose.rotmat.double().cpu(), pose.shift_angst.double().cpu()
+        confidence[where] = math.nan if found_confidence is None else found_confidence.float().cpu()
+        score[where] = pose_score(references[h], images, pixel_size, lband, pose, grids.score_rotations,
+                                  ctf).float().cpu()
+        accumulators[h].insert(images, pose.rotmat, pose.shift_angst / pixel_size[:, None], pixel_size, ctf)
+        bar.update(len(where))
+
     try:
         for h, positions in enumerate(mine):
-            for part, search in ((positions[known[positions] < 0], True), (positions[known[positions] >= 0], False)):
-                for at in range(0, len(part), settings.batch_size):
-                    where = part[at:at + settings.batch_size]
-                    batch = dataset[rows[where]]
-                    images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)
-                    ctf = batch.ctf.to(device=device) if use_ctf else None
-                    if search:
-                        start = None if initial is None else Pose(
-                            initial.rotmat[where].to(device=device, dtype=torch.float32),
-                            initial.shift_angst[where].to(device=device, dtype=torch.float32))
-                        best, found_confidence = _search_particles(
-                            references[h], images, pixel_size, ctf, start, False, settings, gband, lband, grids,
-                            last_from_elsewhere=True)
-                        pose = best.pose
-                        confidence[where] = found_confidence.float().cpu()
-                    else:
-                        index = torch.as_tensor(known[where])
-                        pose = Pose(refined.pose.rotmat[index].to(device=device, dtype=torch.float32),
-                                    refined.pose.shift_angst[index].to(device=device, dtype=torch.float32))
-                        confidence[where] = refined.confidence[index].float()
-                    rotmat[where], shift[where] = pose.rotmat.double().cpu(), pose.shift_angst.double().cpu()
-                    accumulators[h].insert(images, pose.rotmat, pose.shift_angst / pixel_size[:, None], pixel_size,
-                                           ctf)
-                    bar.update(len(where))
+            for where in ctx.batches(positions[known[positions] >= 0]):  # the subset: at their refined poses
+                keep(h, where, ctx.load(where), refined_pose(where), refined.confidence[torch.as_tensor(known[where])])
+            to_search = positions[known[positions] < 0]
+            if plan is not None and plan.enabled:  # locally from the given poses; the global search as fallback
+                global_part = []
+                for where in ctx.batches(to_search):
+                    batch = ctx.load(where)
+                    carried = _carry(references[h], *batch, given_pose(where), _plan_grids(grids, plan), gband, lband)
+                    images, pixel_size, ctf = batch
+                    good = (pose_score(references[h], images, pixel_size, lband, carried.pose, grids.score_rotations,
+                                       ctf) >= plan.threshold).cpu().numpy()
+                    mask = torch.as_tensor(good, device=device)
+                    if good.any():
+                        keep(h, where[good], tuple(None if x is None else x[mask] for x in batch), carried.pose[mask],
+                             None)
+                    rotmat[where[~good]] = carried.pose.rotmat[~mask].double().cpu()
+                    shift[where[~good]] = carried.pose.shift_angst[~mask].double().cpu()
+                    global_part.append(where[~good])
+                global_part = np.concatenate(global_part) if global_part else to_search[:0]
+                fell_back += len(global_part)
+                for where in ctx.batches(global_part):  # in full batches: a global search's cost is per batch
+                    batch = ctx.load(where)
+                    carried = Pose(rotmat[where].to(device=device, dtype=torch.float32),
+                                   shift[where].to(device=device, dtype=torch.float32))
+                    best, found_confidence = _search_particles(references[h], *batch, carried, False, settings,
+                                                               gband, lband, grids)
+                    keep(h, where, batch, best.pose, found_confidence)
+            else:
+                for where in ctx.batches(to_search):
+                    batch = ctx.load(where)
+                    best, found_confidence = _search_particles(
+                        references[h], *batch, None if initial is None else given_pose(where), False, settings,
+                        gband, lband, grids, last_from_elsewhere=True)
+                    keep(h, where, batch, best.pose, found_confidence)
     finally:
         bar.close()
     if world > 1:
-        _sum_over_ranks([rotmat, shift, confidence, *(a.grid for a in accumulators)], device)
+        counts = torch.tensor([float(fell_back)])
+        _sum_over_ranks([rotmat, shift, confidence, score, counts, *(a.grid for a in accumulators)], device)
+        fell_back = int(counts.item())
+    if plan is not None:
+        plan = dataclasses.replace(plan, particles=int((known < 0).sum()) if plan.enabled else 0,
+                                   fell_back=fell_back if plan.enabled else 0)
     half_maps = torch.stack([a.volume(settings.wiener_eps) for a in accumulators])
     half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
     volume = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
@@ -569,7 +739,117 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     return RefineResult(pose=Pose(rotmat=rotmat, shift_angst=shift), volume=volume.cpu(), rounds=refined.rounds,
                         half_volumes=half_maps.cpu(), half_rows=(rows[halves[0]], rows[halves[1]]),
                         confidence=confidence, start_resolution_px=refined.start_resolution_px,
-                        half_map_fsc=half_fsc, check=check, rows=rows)
+                        half_map_fsc=half_fsc, check=check, rows=rows, score=score, local_first=plan)
+
+
+@dataclasses.dataclass
+class _PassContext:
+    """What a final pass's batches share: the dataset and its rows, each half's reference, the
+    settings, grids and bands."""
+
+    dataset: object
+    rows: np.ndarray
+    references: list
+    settings: RefineSettings
+    grids: _SearchGrids
+    gband: object
+    lband: object
+    use_ctf: bool
+    device: torch.device
+    world: int
+
+    def batches(self, positions: np.ndarray):
+        for at in range(0, len(positions), self.settings.batch_size):
+            yield positions[at:at + self.settings.batch_size]
+
+    def load(self, where: np.ndarray) -> tuple:
+        """(images, pixel sizes, CTF or None) of the particles at positions ``where``, on the device."""
+        batch = self.dataset[self.rows[where]]
+        return (batch.images.to(self.device), batch.pixel_size.to(self.device),
+                batch.ctf.to(device=self.device) if self.use_ctf else None)
+
+
+def _plan_grids(grids: _SearchGrids, plan: LocalFirst) -> _SearchGrids:
+    """The grids with the coarse cubes of a calibrated local-first plan."""
+    device = grids.finest.device
+    return dataclasses.replace(grids, coarse=[local_offsets(step, device=device) for step in plan.coarse_steps_deg])
+
+
+def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.ndarray, refined_pose, given_pose,
+                           rank: int) -> LocalFirst:
+    """The local-first plan of a final pass (:class:`LocalFirst`), from a seeded sample: refined subset
+    particles when there are any (their refined poses are the references), else particles to search
+    (a global search gives theirs). Each rank measures the sample particles it owns; the sums over the
+    ranks make every rank's plan the same."""
+    settings, grids, device = ctx.settings, ctx.grids, ctx.device
+    pool = np.flatnonzero(known >= 0)
+    from_subset = len(pool) > 0
+    pool = pool if from_subset else np.flatnonzero(known < 0)
+    generator = np.random.default_rng(settings.seed + 13)
+    sample = np.sort(generator.choice(pool, min(settings.calibration_particles, len(pool)), replace=False))
+    count = len(sample)
+    reference = torch.zeros(count, 3, 3, dtype=torch.float64)
+    reference_score = torch.zeros(count, dtype=torch.float64)
+    given = torch.zeros(count, 3, 3, dtype=torch.float64)
+    given_shift = torch.zeros(count, 2, dtype=torch.float64)
+    index_of = {int(p): i for i, p in enumerate(sample)}
+    owned = [sample[(sample % ctx.world == rank) & (half_of[sample] == h)] for h in range(2)]
+    for h in range(2):
+        for where in ctx.batches(owned[h]):
+            at = torch.as_tensor([index_of[int(p)] for p in where])
+            start = given_pose(where)
+            given[at], given_shift[at] = start.rotmat.double().cpu(), start.shift_angst.double().cpu()
+            images, pixel_size, ctf = batch = ctx.load(where)
+            found = (refined_pose(where) if from_subset else
+                     _search_particles(ctx.references[h], *batch, None, False, settings, ctx.gband, ctx.lband,
+                                       grids)[0].pose)
+            reference[at] = found.rotmat.double().cpu()
+            reference_score[at] = pose_score(ctx.references[h], images, pixel_size, ctx.lband, found,
+                                             grids.score_rotations, ctf).double().cpu()
+    if ctx.world > 1:
+        _sum_over_ranks([reference, reference_score, given, given_shift], device)
+    error = torch.rad2deg(geodesic_angle(given, reference))
+    reachable = error <= settings.max_carry_radius_deg
+    # the reach the near starts need (the far ones are left to the score and the global search)
+    radius = float(torch.quantile(error[reachable], 0.8)) if reachable.any() else math.inf
+    plan = LocalFirst(sample=count, encoder_median_deg=float(error.median()), radius_deg=radius,
+                      coarse_steps_deg=coarse_steps(settings, min(radius, settings.max_carry_radius_deg)),
+                      threshold=math.inf, sample_accepted=0.0, sample_false_accept=0.0,
+                      reachable=float(reachable.double().mean()))
+    if plan.reachable < MIN_REACHABLE:
+        return plan
+    carried_grids = _plan_grids(grids, plan)
+    sample_score = torch.zeros(count, dtype=torch.float64)
+    for h in range(2):
+        for where in ctx.batches(owned[h]):
+            at = torch.as_tensor([index_of[int(p)] for p in where])
+            batch = ctx.load(where)
+            start = Pose(given[at].to(device=device, dtype=torch.float32),
+                         given_shift[at].to(device=device, dtype=torch.float32))
+            carried = _carry(ctx.references[h], *batch, start, carried_grids, ctx.gband, ctx.lband)
+            images, pixel_size, ctf = batch
+            sample_score[at] = pose_score(ctx.references[h], images, pixel_size, ctx.lband, carried.pose,
+                                          grids.score_rotations, ctf).double().cpu()
+    if ctx.world > 1:
+        _sum_over_ranks([sample_score], device)
+    # a local result is off where it explains its image clearly worse than the reference pose does (by
+    # fit, not by angle: a pose at a (pseudo)symmetry mate of the reference is as good)
+    off = (sample_score < reference_score - SCORE_MARGIN).double()
+    threshold, accepted, false_accept = score_threshold(sample_score, off, settings.max_false_accept)
+    return dataclasses.replace(plan, threshold=threshold, sample_accepted=accepted, sample_false_accept=false_accept)
+
+
+def score_threshold(score: torch.Tensor, off: torch.Tensor, max_false_accept: float) -> tuple[float, float, float]:
+    """The lowest score threshold whose kept sample (score ≥ it) has at most ``max_false_accept`` of its
+    members off their reference (``off``: 1/0); with the kept fraction and its false-accept rate.
+    (inf, 0, 0) when no threshold keeps the rate."""
+    order = torch.argsort(score, descending=True)
+    wrong = torch.cumsum(off[order], 0) / torch.arange(1, len(order) + 1, dtype=torch.float64)
+    fine = torch.nonzero(wrong <= max_false_accept).flatten()
+    if len(fine) == 0:
+        return math.inf, 0.0, 0.0
+    k = int(fine[-1]) + 1
+    return float(score[order[k - 1]]), k / len(order), float(wrong[k - 1])
 
 
 def refine_particles(dataset, half_maps: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
