@@ -306,9 +306,21 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert len(posed) == 120 and np.array_equal(posed.extra_column("rlnRandomSubset"),
                                                 truth.extra_column("rlnRandomSubset")[:120])
     confidence = posed.extra_column("cryoacePoseConfidence")
-    assert np.all((confidence >= 0) & (confidence <= 1))
+    search = json.loads((new / "search.json").read_text())  # how the local-first search went
+    plan = search["local_first"]
+    assert search["particles"] == 120 and plan["sample"] == 120
+    assert plan["particles"] == (120 if plan["threshold"] is not None else 0)  # (0: every particle globally)
+    kept = np.isnan(confidence)  # kept from a local search: no global search measured a confidence
+    assert int(kept.sum()) == plan["particles"] - plan["fell_back"]
+    assert np.all((confidence[~kept] >= 0) & (confidence[~kept] <= 1))
+    assert np.isfinite(posed.extra_column("cryoacePoseScore")).all()
     for name in ("volume.mrc", "volume_half1.mrc", "volume_half2.mrc", "gold_standard.json", "fsc.png"):
         assert (new / name).is_file()
+    # --no-local-first: every particle searched globally, so every confidence is measured
+    assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "global"), "--first", "120", "--quiet",
+                "--device", "cpu", "--no-local-first"]) in FINISHED
+    assert not np.isnan(read_particles(tmp_path / "global" / "poses.star").extra_column("cryoacePoseConfidence")).any()
+    assert json.loads((tmp_path / "global" / "search.json").read_text())["local_first"] is None
     assert open_mrc(new / "volume_half1.mrc", mmap=False).data.shape == (32, 32, 32)
     gold = json.loads((new / "gold_standard.json").read_text())
     assert gold["start_resolution_px"] == config.refine.start_resolution_px

@@ -13,7 +13,8 @@ explain their images worse than the global search's in at most 5 % of them; an e
 are mostly beyond a local search's reach (another frame) is not used. OUT gets poses.star (every
 input column kept, with rlnRandomSubset, cryoacePoseConfidence — NaN where a local result was kept:
 no global search measured it — and cryoacePoseScore, the pose's fit against random rotations in
-standard deviations), volume.mrc and the half maps built from these particles alone
+standard deviations), search.json (how the search went: the calibration, how many particles fell
+back to the global search, its wall time), volume.mrc and the half maps built from these particles alone
 (volume_half1.mrc, volume_half2.mrc, volume_mask.mrc), gold_standard.json and fsc.png: the new half
 maps are as independent as the run's, so their FSC is a gold standard; a resolution is only claimed
 beyond the run's --refine-start-resolution (what the run's half maps shared). The images are
@@ -37,7 +38,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +63,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the poses to start from: taught (RUN_DIR/checkpoints/encoder_taught.pt), network "
                         "(the encoder trained with the decoder), none (the global search alone); auto (default): "
                         "taught when the run has it, else network")
+    parser.add_argument("--no-local-first", action="store_true",
+                        help="search every particle globally over SO(3) as well (the encoder's pose is still carried "
+                        "locally and kept where it fits better): slower, for comparison or a poor encoder")
     add_run_input_args(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -69,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
+    from ..io.atomic import atomic_path
     from ..io.mrc import read_volume, write_mrc
     from ..pipeline.refine_stage import half_sets_of, stage_settings
     from ..pipeline.rundir import write_gold_standard
@@ -112,11 +120,14 @@ def main(args: argparse.Namespace) -> int:
         initial = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
         initial.rotmat[mine], initial.shift_angst[mine] = predicted.rotmat.double(), predicted.shift_angst.double()
     settings = stage_settings(run.config)  # the run's final bands, grid and start low-pass
+    settings = dataclasses.replace(settings, local_first=not args.no_local_first)
     halves = half_sets_of(table, n, run.config.seed)
     say(f"searching {n} particles against the run's half maps (each half set against its own)")
+    started = time.monotonic()
     result = refine_particles(dataset, half_maps.float(), halves, settings, initial=initial,
                               use_ctf=run.data.use_ctf, device=device,
                               progress=not quiet, ranks=(rank, world) if world > 1 else None)
+    search_s = time.monotonic() - started
     if not context.is_main:  # rank 0 writes; the others hold the same result
         distributed.cleanup()
         return 0
@@ -126,6 +137,10 @@ def main(args: argparse.Namespace) -> int:
                                result.start_resolution_px, result.confidence, result.check,
                                title="gold-standard FSC of the new particles' half maps")
     write_poses_star(out / "poses.star", table, result.pose, columns=result.star_columns())
+    search = {"particles": n, "processes": world, "search_s": search_s, "encoder": None if choice == "none" else what,
+              "local_first": None if result.local_first is None else result.local_first.to_dict()}
+    with atomic_path(out / "search.json") as tmp:
+        tmp.write_text(json.dumps(search, indent=2) + "\n")
     if initial is not None:  # (rank 0's particles)
         median, within = pose_agreement(initial.rotmat[mine], result.pose.rotmat[mine])
         print(f"{what}: its poses were within {median:.1f}° of the refined ones (median; "

@@ -224,7 +224,7 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
         trainer.write_record({"kind": "refine_all", "step": trainer.step, "elapsed_s": clock(),
                               "particles": n, "searched": n - len(rounds_rows), "half_fsc0143_px": gold_fsc.px,
                               "confidence_median": float(result.confidence.nanmedian()),
-                              **({} if plan is None else {"local_first": dataclasses.asdict(plan)})})
+                              **({} if plan is None else {"local_first": plan.to_dict()})})
         trainer.write_record(stage_record("final_pass", trainer.step, started, clock(), None,
                                           particles=n - len(rounds_rows),
                                           searched_globally=(n - len(rounds_rows) if plan is None or not plan.enabled

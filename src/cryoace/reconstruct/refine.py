@@ -259,6 +259,11 @@ class LocalFirst:
     def enabled(self) -> bool:
         return math.isfinite(self.threshold)
 
+    def to_dict(self) -> dict:
+        """For JSON: the fields, with None for an infinite threshold or radius."""
+        return {key: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for key, v in dataclasses.asdict(self).items()}
+
     def describe(self) -> str:
         """One line for the log."""
         head = (f"the given poses were {self.encoder_median_deg:.1f}° from the reference poses of {self.sample} "
