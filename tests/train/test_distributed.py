@@ -200,8 +200,7 @@ def test_torchrun_reconstruct_shares_the_final_pass(star, tmp_path):
     taught = load_taught_encoder(run / TAUGHT_ENCODER)
     alone = extend_refinement(dataset, rounds, np.arange(len(table)), halves, stage_settings(trained.config),
                               progress=False, initial=encoder_starts(taught, dataset, None, "cpu"))
-    assert (record["local_first"]["sample"], record["local_first"]["threshold"]) == (
-        alone.local_first.sample, pytest.approx(alone.local_first.threshold))
+    assert record["local_first"] == alone.local_first.to_dict()
     posed = read_particles(run / "poses.star")
     assert torch.allclose(posed.pose.rotmat, alone.pose.rotmat, atol=1e-4)
     assert np.allclose(posed.extra_column("cryoacePoseConfidence"), alone.confidence.numpy(), atol=1e-6,

@@ -664,11 +664,14 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
         return Pose(initial.rotmat[where].to(device=device, dtype=torch.float32),
                     initial.shift_angst[where].to(device=device, dtype=torch.float32))
 
-    plan = None
+    plan, searched = None, []
     if initial is not None and settings.local_first and (known < 0).any():
-        plan = _calibrate_local_first(ctx, half_of, known, refined_pose, given_pose, rank)
+        plan, searched = _calibrate_local_first(ctx, half_of, known, refined_pose, given_pose, rank)
         if plan.reachable < MIN_REACHABLE:  # e.g. an encoder in another frame: its poses would only cost time
             initial = None
+    done = np.zeros(n, dtype=bool)  # sample particles the calibration already searched globally
+    for _, where, _, _ in searched:
+        done[where] = True
     # zeros, not empty: with several ranks each fills its own particles and the sums make the whole
     rotmat = torch.zeros(n, 3, 3, dtype=torch.float64)
     shift = torch.zeros(n, 2, dtype=torch.float64)
@@ -690,10 +693,12 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
         bar.update(len(where))
 
     try:
+        for h, where, pose, found_confidence in searched:  # the calibration's global searches
+            keep(h, where, ctx.load(where), pose, found_confidence)
         for h, positions in enumerate(mine):
             for where in ctx.batches(positions[known[positions] >= 0]):  # the subset: at their refined poses
                 keep(h, where, ctx.load(where), refined_pose(where), refined.confidence[torch.as_tensor(known[where])])
-            to_search = positions[known[positions] < 0]
+            to_search = positions[(known[positions] < 0) & ~done[positions]]
             if plan is not None and plan.enabled:  # locally from the given poses; the global search as fallback
                 global_part = []
                 for where in ctx.batches(to_search):
@@ -731,9 +736,10 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
         counts = torch.tensor([float(fell_back)])
         _sum_over_ranks([rotmat, shift, confidence, score, counts, *(a.grid for a in accumulators)], device)
         fell_back = int(counts.item())
-    if plan is not None:
+    if plan is not None:  # (the sample searched globally by the calibration counts as fallen back)
+        calibrated = plan.sample if len(refined.rows) == 0 else 0
         plan = dataclasses.replace(plan, particles=int((known < 0).sum()) if plan.enabled else 0,
-                                   fell_back=fell_back if plan.enabled else 0)
+                                   fell_back=fell_back + calibrated if plan.enabled else 0)
     half_maps = torch.stack([a.volume(settings.wiener_eps) for a in accumulators])
     half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
     volume = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
@@ -781,11 +787,13 @@ def _plan_grids(grids: _SearchGrids, plan: LocalFirst) -> _SearchGrids:
 
 
 def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.ndarray, refined_pose, given_pose,
-                           rank: int) -> LocalFirst:
+                           rank: int) -> tuple[LocalFirst, list[tuple[int, np.ndarray, Pose, torch.Tensor]]]:
     """The local-first plan of a final pass (:class:`LocalFirst`), from a seeded sample: refined subset
     particles when there are any (their refined poses are the references), else particles to search
     (a global search gives theirs). Each rank measures the sample particles it owns; the sums over the
-    ranks make every rank's plan the same."""
+    ranks make every rank's plan the same. Also returns the sample particles this rank searched
+    globally — (half, positions, pose, confidence) per batch, each pose the better of the global
+    search's and the carried start's — which need no second search."""
     settings, grids, device = ctx.settings, ctx.grids, ctx.device
     pool = np.flatnonzero(known >= 0)
     from_subset = len(pool) > 0
@@ -799,15 +807,20 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
     given_shift = torch.zeros(count, 2, dtype=torch.float64)
     index_of = {int(p): i for i, p in enumerate(sample)}
     owned = [sample[(sample % ctx.world == rank) & (half_of[sample] == h)] for h in range(2)]
+    searched = []  # (half, positions, SearchResult, confidence) of the sample's global searches
     for h in range(2):
         for where in ctx.batches(owned[h]):
             at = torch.as_tensor([index_of[int(p)] for p in where])
             start = given_pose(where)
             given[at], given_shift[at] = start.rotmat.double().cpu(), start.shift_angst.double().cpu()
             images, pixel_size, ctf = batch = ctx.load(where)
-            found = (refined_pose(where) if from_subset else
-                     _search_particles(ctx.references[h], *batch, None, False, settings, ctx.gband, ctx.lband,
-                                       grids)[0].pose)
+            if from_subset:
+                found = refined_pose(where)
+            else:
+                best, confidence = _search_particles(ctx.references[h], *batch, None, False, settings, ctx.gband,
+                                                     ctx.lband, grids)
+                searched.append((h, where, best, confidence))
+                found = best.pose
             reference[at] = found.rotmat.double().cpu()
             reference_score[at] = pose_score(ctx.references[h], images, pixel_size, ctx.lband, found,
                                              grids.score_rotations, ctf).double().cpu()
@@ -822,9 +835,10 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
                       threshold=math.inf, sample_accepted=0.0, sample_false_accept=0.0,
                       reachable=float(reachable.double().mean()))
     if plan.reachable < MIN_REACHABLE:
-        return plan
+        return plan, [(h, where, best.pose, confidence) for h, where, best, confidence in searched]
     carried_grids = _plan_grids(grids, plan)
     sample_score = torch.zeros(count, dtype=torch.float64)
+    kept = []
     for h in range(2):
         for where in ctx.batches(owned[h]):
             at = torch.as_tensor([index_of[int(p)] for p in where])
@@ -832,6 +846,9 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
             start = Pose(given[at].to(device=device, dtype=torch.float32),
                          given_shift[at].to(device=device, dtype=torch.float32))
             carried = _carry(ctx.references[h], *batch, start, carried_grids, ctx.gband, ctx.lband)
+            if searched:  # (the same batches, in the same order)
+                _, _, best, confidence = searched[len(kept)]
+                kept.append((h, where, _better(carried, best).pose, confidence))
             images, pixel_size, ctf = batch
             sample_score[at] = pose_score(ctx.references[h], images, pixel_size, ctx.lband, carried.pose,
                                           grids.score_rotations, ctf).double().cpu()
@@ -841,7 +858,8 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
     # fit, not by angle: a pose at a (pseudo)symmetry mate of the reference is as good)
     off = (sample_score < reference_score - SCORE_MARGIN).double()
     threshold, accepted, false_accept = score_threshold(sample_score, off, settings.max_false_accept)
-    return dataclasses.replace(plan, threshold=threshold, sample_accepted=accepted, sample_false_accept=false_accept)
+    return dataclasses.replace(plan, threshold=threshold, sample_accepted=accepted,
+                               sample_false_accept=false_accept), kept
 
 
 def score_threshold(score: torch.Tensor, off: torch.Tensor, max_false_accept: float) -> tuple[float, float, float]:
