@@ -1,140 +1,87 @@
-"""Benchmark: which local pose refinement is cheaper for the same accuracy — the grid cascade or
-per-particle gradient descent (issue "amortization that pays", item 4; cryoSPIN refines its encoder's
-poses by gradient descent, our final pass by a cascade of 3×3×3 rotation cubes × 3×3 shifts).
+"""Benchmark: refinement rounds with and without local-only searches for confident particles.
 
-Takes a finished run (its half map 1, FSC-weighted as the final pass uses it, and its final bands)
-and particles of its molecule. For ``--n`` particles: a global + local search gives each one's
-reference pose; each reference is turned by ``--perturb-deg`` (median; half-normal) about a random
-axis and shifted by 0.5 px (RMS) — a start as an encoder's after its coarse cube — and then refined
+The refinement's rounds search every particle over SO(3) and then locally in the whole band; once the
+poses are found, most particles' global search only confirms their pose. With
+``RefineSettings.local_confidence`` (0.9, the default), a particle whose last global search singled
+out its pose is searched only locally around it (the unresolved ones and the last round stay global).
+This runs both, side by side in one process, on the same particles from the same start map — a
+simulated set's own ab initio map, or the true map low-passed as the refinement does — and reports
+per round the wall time, the fraction searched globally, the half maps' FSC-0.143, and at the end the
+FSC-0.5 against the truth and the median pose error after global alignment.
 
-* by the cascade of :func:`cryoace.reconstruct.pose_search.local_search` (steps 4°, 2°, 1°, 0.5°,
-  shifts ±0.5 px at each), as the final pass does, and
-* by Adam on each particle's rotation vector and shift (``--gd-steps`` steps, learning rates 1° and
-  0.3 px), the same error — ``Σ w·|Ŷ − C·e^{2πik·t}·V̂(Rᵀk)|²`` in the run's final band.
+    python bench/local_refinement.py DATA_DIR [--start volume_abinitio.mrc] [--rounds 6] [--name NAME]
 
-Recorded: wall time of each, the median angle of its result to the reference, and how often each
-fits the image better (lower error). Writes bench/results/<--name>_cpu.json with the CPU load.
-
-    python bench/local_refinement.py RUN_DIR PARTICLES [--n 512] [--perturb-deg 3] [--gd-steps 15]
+``DATA_DIR`` holds ``particles.star`` and ``volume.mrc`` (the truth), e.g. a case of
+bench/abinitio_panel.py. Writes bench/results/<NAME>_cpu.json with the CPU load seen.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import write_result
+from runs import truth_fsc05_px
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-
-from cryoace.evaluate.fsc import fsc  # noqa: E402
-from cryoace.io.mrc import read_volume  # noqa: E402
-from cryoace.physics.ctf import compute_ctf  # noqa: E402
-from cryoace.physics.forward import VoxelFourierVolume  # noqa: E402
-from cryoace.physics.rotations import axis_angle_to_rotmat, geodesic_angle  # noqa: E402
-from cryoace.physics.shift import phase_ramp  # noqa: E402
-from cryoace.physics.slicing import central_slice_coords  # noqa: E402
-from cryoace.pipeline.refine_stage import stage_settings  # noqa: E402
-from cryoace.reconstruct.pose_search import (  # noqa: E402
-    global_search,
-    local_offsets,
-    local_search,
-    search_band,
-    shift_grid,
-    so3_grid,
-)
-from cryoace.reconstruct.refine import fsc_weighted  # noqa: E402
-from cryoace.train.predict import load_run, open_particles  # noqa: E402
-from cryoace.types import Pose  # noqa: E402
+from cryoace.evaluate.align import align_rotations
+from cryoace.io.mrc import read_volume
+from cryoace.io.particles import ParticleDataset, read_particles
+from cryoace.physics.rotations import geodesic_angle
+from cryoace.reconstruct.refine import RefineSettings, refine
 
 
-def band_error(reference, band, images, pixel_size, ctf, rotmat, shift_px) -> torch.Tensor:
-    """Each image's error in ``band`` at (rotmat, shift_px): differentiable in both."""
-    spectra = band.target(images)
-    model = (compute_ctf(ctf, band.freq, pixel_size).to(spectra.real.dtype)
-             * phase_ramp(band.freq, shift_px[:, None, :])[:, 0]
-             * reference(central_slice_coords(rotmat, band.freq)))
-    difference = spectra - model
-    return (band.weights * (difference.real ** 2 + difference.imag ** 2)).sum(-1)
+def run(dataset, start: torch.Tensor, truth: Path, rounds: int, local_confidence: float | None) -> dict:
+    load0, wall0 = os.getloadavg(), time.monotonic()
+    settings = RefineSettings(rounds=rounds, local_confidence=local_confidence, check_particles=0)
+    result = refine(dataset, start, settings, progress=False)
+    wall = time.monotonic() - wall0
+    truth_rotmat = dataset.table.pose.rotmat.double()
+    aligned = align_rotations(result.pose.rotmat.double(), truth_rotmat).aligned
+    angles = torch.rad2deg(geodesic_angle(aligned, truth_rotmat))
+    previous = 0.0
+    per_round = []
+    for record in result.rounds:
+        per_round.append({"round": record.round, "seconds": record.elapsed_s - previous,
+                          "global_fraction": record.global_fraction,
+                          "half_fsc0143_px": record.half_map_fsc.resolution(0.143).px})
+        previous = record.elapsed_s
+    return {"local_confidence": local_confidence, "wall_time_s": wall, "load_average_start": load0,
+            "load_average_end": os.getloadavg(), "rounds": per_round,
+            "truth_fsc05_px": truth_fsc05_px(result.volume.numpy(), truth, float(dataset.pixel_size)),
+            "median_error_deg": float(angles.median()),
+            "mean_sq_frobenius": float(((aligned - truth_rotmat) ** 2).sum((-2, -1)).mean())}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("particles", type=Path)
-    parser.add_argument("--n", type=int, default=512)
-    parser.add_argument("--perturb-deg", type=float, default=3.0)
-    parser.add_argument("--gd-steps", type=int, default=15)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--start", type=Path, default=None, help="start map (default: the truth, low-passed by "
+                        "the refinement's gold-standard start)")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--name", default="local_refinement")
     args = parser.parse_args()
-    load0 = os.getloadavg()
-    run = load_run(args.run_dir)
-    dataset = open_particles(args.particles, run.data)
-    settings = stage_settings(run.config)
-    size = dataset.image_size
-    last = settings.rounds - 1
-    local_shells = min(size // 2, settings.start_shells + last * settings.shells_per_round)
-    global_shells = min(settings.global_max_shells, settings.global_shells + 2 * last, local_shells)
-    gband, lband = search_band(size, global_shells), search_band(size, local_shells)
-    halves = [torch.as_tensor(read_volume(args.run_dir / f"volume_half{h}.mrc").data.copy()).float() for h in (1, 2)]
-    reference = VoxelFourierVolume.from_real(fsc_weighted(halves[0], fsc(halves[0], halves[1]).curve), pad_factor=2)
-    rotations, shifts = so3_grid(settings.global_step_deg), shift_grid(1, 1.0)
-    steps = [local_offsets(s) for s in (*settings.local_steps_deg, min(settings.local_steps_deg) / 2)]
-    local_shifts = shift_grid(1, 0.5)
-    generator = torch.Generator().manual_seed(0)
-    totals = {"cascade_s": 0.0, "gradient_s": 0.0}
-    angles = {"start": [], "cascade": [], "gradient": []}
-    gradient_better = []
-    for at in range(0, min(args.n, len(dataset)), 128):
-        batch = dataset[np.arange(at, min(at + 128, args.n, len(dataset)))]
-        images, pixel_size, ctf = batch.images, batch.pixel_size, batch.ctf
-        found = global_search(reference, images, pixel_size, gband, rotations, ctf, shifts_px=shifts).pose
-        for offsets in steps:
-            found = local_search(reference, images, pixel_size, lband, found, offsets, local_shifts, ctf).pose
-        count = len(images)
-        turn = (torch.nn.functional.normalize(torch.randn(count, 3, generator=generator), dim=-1)
-                * torch.randn(count, 1, generator=generator).abs() * math.radians(args.perturb_deg / 0.6745))
-        start = Pose(found.rotmat @ axis_angle_to_rotmat(turn),
-                     found.shift_angst + 0.5 * torch.randn(count, 2, generator=generator) * pixel_size[:, None])
-        started = time.perf_counter()
-        cascade = start
-        for offsets in steps:
-            result = local_search(reference, images, pixel_size, lband, cascade, offsets, local_shifts, ctf)
-            cascade = result.pose
-        totals["cascade_s"] += time.perf_counter() - started
-        started = time.perf_counter()
-        rotvec = torch.zeros(count, 3, requires_grad=True)
-        shift_px = (start.shift_angst / pixel_size[:, None]).clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([{"params": [rotvec], "lr": math.radians(1.0)}, {"params": [shift_px], "lr": 0.3}])
-        for _ in range(args.gd_steps):
-            error = band_error(reference, lband, images, pixel_size, ctf, start.rotmat @ axis_angle_to_rotmat(rotvec),
-                               shift_px).sum()
-            optimizer.zero_grad()
-            error.backward()
-            optimizer.step()
-        with torch.no_grad():
-            gradient_rotmat = start.rotmat @ axis_angle_to_rotmat(rotvec)
-            gradient_error = band_error(reference, lband, images, pixel_size, ctf, gradient_rotmat, shift_px)
-        totals["gradient_s"] += time.perf_counter() - started
-        for key, rotmat in (("start", start.rotmat), ("cascade", cascade.rotmat), ("gradient", gradient_rotmat)):
-            angles[key].append(torch.rad2deg(geodesic_angle(rotmat.double(), found.rotmat.double())))
-        gradient_better.append((gradient_error < result.error).double())
-    result = {"run": str(args.run_dir), "particles": str(args.particles), "n": min(args.n, len(dataset)),
-              "perturb_deg": args.perturb_deg, "gd_steps": args.gd_steps, "band_shells": local_shells,
-              **totals, **{f"median_to_reference_deg_{k}": float(torch.cat(v).median()) for k, v in angles.items()},
-              "gradient_fits_better_fraction": float(torch.cat(gradient_better).mean()),
-              "load_average_start": load0, "load_average_end": os.getloadavg()}
-    path = write_result(args.name, torch.device("cpu"), result)
-    print(f"{result['n']} particles from {result['median_to_reference_deg_start']:.1f}° off: cascade "
-          f"{totals['cascade_s']:.1f} s → {result['median_to_reference_deg_cascade']:.2f}°, gradient descent "
-          f"({args.gd_steps} Adam steps) {totals['gradient_s']:.1f} s → {result['median_to_reference_deg_gradient']:.2f}° "
-          f"(fits better for {100 * result['gradient_fits_better_fraction']:.0f} %); wrote {path}")
+    truth = args.data / "volume.mrc"
+    dataset = ParticleDataset(read_particles(args.data / "particles.star"), normalize=True)
+    if args.start is None:  # the truth in the images' units: scaled to the dataset's own reconstruction scale
+        start = torch.as_tensor(read_volume(truth).data.copy())
+        start = start / start.std() * 0.01
+    else:
+        start = torch.as_tensor(read_volume(args.start).data.copy())
+    results = []
+    for local_confidence in (None, RefineSettings().local_confidence):
+        results.append(run(dataset, start, truth, args.rounds, local_confidence))
+        r = results[-1]
+        print(f"local_confidence {local_confidence}: {r['wall_time_s']:.0f} s, rounds "
+              + ", ".join(f"{x['seconds']:.0f} s ({100 * x['global_fraction']:.0f} % global)" for x in r["rounds"])
+              + f"; FSC-0.5 vs truth {r['truth_fsc05_px']:.2f} px, median error {r['median_error_deg']:.2f}°",
+              flush=True)
+    path = write_result(args.name, torch.device("cpu"),
+                        {"data": str(args.data), "start": str(args.start), "particles": len(dataset),
+                         "results": results, "speedup": results[0]["wall_time_s"] / results[1]["wall_time_s"]})
+    print(f"wrote {path}")
     return 0
 
 
