@@ -80,7 +80,6 @@ def test_per_particle_stages_do_not_hold_the_images(tmp_path):
     sim = simulate_adk(tmp_path / "data", n=4000, size=64, noise_free=False, snr_db=-10.0)
     sizes = {n: _peak_growth_kb(sim.star, sim.volume, n) for n in (1500, 4000)}
     assert [sizes[n]["posed"] for n in sizes] == [1500, 4000]
-    print(sizes)
     assert max(sizes[n]["most_read"] for n in sizes) <= 1000, sizes  # the normalization's sample; passes: 64
     extra_kb = sizes[4000]["held_kb"] - sizes[1500]["held_kb"]
     assert extra_kb < 2 * 2500 + 10 * 1024, sizes
