@@ -281,11 +281,14 @@ class RefineConfig:
                                 "in every round)")
     teach_time_s: float | None = option(None, flag="--teach-encoder", group="refine", metavar="T", type=str,
                                         convert=_duration, show=_minutes, on_resume="free", default_text="off",
-                                        help="after the refinement, teach a pose encoder from the final map for "
-                                        "wall time T (e.g. 10m; a fixed budget, whatever the number of "
-                                        "particles): checkpoints/encoder_taught.pt, which cryoace "
-                                        "predict-poses then uses (poses in one forward pass, in the map's "
-                                        "frame; restarted, not resumed, when interrupted)")
+                                        help="teach a pose encoder from the refined map for wall time T (e.g. "
+                                        "10m; a fixed budget, whatever the number of particles): "
+                                        "checkpoints/encoder_taught.pt, which cryoace predict-poses and refine "
+                                        "then use (poses in one forward pass, in the map's frame). With more "
+                                        "particles than --refine-subset it is taught from the rounds' map "
+                                        "before the final pass, which then searches each other particle "
+                                        "locally from its pose and globally only where the local fit is poor "
+                                        "(restarted, not resumed, when interrupted)")
 
 
 @dataclasses.dataclass
