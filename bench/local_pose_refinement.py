@@ -133,7 +133,8 @@ def main() -> int:
     path = write_result(args.name, torch.device("cpu"), result)
     print(f"{result['n']} particles from {result['median_to_reference_deg_start']:.1f}° off: cascade "
           f"{totals['cascade_s']:.1f} s → {result['median_to_reference_deg_cascade']:.2f}°, gradient descent "
-          f"({args.gd_steps} Adam steps) {totals['gradient_s']:.1f} s → {result['median_to_reference_deg_gradient']:.2f}° "
+          f"({args.gd_steps} Adam steps) {totals['gradient_s']:.1f} s → "
+          f"{result['median_to_reference_deg_gradient']:.2f}° "
           f"(fits better for {100 * result['gradient_fits_better_fraction']:.0f} %); wrote {path}")
     return 0
 

@@ -168,9 +168,9 @@ def test_torchrun_reconstruct_shares_the_final_pass(star, tmp_path):
         rounds_subset,
         stage_settings,
     )
-    from cryoace.train.teach import load_taught_encoder
     from cryoace.reconstruct.refine import RefineResult, extend_refinement
     from cryoace.train.predict import load_run, open_particles
+    from cryoace.train.teach import load_taught_encoder
     from cryoace.types import Pose
 
     from helpers import torchrun

@@ -254,7 +254,8 @@ def encoder_starts(taught, dataset, ranks: tuple[int, int] | None, device) -> Po
     mine = np.arange(rank, n, world)
     predicted = taught.predict_particles(dataset.subset(mine), device=device)
     starts = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
-    starts.rotmat[mine], starts.shift_angst[mine] = predicted.rotmat.double().cpu(), predicted.shift_angst.double().cpu()
+    starts.rotmat[mine] = predicted.rotmat.double().cpu()
+    starts.shift_angst[mine] = predicted.shift_angst.double().cpu()
     return starts
 
 
