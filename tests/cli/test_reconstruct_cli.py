@@ -356,6 +356,8 @@ def test_refinement_rounds_on_a_subset_then_every_particle_once(particles, tmp_p
     measured = ~np.isnan(confidence)  # NaN: kept from a local search, no global search measured it
     assert (confidence[measured] > 0).all() and int((~measured).sum()) == plan["particles"] - plan["fell_back"]
     assert np.isfinite(refined.extra_column("cryoacePoseScore")).all()
+    searched = plan["fell_back"] if plan["threshold"] is not None else 100
+    assert f"100 particles, {searched} of them searched globally" in (run / "report.html").read_text()
     # the file's half sets are kept for every particle
     assert np.array_equal(refined.extra_column("rlnRandomSubset"), truth.extra_column("rlnRandomSubset"))
     config, _ = load_config(run / "config.yaml")

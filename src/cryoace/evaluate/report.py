@@ -221,7 +221,9 @@ def _stages(records: list[dict], config: dict[str, Any]) -> str:
     total = (config.get("config") or {}).get("max_time_s")
     rows = [(STAGE_NAMES.get(r["stage"], r["stage"]),
              f"{_duration(float(r['duration_s']))} from {_duration(float(r['started_s']))} into the run"
-             + ("" if r.get("budget_s") is None else f" (budget {_duration(float(r['budget_s']))})"))
+             + ("" if r.get("budget_s") is None else f" (budget {_duration(float(r['budget_s']))})")
+             + ("" if r.get("searched_globally") is None else  # the final pass: how many needed the global search
+                f"; {r['particles']:,} particles, {r['searched_globally']:,} of them searched globally over SO(3)"))
             for r in records]
     end = max(float(r["elapsed_s"]) for r in records)
     rows.append(("the whole run", _duration(end) + ("" if total is None else
