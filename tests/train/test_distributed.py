@@ -198,8 +198,9 @@ def test_torchrun_reconstruct_shares_the_final_pass(star, tmp_path):
                           half_map_fsc=fsc(saved["half_volumes"][0], saved["half_volumes"][1]), rows=rows)
     # the encoder taught from the rounds' map (rank 0 sent it to rank 1) gives the final pass's starts
     taught = load_taught_encoder(run / TAUGHT_ENCODER)
+    starts = encoder_starts(lambda rows: taught.predict_particles(dataset.subset(rows)), len(table), None)
     alone = extend_refinement(dataset, rounds, np.arange(len(table)), halves, stage_settings(trained.config),
-                              progress=False, initial=encoder_starts(taught, dataset, None, "cpu"))
+                              progress=False, initial=starts)
     assert record["local_first"] == alone.local_first.to_dict()
     posed = read_particles(run / "poses.star")
     assert torch.allclose(posed.pose.rotmat, alone.pose.rotmat, atol=1e-4)

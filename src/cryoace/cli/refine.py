@@ -78,13 +78,12 @@ def main(args: argparse.Namespace) -> int:
     from ..evaluate.gold_standard import UNRESOLVED_EXIT_CODE
     from ..io.atomic import atomic_path
     from ..io.mrc import read_volume, write_mrc
-    from ..pipeline.refine_stage import half_sets_of, stage_settings
+    from ..pipeline.refine_stage import encoder_starts, half_sets_of, stage_settings
     from ..pipeline.rundir import write_gold_standard
     from ..reconstruct.refine import refine_particles
     from ..train import distributed
     from ..train.predict import write_poses_star
     from ..train.teach import pose_agreement
-    from ..types import Pose
     from .predict_poses import open_with_encoder
 
     if args.batch_size <= 0:
@@ -116,9 +115,7 @@ def main(args: argparse.Namespace) -> int:
     if choice != "none":
         say(f"predicting the poses of {n} particles with {what}"
             + (f" ({len(mine)} in each of {world} processes)" if world > 1 else ""))
-        predicted = predict(mine)
-        initial = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
-        initial.rotmat[mine], initial.shift_angst[mine] = predicted.rotmat.double(), predicted.shift_angst.double()
+        initial = encoder_starts(predict, n, (rank, world))
     settings = stage_settings(run.config)  # the run's final bands, grid and start low-pass
     settings = dataclasses.replace(settings, local_first=not args.no_local_first)
     halves = half_sets_of(table, n, run.config.seed)

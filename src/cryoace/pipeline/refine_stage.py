@@ -216,7 +216,7 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     _share_rounds(result if extended else None, ranks, taught)
     if extended:
         started = clock()
-        initial = None if taught is None else encoder_starts(taught, dataset, ranks, trainer.device)
+        initial = None if taught is None else encoder_starts(_taught_poses(taught, dataset, trainer.device), n, ranks)
         result = extend_refinement(dataset, result, np.arange(n), half_sets, settings, use_ctf=trainer.use_ctf,
                                    device=trainer.device, progress=progress, ranks=ranks, initial=initial)
         gold_fsc = result.half_map_fsc.resolution(0.143)
@@ -246,17 +246,22 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
     return RefineOutcome(result.pose, result.star_columns(), gold)
 
 
-def encoder_starts(taught, dataset, ranks: tuple[int, int] | None, device) -> Pose:
-    """The taught encoder's poses of this rank's share of the particles (positions p ≡ rank mod world
-    size; every particle in one process), zeros elsewhere: the final pass's starts."""
+def encoder_starts(predict: Callable[[np.ndarray], Pose], n: int, ranks: tuple[int, int] | None) -> Pose:
+    """An encoder's poses (``predict(rows)``) of this rank's share of ``n`` particles (positions
+    p ≡ rank mod world size; every particle in one process), zeros elsewhere: the starts of a final
+    pass (:func:`~cryoace.reconstruct.refine.extend_refinement`) split over the ranks."""
     rank, world = (0, 1) if ranks is None else ranks
-    n = len(dataset)
     mine = np.arange(rank, n, world)
-    predicted = taught.predict_particles(dataset.subset(mine), device=device)
+    predicted = predict(mine)
     starts = Pose(torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, 2, dtype=torch.float64))
     starts.rotmat[mine] = predicted.rotmat.double().cpu()
     starts.shift_angst[mine] = predicted.shift_angst.double().cpu()
     return starts
+
+
+def _taught_poses(taught, dataset, device) -> Callable[[np.ndarray], Pose]:
+    """rows → the taught encoder's poses of those particles."""
+    return lambda rows: taught.predict_particles(dataset.subset(rows), device=device)
 
 
 #: the taught encoder's checkpoint in the run directory (read by ``cryoace predict-poses``)
@@ -338,7 +343,8 @@ def follow_final_pass(trainer, dataset, table, ranks: tuple[int, int]) -> None:
         return
     initial = None
     if state is not None:
-        initial = encoder_starts(TaughtEncoder.from_state(state), dataset, ranks, trainer.device)
+        initial = encoder_starts(_taught_poses(TaughtEncoder.from_state(state), dataset, trainer.device),
+                                 len(dataset), ranks)
     half_sets = half_sets_of(table, len(dataset), trainer.config.seed)
     extend_refinement(dataset, rounds, np.arange(len(dataset)), half_sets, stage_settings(trainer.config),
                       use_ctf=trainer.use_ctf, device=trainer.device, progress=False, ranks=ranks, initial=initial)

@@ -419,10 +419,7 @@ def refine(dataset, volume: torch.Tensor, settings: RefineSettings | None = None
                 for part, local in ((positions[~is_local], False), (positions[is_local], True)):
                     for at in range(0, len(part), settings.batch_size):
                         where = part[at:at + settings.batch_size]
-                        batch = dataset[rows[where]]
-                        images = batch.images.to(device)
-                        pixel_size = batch.pixel_size.to(device)
-                        ctf = batch.ctf.to(device=device) if use_ctf else None
+                        images, pixel_size, ctf = _load_batch(dataset, rows[where], use_ctf, device)
                         best, found_confidence = _search_particles(
                             reference, images, pixel_size, ctf,
                             None if pose is None else Pose(pose.rotmat[where], pose.shift_angst[where]), local,
@@ -656,13 +653,10 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     ctx = _PassContext(dataset, rows, references, settings, grids, gband, lband, use_ctf, device, world)
 
     def refined_pose(where: np.ndarray) -> Pose:
-        index = torch.as_tensor(known[where])
-        return Pose(refined.pose.rotmat[index].to(device=device, dtype=torch.float32),
-                    refined.pose.shift_angst[index].to(device=device, dtype=torch.float32))
+        return refined.pose[torch.as_tensor(known[where])].to(device=device, dtype=torch.float32)
 
     def given_pose(where: np.ndarray) -> Pose:
-        return Pose(initial.rotmat[where].to(device=device, dtype=torch.float32),
-                    initial.shift_angst[where].to(device=device, dtype=torch.float32))
+        return initial[torch.as_tensor(where)].to(device=device, dtype=torch.float32)
 
     plan, searched = None, []
     if initial is not None and settings.local_first and (known < 0).any():
@@ -681,14 +675,17 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
     mine = [positions[positions % world == rank] for positions in halves]
     bar = tqdm(total=sum(len(p) for p in mine), unit="particle", desc="all particles",
                disable=None if progress else True)
-    fell_back = 0
+    fell_back = sum(len(where) for _, where, _, _ in searched)  # the calibration searched these globally
+    carried_grids = None if plan is None else _plan_grids(grids, plan)
 
-    def keep(h: int, where: np.ndarray, batch, pose: Pose, found_confidence: torch.Tensor | None) -> None:
+    def keep(h: int, where: np.ndarray, batch, pose: Pose, found_confidence: torch.Tensor | None,
+             found_score: torch.Tensor | None = None) -> None:
         images, pixel_size, ctf = batch
         rotmat[where], shift[where] = pose.rotmat.double().cpu(), pose.shift_angst.double().cpu()
         confidence[where] = math.nan if found_confidence is None else found_confidence.float().cpu()
-        score[where] = pose_score(references[h], images, pixel_size, lband, pose, grids.score_rotations,
-                                  ctf).float().cpu()
+        if found_score is None:
+            found_score = pose_score(references[h], images, pixel_size, lband, pose, grids.score_rotations, ctf)
+        score[where] = found_score.float().cpu()
         accumulators[h].insert(images, pose.rotmat, pose.shift_angst / pixel_size[:, None], pixel_size, ctf)
         bar.update(len(where))
 
@@ -703,14 +700,15 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                 global_part = []
                 for where in ctx.batches(to_search):
                     batch = ctx.load(where)
-                    carried = _carry(references[h], *batch, given_pose(where), _plan_grids(grids, plan), gband, lband)
+                    carried = _carry(references[h], *batch, given_pose(where), carried_grids, gband, lband)
                     images, pixel_size, ctf = batch
-                    good = (pose_score(references[h], images, pixel_size, lband, carried.pose, grids.score_rotations,
-                                       ctf) >= plan.threshold).cpu().numpy()
+                    carried_score = pose_score(references[h], images, pixel_size, lband, carried.pose,
+                                               grids.score_rotations, ctf)
+                    good = (carried_score >= plan.threshold).cpu().numpy()
                     mask = torch.as_tensor(good, device=device)
                     if good.any():
                         keep(h, where[good], tuple(None if x is None else x[mask] for x in batch), carried.pose[mask],
-                             None)
+                             None, carried_score[mask])
                     rotmat[where[~good]] = carried.pose.rotmat[~mask].double().cpu()
                     shift[where[~good]] = carried.pose.shift_angst[~mask].double().cpu()
                     global_part.append(where[~good])
@@ -718,8 +716,7 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
                 fell_back += len(global_part)
                 for where in ctx.batches(global_part):  # in full batches: a global search's cost is per batch
                     batch = ctx.load(where)
-                    carried = Pose(rotmat[where].to(device=device, dtype=torch.float32),
-                                   shift[where].to(device=device, dtype=torch.float32))
+                    carried = Pose(rotmat[where], shift[where]).to(device=device, dtype=torch.float32)
                     best, found_confidence = _search_particles(references[h], *batch, carried, False, settings,
                                                                gband, lband, grids)
                     keep(h, where, batch, best.pose, found_confidence)
@@ -736,10 +733,9 @@ def extend_refinement(dataset, refined: RefineResult, rows: np.ndarray, half_set
         counts = torch.tensor([float(fell_back)])
         _sum_over_ranks([rotmat, shift, confidence, score, counts, *(a.grid for a in accumulators)], device)
         fell_back = int(counts.item())
-    if plan is not None:  # (the sample searched globally by the calibration counts as fallen back)
-        calibrated = plan.sample if len(refined.rows) == 0 else 0
+    if plan is not None:
         plan = dataclasses.replace(plan, particles=int((known < 0).sum()) if plan.enabled else 0,
-                                   fell_back=fell_back + calibrated if plan.enabled else 0)
+                                   fell_back=fell_back if plan.enabled else 0)
     half_maps = torch.stack([a.volume(settings.wiener_eps) for a in accumulators])
     half_fsc = fsc(half_maps[0], half_maps[1], voxel_size=float(dataset.pixel_size))
     volume = accumulators[0].merged(accumulators[1]).volume(settings.wiener_eps)
@@ -775,9 +771,13 @@ class _PassContext:
 
     def load(self, where: np.ndarray) -> tuple:
         """(images, pixel sizes, CTF or None) of the particles at positions ``where``, on the device."""
-        batch = self.dataset[self.rows[where]]
-        return (batch.images.to(self.device), batch.pixel_size.to(self.device),
-                batch.ctf.to(device=self.device) if self.use_ctf else None)
+        return _load_batch(self.dataset, self.rows[where], self.use_ctf, self.device)
+
+
+def _load_batch(dataset, rows: np.ndarray, use_ctf: bool, device) -> tuple:
+    """(images, pixel sizes, CTF or None) of the dataset's ``rows``, on ``device``."""
+    batch = dataset[rows]
+    return batch.images.to(device), batch.pixel_size.to(device), batch.ctf.to(device=device) if use_ctf else None
 
 
 def _plan_grids(grids: _SearchGrids, plan: LocalFirst) -> _SearchGrids:
@@ -843,8 +843,7 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
         for where in ctx.batches(owned[h]):
             at = torch.as_tensor([index_of[int(p)] for p in where])
             batch = ctx.load(where)
-            start = Pose(given[at].to(device=device, dtype=torch.float32),
-                         given_shift[at].to(device=device, dtype=torch.float32))
+            start = Pose(given[at], given_shift[at]).to(device=device, dtype=torch.float32)
             carried = _carry(ctx.references[h], *batch, start, carried_grids, ctx.gband, ctx.lband)
             if searched:  # (the same batches, in the same order)
                 _, _, best, confidence = searched[len(kept)]
