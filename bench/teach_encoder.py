@@ -5,10 +5,11 @@ Takes a finished run (its refined map and poses.star) on simulated particles wit
 encoder is taught from the run's map (:func:`cryoace.train.teach.teach_encoder`); every
 ``--check-every`` steps its poses of 400 particles are compared with the run's refined poses (same
 frame: no alignment), and at the end with the true poses after global alignment, on particles held
-out of the draws that lent their CTFs (the encoder never sees a real image in training anyway).
+out of the draws that lent their CTFs and, with ``--image-weight``, of the image loss's particles.
 Writes bench/results/teach_encoder_<device>.json with the CPU load seen.
 
-    python bench/teach_encoder.py RUN_DIR DATA_DIR [--map MAP] [--minutes 10] [--image-size 32] [--name teach_encoder]
+    python bench/teach_encoder.py RUN_DIR DATA_DIR [--map MAP] [--minutes 10] [--image-size 32] [--image-weight 0]
+        [--name teach_encoder]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--check-every", type=int, default=250)
+    parser.add_argument("--image-weight", type=float, default=0.0,
+                        help="weight of cryoAI's image loss on the training particles (0 = PIP only)")
     parser.add_argument("--name", default="teach_encoder")
     args = parser.parse_args()
 
@@ -56,7 +59,7 @@ def main() -> int:
     held_out = np.sort(rng.choice(len(dataset), min(400, len(dataset) // 4), replace=False))
     train_rows = np.setdiff1d(np.arange(len(dataset)), held_out)
     settings = TeachSettings(steps=args.steps, max_time_s=args.minutes * 60, image_size=args.image_size,
-                             width=args.width, check_every=args.check_every)
+                             width=args.width, check_every=args.check_every, image_weight=args.image_weight)
     load0 = os.getloadavg()
 
     def show(record) -> None:

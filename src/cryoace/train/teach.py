@@ -8,6 +8,15 @@ drawn particles, band-limited → white noise of the data's background level →
 squared Frobenius error of the rotations plus the squared shift error (:mod:`cryoace.train.pip`).
 The labels are exact, so unlike the self-supervised image loss there is nothing to collapse onto.
 
+**cryoAI's image loss on the particles themselves.** The renders are the map's, not the data's: the
+particles add what the map lacks (its errors, the data's own shifts and noise). With ``image_weight``
+> 0 each step also encodes ``image_batch_size`` real particles (drawn from ``rows``: every particle by
+default), renders the map at the poses the encoder gives them, with their CTFs, and scores the fit by
+the normalized cross-correlation inside the encoder's band (``1 − ρ``: scale-free, so neither the
+map's amplitude nor the noise level sets its weight). Its gradient reaches the encoder through the
+render (cryoAI's path, with the decoder frozen). Real and synthetic images go through the encoder in
+one pass, so its BatchNorm statistics — used at prediction time — are those of both.
+
 For speed the images (synthetic and real alike) are Fourier-cropped to ``image_size`` (32 px by
 default) before the encoder: poses good enough to start a local search are a low-resolution matter,
 and a 32-px encoder costs a fraction of a 64-px one. Training has a fixed budget (steps, or wall
@@ -34,14 +43,14 @@ import torch
 
 from ..models.encoder import PoseEncoder
 from ..physics.band import HalfDiscGrid
-from ..physics.forward import VoxelFourierVolume
+from ..physics.forward import VoxelFourierVolume, render_spectra
 from ..physics.fourier import fourier_crop
 from ..physics.rotations import geodesic_angle
 from ..types import Pose
 from .pip import background_noise_std, pip_pose_loss, pip_render
 
 __all__ = ["TeachSettings", "TeachRecord", "TaughtEncoder", "teach_encoder", "pose_agreement",
-           "load_taught_encoder"]
+           "load_taught_encoder", "image_misfit"]
 
 
 @dataclasses.dataclass
@@ -57,6 +66,8 @@ class TeachSettings:
     width          : channels of the encoder's first block (then 2×, 4×, 4×).
     check_every    : steps between measurements of :func:`pose_agreement` on the check particles.
     seed           : of the poses, noise and particle draws.
+    image_weight   : weight of the image loss on real particles (module docstring; 0 = PIP only).
+    image_batch_size : real particles per step for the image loss.
     """
 
     steps: int = 6000
@@ -68,13 +79,15 @@ class TeachSettings:
     width: int = 32
     check_every: int = 250
     seed: int = 0
+    image_weight: float = 0.0
+    image_batch_size: int = 32
 
 
 @dataclasses.dataclass
 class TeachRecord:
-    """One measurement: the step, the mean training losses since the last one (‖ΔR‖²_F and px²),
-    the wall time (s), and the median angle (°) and fraction within 15° of the check particles'
-    predicted poses from their reference poses (None without check particles)."""
+    """One measurement: the step, the mean training losses since the last one (‖ΔR‖²_F, px² and the
+    image loss 1 − ρ, None when off), the wall time (s), and the median angle (°) and fraction within
+    15° of the check particles' predicted poses from their reference poses (None without check particles)."""
 
     step: int
     rotation_loss: float
@@ -82,6 +95,7 @@ class TeachRecord:
     elapsed_s: float
     median_deg: float | None = None
     within_15deg: float | None = None
+    image_loss: float | None = None
 
 
 class TaughtEncoder:
@@ -206,9 +220,10 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
     check_images = None if check is None else dataset[np.asarray(check[0])].images.to(device)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=settings.learning_rate)
     batch_size = min(settings.batch_size, len(rows))
+    real_size = min(settings.image_batch_size, len(rows)) if settings.image_weight > 0 else 0
     start = time.monotonic()
     # the losses are summed on the device and read only at a measurement: no host sync per step
-    sums, count, step = torch.zeros(2, device=device), 0, 0
+    sums, count, step = torch.zeros(3, device=device), 0, 0
     bar = tqdm(total=settings.steps if settings.max_time_s is None else None, unit="step",
                desc="teaching the encoder", disable=None if progress else True)
     try:
@@ -225,35 +240,61 @@ def teach_encoder(volume: torch.Tensor, dataset, settings: TeachSettings | None 
             pixel_size = batch.pixel_size.to(device)
             target = pip_render(reference, batch.ctf.to(device=device) if use_ctf else None, pixel_size, size,
                                 noise_std=noise_std, shift_pool_angst=pool, symmetric=False, grid=grid)
-            out = pip_pose_loss(encoder(taught.crop(target.images)), target, pixel_size)
+            images = target.images
+            if real_size:  # one encoder pass over synthetic and real images: shared BatchNorm statistics
+                real = dataset[np.sort(generator.choice(rows, real_size, replace=False))].to(device)
+                images = torch.cat([images, real.images.to(images.dtype)])
+            pose = encoder(taught.crop(images))
+            out = pip_pose_loss(pose[:batch_size], target, pixel_size)
+            loss, misfit = out.loss, torch.zeros((), device=device)
+            if real_size:
+                misfit = image_misfit(reference, pose[batch_size:], real, grid, use_ctf)
+                loss = loss + settings.image_weight * misfit
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             optimizer.step()
             step += 1
             bar.update(1)
-            sums += torch.stack([out.rotation.detach(), out.shift.detach()]).to(sums.dtype)
+            sums += torch.stack([out.rotation.detach(), out.shift.detach(), misfit.detach()]).to(sums.dtype)
             count += 1
             if step % settings.check_every == 0 or step == settings.steps:
-                taught.history.append(_record(taught, step, sums, count, start, check, check_images))
-                sums, count = torch.zeros(2, device=device), 0
+                taught.history.append(_record(taught, step, sums, count, start, check, check_images, real_size > 0))
+                sums, count = torch.zeros(3, device=device), 0
                 if on_record is not None:
                     on_record(taught.history[-1])
     finally:
         bar.close()
     if count:
-        taught.history.append(_record(taught, step, sums, count, start, check, check_images))
+        taught.history.append(_record(taught, step, sums, count, start, check, check_images, real_size > 0))
         if on_record is not None:
             on_record(taught.history[-1])
     encoder.eval()
     return taught
 
 
+def image_misfit(reference, pose: Pose, batch, grid: HalfDiscGrid, use_ctf: bool = True) -> torch.Tensor:
+    """cryoAI's image loss with a frozen map, scale-free: the mean over the particles of ``batch`` of
+    1 − ρ, ρ the normalized cross-correlation inside ``grid``'s disc between each image and the map's
+    projection at its ``pose`` (times its CTF). Differentiable in ``pose`` (rotation and shift)."""
+    size = int(batch.images.shape[-1])
+    pixel_size = batch.pixel_size.to(pose.rotmat.device)
+    ctf = batch.ctf if use_ctf and batch.ctf is not None else None
+    predicted = render_spectra(reference, Pose(pose.rotmat.float(), pose.shift_angst.float()), pixel_size, size,
+                               ctf, freq_cyc_px=grid.freq)
+    observed = grid.target(batch.images.float())
+    weights = grid.weights
+    cross = ((predicted.conj() * observed).real * weights).sum(-1)
+    norm = torch.sqrt(grid.power(predicted) * grid.power(observed)).clamp_min(torch.finfo(cross.dtype).tiny)
+    return (1.0 - cross / norm).mean()
+
+
 def _record(taught: TaughtEncoder, step: int, sums: torch.Tensor, count: int, start: float,
-            check: tuple[np.ndarray, torch.Tensor] | None, check_images: torch.Tensor | None) -> TeachRecord:
-    rotation, shift = (v / max(count, 1) for v in sums.tolist())
+            check: tuple[np.ndarray, torch.Tensor] | None, check_images: torch.Tensor | None,
+            fitted: bool = False) -> TeachRecord:
+    rotation, shift, misfit = (v / max(count, 1) for v in sums.tolist())
     median = within = None
     if check is not None and check_images is not None:
         predicted = taught.predict(check_images).rotmat
         median, within = pose_agreement(predicted, torch.as_tensor(check[1]).to(predicted.device))
     return TeachRecord(step=step, rotation_loss=rotation, shift_loss_px2=shift, elapsed_s=time.monotonic() - start,
-                       median_deg=median, within_15deg=within)
+                       median_deg=median, within_15deg=within, image_loss=misfit if fitted else None)
