@@ -50,6 +50,36 @@ class NoiseReplaced:
         return dataclasses.replace(batch, images=torch.where(replace[:, None, None], noise, batch.images))
 
 
+class Shifted:
+    """``dataset`` with every image moved by ``delta_px`` (N, 2) px (a Fourier phase ramp: the pose
+    shift of row i becomes its old one + ``delta_px[i]``, the convention of ``physics.forward``);
+    ``shift_angst`` holds the new true shifts. Every other field kept."""
+
+    def __init__(self, dataset, delta_px: torch.Tensor):
+        self.dataset, self.delta_px = dataset, torch.as_tensor(delta_px, dtype=torch.float64)
+        pixel_size = torch.tensor(dataset.table.pixel_size, dtype=torch.float64)
+        self.shift_angst = dataset.table.pose.shift_angst.double() + self.delta_px * pixel_size[:, None]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        from cryoace.physics.fourier import freq_grid_2d_half, irfft2_centered, rfft2_centered
+        from cryoace.physics.shift import phase_ramp
+
+        batch = self.dataset[index]
+        rows = torch.as_tensor(np.atleast_1d(np.asarray(index)), dtype=torch.long)
+        size = batch.images.shape[-1]
+        ramp = phase_ramp(freq_grid_2d_half(size, dtype=torch.float64), self.delta_px[rows])
+        images = irfft2_centered(rfft2_centered(batch.images.double()) * ramp, size).to(batch.images.dtype)
+        return dataclasses.replace(batch, images=images)
+
+
 def tiny_config(**changes):
     """The tiny preset on the CPU with batch 8 and no intermediate maps, with ``changes`` applied."""
     from cryoace.train.config import preset_config

@@ -36,7 +36,7 @@ from ..physics.slicing import central_slice_coords
 from ..types import CTFParams, Pose
 
 __all__ = ["SearchResult", "search_band", "so3_grid", "local_offsets", "shift_grid", "global_search",
-           "local_search", "pose_posterior", "pose_confidence", "pose_score"]
+           "local_search", "pose_posterior", "pose_confidence", "pose_score", "shift_disc", "centring_shifts"]
 
 FourierVolume = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,6 +86,27 @@ def shift_grid(half_width: int, step_px: float, device=None, dtype: torch.dtype 
     return grid.to(device=device, dtype=dtype)
 
 
+def shift_disc(radius_px: float, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Integer shifts (J, 2) in px with |t| ≤ ``radius_px``, zero first (nearest first)."""
+    n = int(math.floor(radius_px))
+    grid = shift_grid(n, 1.0, dtype=torch.float64)
+    return grid[grid.norm(dim=-1) <= radius_px + 1e-9].to(device=device, dtype=dtype)
+
+
+def centring_shifts(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.Tensor, band: HalfDiscGrid,
+                    radius_px: float, ctf: CTFParams | None = None, step_deg: float = 30.0,
+                    step_px: float = 2.0) -> torch.Tensor:
+    """Each image's shift (B, 2) in px (the pose shift's convention), within ``radius_px`` of 0, from a
+    coarse global search — SO(3) every ``step_deg``, shifts every ``step_px`` on a disc — in ``band``
+    (low: the coarse steps need no finer detail): where the particle is. The centre of a global
+    search's finer shift grid, so that particles far off-centre are found (a grid of ±1 px around 0
+    misses most beyond ~3 px). Cheap: a few hundred rotations × the disc's shifts."""
+    shifts = shift_disc(radius_px / step_px, device=images.device, dtype=band.freq.dtype) * step_px
+    rotations = so3_grid(step_deg, device=images.device, dtype=band.freq.dtype)
+    found = global_search(volume, images, pixel_size, band, rotations, ctf, shifts_px=shifts)
+    return found.pose.shift_angst / pixel_size.to(band.freq.dtype)[:, None]
+
+
 @dataclasses.dataclass
 class SearchResult:
     """Best pose per image: ``pose`` (rotmat, shift in Å) and its ``error`` (B,): the training loss's
@@ -112,7 +133,8 @@ def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch
     """The best of ``rotations`` (R, 3, 3) × shifts for each image (B, L, L).
 
     pixel_size : (B,) Å/px; ctf : (B,) or None.
-    shifts_px  : (J, 2) shifts (px) tried for every image (:func:`shift_grid`; just zero if None).
+    shifts_px  : (J, 2) shifts (px) tried for every image (:func:`shift_grid`; just zero if None), or
+                 (B, J, 2) each image's own (e.g. a grid around its :func:`centring_shifts`).
     top_k      : keep the ``top_k`` best candidates per image (pose and error gain a dimension k after
                  the batch, best first) instead of the single best.
     distinct_rotations : the ``top_k`` candidates are ``top_k`` different rotations, each with its best
@@ -121,7 +143,7 @@ def global_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch
     batch, device = images.shape[0], images.device
     dtype = band.freq.dtype
     offsets = torch.zeros(1, 2, dtype=dtype, device=device) if shifts_px is None else shifts_px.to(dtype)
-    candidates = offsets[None].expand(batch, -1, -1)                    # (B, J, 2)
+    candidates = offsets if offsets.ndim == 3 else offsets[None].expand(batch, -1, -1)  # (B, J, 2)
     rows, energy_rows, power = _image_rows(band, images, _ctf_values(band, ctf, pixel_size, batch), candidates)
     n_shift = rows.shape[1]
     lhs = torch.cat([rows.real, -rows.imag], -1).reshape(batch * n_shift, -1)  # Re(a·s) = aᵣsᵣ − aᵢsᵢ
