@@ -327,6 +327,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     # the same output again is refused (one line, exit 2), as is a run without half maps
     assert cli(["refine", str(run), str(particles), "-o", str(new), "--quiet", "--device", "cpu"]) == 2
     assert "already holds a refinement" in capsys.readouterr().err
+    assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--centring", "0.8"]) == 2
+    assert "--centring must be between 0 and 0.5" in capsys.readouterr().err
     (run / "volume_half2.mrc").unlink()
     assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--quiet", "--device", "cpu"]) == 2
     assert "has no volume_half2.mrc" in capsys.readouterr().err

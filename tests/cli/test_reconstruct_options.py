@@ -50,6 +50,7 @@ FLAGS = [
     ("--refine-rounds", ["3"], "refine.rounds", 3),
     ("--refine-max-time", ["90s"], "refine.max_time_s", 90.0),
     ("--refine-step", ["12"], "refine.global_step_deg", 12.0),
+    ("--refine-centring", ["0.25"], "refine.centring_radius", 0.25),
     ("--refine-start-resolution", ["15"], "refine.start_resolution_px", 15.0),
     ("--no-ab-initio", [], "refine.ab_initio", False),
     ("--ab-initio-iterations", ["4"], "refine.ab_initio_iterations", 4),
@@ -146,6 +147,8 @@ def test_bad_choice_and_bad_duration(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'nerf'" in capsys.readouterr().err
     with pytest.raises(CryoaceInputError, match="cannot read the duration 'soon'"):
         _config(tmp_path, "--preset", "tiny", "--max-time", "soon")
+    with pytest.raises(CryoaceInputError, match="--refine-centring must be between 0 and 0.5"):
+        _config(tmp_path, "--preset", "tiny", "--refine-centring", "0.7")
 
 
 def test_a_resumed_run_refuses_changed_settings_and_takes_a_budget(tmp_path):

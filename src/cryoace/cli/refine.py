@@ -66,6 +66,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-local-first", action="store_true",
                         help="search every particle globally over SO(3) as well (the encoder's pose is still carried "
                         "locally and kept where it fits better): slower, for comparison or a poor encoder")
+    parser.add_argument("--centring", type=float, default=None, metavar="F",
+                        help="the global search's centring radius as a fraction of the box (default: the run's "
+                        "--refine-centring; 0: shifts around 0 only)")
     add_run_input_args(parser)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.batch_size <= 0:
         raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.centring is not None and not 0.0 <= args.centring <= 0.5:
+        raise CryoaceInputError(f"--centring must be between 0 and 0.5 (a fraction of the box), got {args.centring:g}")
     out: Path = args.output
     if out.exists() and not out.is_dir():
         raise CryoaceInputError("the output exists and is not a directory", out)
@@ -118,6 +123,8 @@ def main(args: argparse.Namespace) -> int:
         initial = encoder_starts(predict, n, (rank, world))
     settings = stage_settings(run.config)  # the run's final bands, grid and start low-pass
     settings = dataclasses.replace(settings, local_first=not args.no_local_first)
+    if args.centring is not None:
+        settings = dataclasses.replace(settings, centring_radius=args.centring)
     halves = half_sets_of(table, n, run.config.seed)
     say(f"searching {n} particles against the run's half maps (each half set against its own)")
     started = time.monotonic()

@@ -266,6 +266,11 @@ class RefineConfig:
                                       "round that fits is made the final one, at the full band")
     global_step_deg: float = option(8.0, flag="--refine-step", group="refine", metavar="DEG", on_resume="free",
                                     help="SO(3) grid spacing of the global search in degrees")
+    centring_radius: float = option(0.15, flag="--refine-centring", group="refine", metavar="F", on_resume="free",
+                                    help="each global search looks for the particle's shift within F × the box "
+                                    "around the centre (a coarse search) and searches its shift grid around what "
+                                    "it finds as well as around 0 (0: around 0 only, which misses particles "
+                                    "more than ~3 px off-centre)")
     batch_size: int = 128
     start_resolution_px: float = option(12.0, flag="--refine-start-resolution", group="refine", metavar="PX",
                                         on_resume="free",
@@ -443,6 +448,9 @@ class TrainConfig:
         positive("--teach-encoder", self.refine.teach_time_s, allow_none=True)
         positive("--refine-subset", self.refine.subset, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
+        if not 0.0 <= self.refine.centring_radius <= 0.5:
+            raise CryoaceInputError(f"--refine-centring must be between 0 and 0.5 (a fraction of the box), "
+                                    f"got {self.refine.centring_radius:g}")
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("--ab-initio-starts", self.refine.ab_initio_starts)
         positive("refine batch size", self.refine.batch_size)
