@@ -51,7 +51,15 @@ from ..evaluate.fsc import FSCResult
 from ..physics.forward import VoxelFourierVolume
 from ..physics.fourier import radial_distance
 from .backproject import FourierAccumulator
-from .pose_search import band_coefficients, global_search, pose_posterior, search_band, shift_grid, so3_grid
+from .pose_search import (
+    band_coefficients,
+    centring_shifts,
+    global_search,
+    pose_posterior,
+    search_band,
+    shift_grid,
+    so3_grid,
+)
 
 __all__ = ["AbInitioSettings", "AbInitioIteration", "AbInitioResult", "ab_initio", "mean_search_error",
            "blob_volume", "ab_initio_starts", "HalfSetsAbInitio", "ab_initio_half_sets"]
@@ -65,7 +73,12 @@ class AbInitioSettings:
     batch_size        : particles drawn at random per iteration.
     top_k             : candidate poses per particle in the expectation.
     step_deg          : spacing of the SO(3) search grid.
-    shift_range_px    : shift grid ±range (px) in steps of 1 px.
+    shift_range_px    : shift grid ±range (px) in steps of 1 px, around each image's centring shift and
+                        around 0 (around 0 only without centring).
+    centring_radius   : each image's centring shift (:func:`~cryoace.reconstruct.pose_search.centring_shifts`
+                        against the current map) is looked for within this fraction of the box; 0: the
+                        shift grid is around 0 only (then ±2 px covered the data's shifts poorly: demo
+                        particles more than ~3 px off-centre were mostly mis-posed).
     start_shells, end_shells : band of the first and of the last iteration.
     start_temperature : posterior temperature of the first iteration (annealed to 1).
     memory            : images the map remembers (Fourier sums decay by 1 − batch_size/memory).
@@ -81,7 +94,8 @@ class AbInitioSettings:
     batch_size: int = 300
     top_k: int = 20
     step_deg: float = 12.0
-    shift_range_px: int = 2
+    shift_range_px: int = 1
+    centring_radius: float = 0.15
     start_shells: int = 5
     end_shells: int = 10
     start_temperature: float = 8.0
@@ -166,7 +180,11 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
             batch = dataset[np.sort(generator.choice(rows, batch_size, replace=False))]
             images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
-            found = global_search(reference, images, pixel_size, band, rotations, ctf, shifts_px=shifts,
+            tried = shifts
+            if settings.centring_radius > 0:  # around where each particle is, and around 0
+                centres = centring_shifts(reference, images, pixel_size, band, settings.centring_radius * size, ctf)
+                tried = torch.cat([centres[:, None, :] + shifts[None], shifts[None].expand(len(centres), -1, -1)], 1)
+            found = global_search(reference, images, pixel_size, band, rotations, ctf, shifts_px=tried,
                                   top_k=settings.top_k)
             probability = pose_posterior(found.error.double(), coefficients, temperature).to(images.dtype)
             accumulator.grid *= decay
