@@ -133,6 +133,10 @@ def test_a_time_budget_brings_the_annealing_forward(noisy_adk):
     assert history[0].shells == settings.start_shells and history[0].temperature == settings.start_temperature
     unbounded = AbInitioSettings(iterations=3, batch_size=50)
     assert [r.shells for r in ab_initio(noisy_adk, None, unbounded, progress=False).iterations] == [5, 8, 10]
+    # with the centring option (off by default) the same schedule runs and the map is finite
+    centred = ab_initio(noisy_adk, None, AbInitioSettings(iterations=3, batch_size=50, centring_radius=0.15,
+                                                          shift_range_px=1), progress=False)
+    assert [r.shells for r in centred.iterations] == [5, 8, 10] and torch.isfinite(centred.volume).all()
 
 
 def test_ab_initio_refuses_a_start_map_of_another_box():
