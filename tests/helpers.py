@@ -26,12 +26,12 @@ def simulate_adk(out, n: int = 64, size: int = 32, noise_free: bool = True, seed
     return simulate_dataset(volume, 3.0, out, cfg, progress=False)
 
 
-class NoiseReplaced:
-    """``dataset`` with the images at ``rows`` replaced by Gaussian noise of standard deviation ``std``,
-    the same for a row at every access (seeded by it); every other field (CTF, pose, …) kept."""
+class ImagesChanged:
+    """``dataset`` whose images a subclass changes (:meth:`changed`, given the batch and its rows) at every
+    access; every other field (CTF, pose, …) kept."""
 
-    def __init__(self, dataset, rows, std: float):
-        self.dataset, self.rows, self.std = dataset, {int(r) for r in rows}, float(std)
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self):
         return len(self.dataset)
@@ -43,41 +43,46 @@ class NoiseReplaced:
         import numpy as np
 
         batch = self.dataset[index]
-        keys = [int(k) for k in np.atleast_1d(np.asarray(index))]
-        noise = torch.stack([torch.randn(batch.images.shape[1:], generator=torch.Generator().manual_seed(1000 + k))
-                             for k in keys]).to(batch.images.dtype) * self.std
-        replace = torch.tensor([k in self.rows for k in keys])
-        return dataclasses.replace(batch, images=torch.where(replace[:, None, None], noise, batch.images))
+        rows = [int(k) for k in np.atleast_1d(np.asarray(index))]
+        return dataclasses.replace(batch, images=self.changed(batch.images, rows))
+
+    def changed(self, images: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class Shifted:
+class NoiseReplaced(ImagesChanged):
+    """``dataset`` with the images at ``rows`` replaced by Gaussian noise of standard deviation ``std``,
+    the same for a row at every access (seeded by it)."""
+
+    def __init__(self, dataset, rows, std: float):
+        super().__init__(dataset)
+        self.rows, self.std = {int(r) for r in rows}, float(std)
+
+    def changed(self, images, rows):
+        noise = torch.stack([torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(1000 + k))
+                             for k in rows]).to(images.dtype) * self.std
+        replace = torch.tensor([k in self.rows for k in rows])
+        return torch.where(replace[:, None, None], noise, images)
+
+
+class Shifted(ImagesChanged):
     """``dataset`` with every image moved by ``delta_px`` (N, 2) px (a Fourier phase ramp: the pose
     shift of row i becomes its old one + ``delta_px[i]``, the convention of ``physics.forward``);
-    ``shift_angst`` holds the new true shifts. Every other field kept."""
+    ``shift_angst`` holds the new true shifts."""
 
     def __init__(self, dataset, delta_px: torch.Tensor):
-        self.dataset, self.delta_px = dataset, torch.as_tensor(delta_px, dtype=torch.float64)
+        super().__init__(dataset)
+        self.delta_px = torch.as_tensor(delta_px, dtype=torch.float64)
         pixel_size = torch.tensor(dataset.table.pixel_size, dtype=torch.float64)
         self.shift_angst = dataset.table.pose.shift_angst.double() + self.delta_px * pixel_size[:, None]
 
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, index):
-        import numpy as np
-
+    def changed(self, images, rows):
         from cryoace.physics.fourier import freq_grid_2d_half, irfft2_centered, rfft2_centered
         from cryoace.physics.shift import phase_ramp
 
-        batch = self.dataset[index]
-        rows = torch.as_tensor(np.atleast_1d(np.asarray(index)), dtype=torch.long)
-        size = batch.images.shape[-1]
-        ramp = phase_ramp(freq_grid_2d_half(size, dtype=torch.float64), self.delta_px[rows])
-        images = irfft2_centered(rfft2_centered(batch.images.double()) * ramp, size).to(batch.images.dtype)
-        return dataclasses.replace(batch, images=images)
+        size = images.shape[-1]
+        ramp = phase_ramp(freq_grid_2d_half(size, dtype=torch.float64), self.delta_px[torch.tensor(rows)])
+        return irfft2_centered(rfft2_centered(images.double()) * ramp, size).to(images.dtype)
 
 
 def tiny_config(**changes):
