@@ -81,6 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default="4000,16000,64000")
     parser.add_argument("--old-n", default="4000", help="the N at which today's pipeline runs too")
+    parser.add_argument("--pipelines", default="new,old", help="which pipelines to run (e.g. old alone)")
     parser.add_argument("--subset", default="2000", help="the new pipeline's --refine-subset")
     parser.add_argument("--teach", default="3m", help="the new pipeline's --teach-encoder")
     parser.add_argument("--steps", default="300", help="the networks' steps (both pipelines)")
@@ -99,7 +100,7 @@ def main() -> int:
     for n in map(int, args.n.split(",")):
         star = demo_dataset(args.work / f"data_{n}", noise_free=False, n=n, seed=0)
         for pipeline, extra in pipelines.items():
-            if pipeline == "old" and n not in old_n:
+            if pipeline not in args.pipelines.split(",") or (pipeline == "old" and n not in old_n):
                 continue
             run_dir = args.work / f"run_{n}_{pipeline}"
             load0 = os.getloadavg()
