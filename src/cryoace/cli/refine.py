@@ -85,14 +85,15 @@ def main(args: argparse.Namespace) -> int:
     from ..pipeline.rundir import write_gold_standard
     from ..reconstruct.refine import refine_particles
     from ..train import distributed
+    from ..train.config import check_centring_radius
     from ..train.predict import write_poses_star
     from ..train.teach import pose_agreement
     from .predict_poses import open_with_encoder
 
     if args.batch_size <= 0:
         raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.centring is not None and not 0.0 <= args.centring <= 0.5:
-        raise CryoaceInputError(f"--centring must be between 0 and 0.5 (a fraction of the box), got {args.centring:g}")
+    if args.centring is not None:
+        check_centring_radius("--centring", args.centring)
     out: Path = args.output
     if out.exists() and not out.is_dir():
         raise CryoaceInputError("the output exists and is not a directory", out)

@@ -53,7 +53,7 @@ from ..physics.fourier import radial_distance
 from .backproject import FourierAccumulator
 from .pose_search import (
     band_coefficients,
-    centring_shifts,
+    centred_shift_grid,
     global_search,
     pose_posterior,
     search_band,
@@ -184,10 +184,8 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
             batch = dataset[np.sort(generator.choice(rows, batch_size, replace=False))]
             images, pixel_size = batch.images.to(device), batch.pixel_size.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
-            tried = shifts
-            if settings.centring_radius > 0:  # around where each particle is, and around 0
-                centres = centring_shifts(reference, images, pixel_size, band, settings.centring_radius * size, ctf)
-                tried = torch.cat([centres[:, None, :] + shifts[None], shifts[None].expand(len(centres), -1, -1)], 1)
+            tried = shifts if settings.centring_radius <= 0 else centred_shift_grid(
+                reference, images, pixel_size, band, settings.centring_radius * size, shifts, ctf)
             found = global_search(reference, images, pixel_size, band, rotations, ctf, shifts_px=tried,
                                   top_k=settings.top_k)
             probability = pose_posterior(found.error.double(), coefficients, temperature).to(images.dtype)

@@ -61,7 +61,7 @@ from ..types import Pose
 from .backproject import FourierAccumulator
 from .pose_search import (
     SearchResult,
-    centring_shifts,
+    centred_shift_grid,
     global_search,
     local_offsets,
     local_search,
@@ -566,15 +566,12 @@ def _search_particles(reference, images, pixel_size, ctf, last: Pose | None, loc
 
 def _global_shifts(reference, images, pixel_size, ctf, gband, grids: _SearchGrids,
                    settings: RefineSettings) -> torch.Tensor:
-    """The global search's shifts: the grid around each image's centring shift and around 0 (B, 2J, 2) px,
-    or around 0 only (J, 2) without centring. Both, because at low SNR the centring of small elongated
-    particles is sometimes off (S2 protomer at SNR 0.05: 17 % more than 3 px from the truth) where the
-    grid around 0 still holds the particles that are near the centre."""
+    """The global search's shifts: the grid around each image's centring shift and around 0 (B, 2J, 2) px
+    (:func:`~cryoace.reconstruct.pose_search.centred_shift_grid`), or around 0 only (J, 2) without centring."""
     if settings.centring_radius <= 0:
         return grids.global_shifts
-    centres = centring_shifts(reference, images, pixel_size, gband, settings.centring_radius * images.shape[-1], ctf)
-    around = centres[:, None, :] + grids.global_shifts[None].to(centres.dtype)
-    return torch.cat([around, grids.global_shifts[None].to(centres.dtype).expand_as(around)], 1)
+    return centred_shift_grid(reference, images, pixel_size, gband, settings.centring_radius * images.shape[-1],
+                              grids.global_shifts, ctf)
 
 
 def _carry(reference, images, pixel_size, ctf, start: Pose, grids: _SearchGrids, gband, lband) -> SearchResult:

@@ -45,7 +45,7 @@ from ..options import option
 
 __all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
            "PRESETS", "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
-           "provenance"]
+           "provenance", "check_centring_radius"]
 
 ENCODER_NAMES = ("vgg", "resnet18")
 OPTIMIZER_NAMES = ("adam", "adamw")
@@ -296,6 +296,12 @@ class RefineConfig:
                                         "(restarted, not resumed, when interrupted)")
 
 
+def check_centring_radius(flag: str, value: float) -> None:
+    """CryoaceInputError (one line naming ``flag``) unless the centring radius is a fraction of the box in [0, 0.5]."""
+    if not 0.0 <= value <= 0.5:
+        raise CryoaceInputError(f"{flag} must be between 0 and 0.5 (a fraction of the box), got {value:g}")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every setting of a reconstruction run.
@@ -448,9 +454,7 @@ class TrainConfig:
         positive("--teach-encoder", self.refine.teach_time_s, allow_none=True)
         positive("--refine-subset", self.refine.subset, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
-        if not 0.0 <= self.refine.centring_radius <= 0.5:
-            raise CryoaceInputError(f"--refine-centring must be between 0 and 0.5 (a fraction of the box), "
-                                    f"got {self.refine.centring_radius:g}")
+        check_centring_radius("--refine-centring", self.refine.centring_radius)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("--ab-initio-starts", self.refine.ab_initio_starts)
         positive("refine batch size", self.refine.batch_size)
