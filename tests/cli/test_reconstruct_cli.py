@@ -251,7 +251,10 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert len(seed["search_error_ab_initio_starts"]) == starts > 1
     assert seed["search_error_ab_initio"] == min(seed["search_error_ab_initio_starts"])
     assert seed["ab_initio_start"] == int(np.argmin(seed["search_error_ab_initio_starts"]))
-    assert "start_agreement_px" not in seed and not (run / "volume_abinitio_half1.mrc").exists()
+    assert not (run / "volume_abinitio_half1.mrc").exists()
+    # the kept start's map compared with the other runs' (all particles): how far the closest agrees
+    assert seed["start_agreement_between"] == "runs" and 2.0 <= seed["start_agreement_px"] <= 32
+    assert seed["start_agreement_limit_px"] > 0
     assert rounds[0]["elapsed_s"] > seed["elapsed_s"]  # the rounds' clock includes the ab initio stage
     assert all(np.isfinite(r["rot_median_deg"]) and len(r["align_rotation"]) == 3 for r in rounds)
     assert rounds[0]["pose_change_median_deg"] is None and rounds[1]["pose_change_median_deg"] >= 0

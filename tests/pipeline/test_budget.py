@@ -11,7 +11,7 @@ def test_the_cpu_preset_bounds_the_whole_job_and_splits_it():
     assert config.max_time_s == 20 * 60 and config.refine.enabled
     budget = JobBudget.of(config)
     assert budget.staged and budget.networks_s() == pytest.approx(20 * 60 * NETWORK_SHARE)
-    assert budget.ab_initio_run_s(3) == pytest.approx(20 * 60 * AB_INITIO_SHARE / 3)
+    assert budget.ab_initio_s() == pytest.approx(20 * 60 * AB_INITIO_SHARE)
     assert budget.left_s(1000.0) == pytest.approx(200.0) and budget.left_s(1300.0) < 0
     assert "20 min for the whole job" in budget.describe()
 
@@ -23,7 +23,7 @@ def test_without_a_refinement_stage_the_networks_have_it_all():
     config.refine.enabled, config.halves = True, True  # --halves: two trainings share it, no refinement
     assert JobBudget.of(config).networks_s() == 20 * 60
     assert JobBudget(None, True).networks_s() is None and JobBudget(None, True).left_s(5.0) is None
-    assert JobBudget(None, True).ab_initio_run_s(3) is None
+    assert JobBudget(None, True).ab_initio_s() is None
 
 
 def test_half_models_train_for_half_the_budget_each():

@@ -182,3 +182,39 @@ def test_half_sets_that_hold_no_common_structure_do_not_agree(clean_adk):
     noise = NoiseReplaced(clean_adk, halves[1], std=float(clean_adk[np.arange(50)].images.std()))
     built = ab_initio_half_sets(noise, halves, [HALF_SET_RUN], progress=False)
     assert built.start_agreement_px > MAX_START_DISAGREEMENT * built.band_px
+
+
+def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
+    """With a shared budget each run keeps its schedule: another starts only while the longest run
+    so far still fits in what is left, and only a first run that alone does not fit is cut short.
+    (A clock advanced 10 s per run stands in for the runs.)"""
+    import types
+
+    from cryoace.reconstruct import ab_initio as module
+
+    clock = [0.0]
+    given = []
+
+    def run(dataset, volume, settings, **kwargs):
+        given.append(settings.max_time_s)
+        clock[0] += 9.0
+        return module.AbInitioResult(volume=torch.zeros(2, 2, 2), iterations=[])
+
+    def error(*args, **kwargs):
+        clock[0] += 1.0
+        return float(len(given))
+
+    monkeypatch.setattr(module, "ab_initio", run)
+    monkeypatch.setattr(module, "mean_search_error", error)
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    starts = [AbInitioSettings(seed=k, max_time_s=3.0) for k in range(4)]
+
+    maps, errors = module.ab_initio_starts(None, starts, progress=False, budget_s=25.0)
+    assert errors == [1.0, 2.0] and len(maps) == 2  # 0→10 s, 10→20 s; 5 s left < 10 s: no third run
+    assert given == [25.0, 15.0]  # the budget overrides each run's own; none is cut short
+    given.clear()
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=4.0)
+    assert len(maps) == 1 and given == [4.0]  # not even one fits: the first is brought forward
+    given.clear()
+    maps, _ = module.ab_initio_starts(None, starts, progress=False)
+    assert len(maps) == 4 and given == [3.0] * 4  # no shared budget: every run, each under its own

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cryoace.evaluate.fsc import fsc
-from cryoace.evaluate.gold_standard import GoldStandard, assess
+from cryoace.evaluate.gold_standard import GoldStandard, StartAgreement, assess
 from cryoace.evaluate.map_align import align_maps
 from cryoace.io.mrc import read_volume
 from cryoace.io.particles import ParticleDataset, read_particles
@@ -222,15 +222,39 @@ def test_a_start_the_half_sets_did_not_both_find_gets_no_resolution(aspire):
     maps did not agree as far as needed; the agreement is saved, shown and read back."""
     _, _, spike = aspire
     halves = _noisy_half_maps(spike, None, 0.5, 0)
-    confirmed = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=(6.0, 8.3))
+    confirmed = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=StartAgreement(6.0, 8.3))
     assert confirmed.resolved and confirmed.start_confirmed
     assert "ab initio maps agree to 18.00 Å (6.00 px)" in confirmed.summary()[0]
-    refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=(9.5, 8.3))
+    refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=StartAgreement(9.5, 8.3))
     assert not refused.resolved and refused.start_confirmed is False
     assert "did not find the same structure" in refused.reasons[0] and "NOT RESOLVED" in refused.summary()[0]
     back = GoldStandard.from_dict(refused.to_dict())
     assert (back.start_agreement_px, back.start_agreement_limit_px, back.resolved) == (9.5, 8.3, False)
+    assert back.start_agreement_between == "half sets"
     assert assess(*halves, start_resolution_px=12.0, pixel_size=3.0).start_confirmed is None
+
+
+def test_a_start_no_other_ab_initio_run_found_gets_no_resolution(aspire):
+    """The same for a start made from all the particles: when no other ab initio run's map agrees
+    with the kept one as far as needed, the start may be a wrong map one run fell into, and the
+    claim is withheld with that reason; the kind is saved and read back (a gold_standard.json from
+    before it was saved reads as the half sets'), and a checkpoint's tensor round-trips."""
+    _, _, spike = aspire
+    halves = _noisy_half_maps(spike, None, 0.5, 0)
+    confirmed = assess(*halves, start_resolution_px=12.0, pixel_size=3.0,
+                       start_agreement=StartAgreement(5.3, 9.0, "runs"))
+    assert confirmed.resolved and "closest other run's agree to 15.90 Å (5.30 px)" in confirmed.summary()[0]
+    refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0,
+                     start_agreement=StartAgreement(11.6, 9.0, "runs"))
+    assert not refused.resolved and "no other ab initio run found the map" in refused.reasons[0]
+    assert GoldStandard.from_dict(refused.to_dict()).start_agreement_between == "runs"
+    old = {k: v for k, v in confirmed.to_dict().items() if k != "start_agreement_between"}
+    assert GoldStandard.from_dict(old).start_agreement_between == "half sets"
+    for agreement in (StartAgreement(11.6, 9.0, "runs"), StartAgreement(6.0, 8.3)):
+        assert StartAgreement.from_tensor(agreement.to_tensor()) == agreement
+    assert StartAgreement.from_tensor([6.0, 8.3]) == StartAgreement(6.0, 8.3, "half sets")
+    with pytest.raises(ValueError):
+        StartAgreement(6.0, 8.3, "seeds")
 
 
 def test_predictive_check_passes_the_true_map_and_calls_a_blob_featureless(aspire):

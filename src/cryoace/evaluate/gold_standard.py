@@ -64,7 +64,7 @@ import torch
 
 from .fsc import DEFAULT_THRESHOLDS, FSCResult, MaskedFSC, masked_fsc
 
-__all__ = ["GoldStandard", "PredictiveCheck", "assess", "MIN_GAIN_OVER_START", "MIN_CONFIDENCE_RATIO",
+__all__ = ["GoldStandard", "PredictiveCheck", "StartAgreement", "assess", "MIN_GAIN_OVER_START", "MIN_CONFIDENCE_RATIO",
            "MIN_EXPECTED_OVER_CHANCE", "MAX_START_DISAGREEMENT", "mask_from_half_maps", "UNRESOLVED_EXIT_CODE"]
 
 #: the half maps must agree this much further in frequency than the start's low-pass
@@ -137,6 +137,42 @@ class PredictiveCheck:
                    observed_se=float(data.get("observed_se", 0.0)), expected_se=float(data.get("expected_se", 0.0)))
 
 
+#: what two start maps that had to agree were built from (:class:`StartAgreement` ``between``)
+START_AGREEMENT_KINDS = ("half sets", "runs")
+
+
+@dataclasses.dataclass(frozen=True)
+class StartAgreement:
+    """How far two independently built ab initio maps agree after alignment (FSC 0.5, ``px``) and how
+    far they had to (``limit_px``): the two half sets' own maps (``between="half sets"``, a gold
+    standard from the start), or the kept run's map and the closest of the other runs' on all the
+    particles (``between="runs"``: other random batches, the same particles — the same structure found
+    again, not a wrong map that one run fell into)."""
+
+    px: float
+    limit_px: float
+    between: str = "half sets"
+
+    def __post_init__(self) -> None:
+        if self.between not in START_AGREEMENT_KINDS:
+            raise ValueError(f"between must be one of {START_AGREEMENT_KINDS}, got {self.between!r}")
+
+    @property
+    def confirmed(self) -> bool:
+        return self.px <= self.limit_px
+
+    def to_tensor(self) -> torch.Tensor:
+        """(px, limit_px, kind) as float64, for a checkpoint (inverse: :meth:`from_tensor`)."""
+        return torch.tensor([self.px, self.limit_px, START_AGREEMENT_KINDS.index(self.between)], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values) -> StartAgreement:
+        """From :meth:`to_tensor`'s values (two values, from checkpoints that knew only the half sets:
+        their agreement)."""
+        values = [float(v) for v in values]
+        return cls(values[0], values[1], START_AGREEMENT_KINDS[int(values[2])] if len(values) > 2 else "half sets")
+
+
 @dataclasses.dataclass
 class GoldStandard:
     """The half maps' FSCs and the verdict (module docstring).
@@ -147,9 +183,10 @@ class GoldStandard:
     confidence_median   : the particles' median pose confidence (None if not measured).
     reasons             : why the resolution is withheld (empty when it is not).
     check               : the posterior-predictive check of the poses (None if not made).
-    start_agreement_px  : how far the half sets' independent ab initio maps agree (FSC 0.5, px; None
-                          when the start was not built from the half sets apart).
+    start_agreement_px  : how far two independently built ab initio maps agree (FSC 0.5, px; None
+                          when not measured): see :class:`StartAgreement`.
     start_agreement_limit_px : how far they had to agree (px).
+    start_agreement_between  : which maps: "half sets" or "runs" (:class:`StartAgreement`).
     """
 
     fsc: MaskedFSC
@@ -159,6 +196,7 @@ class GoldStandard:
     check: PredictiveCheck | None = None
     start_agreement_px: float | None = None
     start_agreement_limit_px: float | None = None
+    start_agreement_between: str | None = None
 
     @property
     def resolved(self) -> bool:
@@ -166,10 +204,15 @@ class GoldStandard:
 
     @property
     def start_confirmed(self) -> bool | None:
-        """Whether the half sets' independent ab initio maps agree as far as needed (None: not built so)."""
+        """Whether the independently built ab initio maps agree as far as needed (None: not measured)."""
         if self.start_agreement_px is None or self.start_agreement_limit_px is None:
             return None
         return self.start_agreement_px <= self.start_agreement_limit_px
+
+    def start_agreement_label(self) -> str:
+        """Which ab initio maps had to agree, in words."""
+        return ("the kept ab initio run's map and the closest other run's" if self.start_agreement_between == "runs"
+                else "the half sets' own ab initio maps")
 
     @property
     def pixel_size(self) -> float | None:
@@ -198,7 +241,7 @@ class GoldStandard:
                      f"; pose confidence {self.check.observed:.2f} vs {self.check.expected:.2f} for the map's "
                      "own projections")
                   + ("" if self.start_agreement_px is None else
-                     f"; the half sets' own ab initio maps agree to "
+                     f"; {self.start_agreement_label()} agree to "
                      f"{_text_px(self.start_agreement_px, self.pixel_size)}"))
         if self.resolved:
             return [f"gold-standard resolution {_text(unmasked)} ({curves}; independent half sets, claimed only "
@@ -219,6 +262,7 @@ class GoldStandard:
                 "predictive_check": None if self.check is None else self.check.to_dict(),
                 "start_agreement_px": self.start_agreement_px,
                 "start_agreement_limit_px": self.start_agreement_limit_px,
+                "start_agreement_between": self.start_agreement_between,
                 "fsc": self.fsc.to_dict(thresholds)}
 
     @classmethod
@@ -239,7 +283,9 @@ class GoldStandard:
                    check=None if data.get("predictive_check") is None else
                    PredictiveCheck.from_dict(data["predictive_check"]),
                    start_agreement_px=_optional_float(data.get("start_agreement_px")),
-                   start_agreement_limit_px=_optional_float(data.get("start_agreement_limit_px")))
+                   start_agreement_limit_px=_optional_float(data.get("start_agreement_limit_px")),
+                   start_agreement_between=data.get("start_agreement_between",
+                                                    None if data.get("start_agreement_px") is None else "half sets"))
 
 
 def _optional_float(value) -> float | None:
@@ -269,13 +315,12 @@ def mask_from_half_maps(half1: torch.Tensor, half2: torch.Tensor, pixel_size: fl
 def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float, pixel_size: float | None,
            confidence: torch.Tensor | np.ndarray | None = None, mask: torch.Tensor | None = None,
            seed: int = 0, check: PredictiveCheck | None = None,
-           start_agreement: tuple[float, float] | None = None) -> GoldStandard:
+           start_agreement: StartAgreement | None = None) -> GoldStandard:
     """The gold standard of two independent half maps (L³, same frame) refined from a common start
     low-passed to ``start_resolution_px`` (px); ``confidence``: the particles' pose confidences;
     ``mask``: default :func:`mask_from_half_maps`. ``seed`` seeds the phase randomization (as
     ``cryoace fsc --seed``); ``check``: the refinement's posterior-predictive check of its poses;
-    ``start_agreement``: (how far, how far at least) the half sets' independent ab initio maps agree
-    (FSC 0.5, px), when the start came from them."""
+    ``start_agreement``: how far the start's independently built ab initio maps agree, where measured."""
     if mask is None:
         try:
             mask = mask_from_half_maps(half1, half2, pixel_size)
@@ -300,11 +345,17 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
                        f"particles' noise do (mean pose confidence {check.observed:.2f} vs {check.expected:.2f}, "
                        f"below {MIN_CONFIDENCE_RATIO:g}×), so the map does not explain them: the poses were not "
                        "found (a wrong or unconverged start, too few rounds, another molecule)")
-    if start_agreement is not None and start_agreement[0] > start_agreement[1]:
-        reasons.append(f"the two half sets, each on its own, did not find the same structure ab initio (their maps "
-                       f"agree to {_text_px(start_agreement[0], pixel_size)} at FSC 0.5, not to "
-                       f"{_text_px(start_agreement[1], pixel_size)}), so the map they were refined from is not "
-                       "confirmed by the data (more particles, more --ab-initio-starts)")
+    if start_agreement is not None and not start_agreement.confirmed:
+        found = (f"agree to {_text_px(start_agreement.px, pixel_size)} at FSC 0.5, not to "
+                 f"{_text_px(start_agreement.limit_px, pixel_size)}")
+        if start_agreement.between == "runs":
+            reasons.append(f"no other ab initio run found the map the refinement started from (the closest "
+                           f"{found}), so it may be a wrong map that one run fell into, which both half sets then "
+                           "reproduce (more --ab-initio-starts, or --ab-initio-halves)")
+        else:
+            reasons.append(f"the two half sets, each on its own, did not find the same structure ab initio (their "
+                           f"maps {found}), so the map they were refined from is not confirmed by the data (more "
+                           "particles, more --ab-initio-starts)")
     median = None
     if confidence is not None:
         values = torch.as_tensor(np.asarray(confidence), dtype=torch.float64)
@@ -312,5 +363,6 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
         median = float(values.median()) if values.numel() else None
     return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
                         reasons=reasons, check=check,
-                        start_agreement_px=None if start_agreement is None else float(start_agreement[0]),
-                        start_agreement_limit_px=None if start_agreement is None else float(start_agreement[1]))
+                        start_agreement_px=None if start_agreement is None else float(start_agreement.px),
+                        start_agreement_limit_px=None if start_agreement is None else float(start_agreement.limit_px),
+                        start_agreement_between=None if start_agreement is None else start_agreement.between)

@@ -276,9 +276,10 @@ def _gold_standard(gold, problem: str | None) -> str:
              "—" if gold.check is None else
              f"{gold.check.observed:.2f} vs {gold.check.expected:.2f} (ratio {gold.check.ratio:.2f}, "
              f"{'passed' if gold.check.passed else 'FAILED'}: at least {MIN_CONFIDENCE_RATIO:g} needed)"),
-            ("the half sets' independent ab initio maps agree to (FSC 0.5; volume_abinitio_half1/2.mrc)",
+            ("independent ab initio maps agree to (FSC 0.5)",
              "—" if gold.start_agreement_px is None else
-             f"{gold.start_agreement_px:.2f} px ({'confirmed' if gold.start_confirmed else 'NOT confirmed'}: "
+             f"{gold.start_agreement_label()}: {gold.start_agreement_px:.2f} px "
+             f"({'confirmed' if gold.start_confirmed else 'NOT confirmed'}: "
              f"at most {gold.start_agreement_limit_px:.2f} px needed)"),
             ("mask correction", where)]
     rows += [(f"FSC 0.143, {label}", _res_text(curve.resolution(0.143))) for label, curve in curves.items()]

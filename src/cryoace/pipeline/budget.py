@@ -8,8 +8,9 @@ teaching of an encoder from the map, and the outputs. ``--max-time`` bounds them
 
 * the networks train for :data:`NETWORK_SHARE` of it (all of it when no refinement follows: then
   they are the result);
-* the ab initio runs get at most :data:`AB_INITIO_SHARE` of it, split evenly (each stops after the
-  iteration that passes its share);
+* the ab initio runs get at most :data:`AB_INITIO_SHARE` of it: each runs its whole schedule, and
+  another starts only while one more fits (a busy machine gets fewer runs, not shorter ones:
+  :func:`~cryoace.reconstruct.ab_initio.ab_initio_starts`);
 * the refinement rounds get what is left, less an estimate of what still follows them — the final
   pass over the other particles (the longest round's time per particle) and the teaching — and the
   last round that fits is made the final one: the full band, every particle searched globally
@@ -32,8 +33,9 @@ __all__ = ["JobBudget", "NETWORK_SHARE", "AB_INITIO_SHARE", "stage_record", "des
 #: rarely seeds the refinement (the ab initio map explains the images better), noise free it can
 NETWORK_SHARE = 0.25
 #: the most the ab initio runs may take of the whole budget (the robustness of the result rests on
-#: them: on 2000 particles of 64 px three runs take about 5 min of a 2-core CPU, within a 20-min budget)
-AB_INITIO_SHARE = 0.35
+#: them: on 2000 particles of 64 px each run takes about 80 s of an idle 2-core CPU, so the four
+#: default runs fit in the 8 min of a 20-min budget with room for a machine 1.5× slower)
+AB_INITIO_SHARE = 0.40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +58,9 @@ class JobBudget:
             return None
         return self.total_s * NETWORK_SHARE if self.staged else self.total_s
 
-    def ab_initio_run_s(self, runs: int) -> float | None:
-        """The time of each of ``runs`` ab initio runs (s)."""
-        return None if self.total_s is None else self.total_s * AB_INITIO_SHARE / max(1, runs)
+    def ab_initio_s(self) -> float | None:
+        """The ab initio runs' wall time, all of them together (s)."""
+        return None if self.total_s is None else self.total_s * AB_INITIO_SHARE
 
     def left_s(self, elapsed_s: float) -> float | None:
         """What is left of the budget after ``elapsed_s`` (s; may be negative when it is spent)."""

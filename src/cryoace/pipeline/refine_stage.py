@@ -6,7 +6,9 @@ decoder's map (written as ``volume_decoder.mrc``: ``volume.mrc`` is written only
 ends, so an interrupted run has no map that looks final). With ``refine.ab_initio`` it also builds a
 map from a featureless blob by stochastic EM, the best of ``refine.ab_initio_starts`` runs
 (:func:`cryoace.reconstruct.ab_initio.ab_initio_starts`; ``volume_abinitio.mrc``, an ``ab_initio``
-record per iteration in metrics.jsonl) — or, with ``refine.ab_initio_halves``, from each half set on
+record per iteration in metrics.jsonl; how far the closest other run's map agrees with it,
+:func:`~cryoace.reconstruct.ab_initio.start_consensus`, which the gold standard judges: a wrong map
+that one run fell into is found by no other) — or, with ``refine.ab_initio_halves``, from each half set on
 its own (:func:`cryoace.reconstruct.ab_initio.ab_initio_half_sets`: ``volume_abinitio_half1.mrc``,
 ``volume_abinitio_half2.mrc`` in one frame, their average ``volume_abinitio.mrc``, and how far the
 two agree, which the gold standard judges; where they do not agree, each half set is refined from
@@ -72,7 +74,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..evaluate.gold_standard import MAX_START_DISAGREEMENT, MIN_GAIN_OVER_START, GoldStandard
+from ..evaluate.gold_standard import MAX_START_DISAGREEMENT, MIN_GAIN_OVER_START, GoldStandard, StartAgreement
 from ..io.atomic import atomic_path
 from ..io.mrc import read_volume, write_mrc
 from ..reconstruct.ab_initio import (
@@ -81,6 +83,7 @@ from ..reconstruct.ab_initio import (
     ab_initio_half_sets,
     ab_initio_starts,
     mean_search_error,
+    start_consensus,
 )
 from ..reconstruct.backproject import split_half_sets
 from ..reconstruct.refine import RefineResult, RefineRound, RefineSettings, RefineState, extend_refinement, refine
@@ -180,8 +183,7 @@ def refine_run(trainer, dataset, predicted: Callable[[], Pose], log: Callable[[s
                         "volume": state.volume.cpu(), "half_volumes": state.half_volumes.cpu(),
                         "confidence": state.confidence.cpu(), "stage_elapsed_s": time.monotonic() - stage_start,
                         "final": state.final, "longest_round_s": state.longest_round_s,
-                        "start_agreement": None if start_agreement is None else
-                        torch.tensor(start_agreement, dtype=torch.float64)}, fh)
+                        "start_agreement": None if start_agreement is None else start_agreement.to_tensor()}, fh)
 
     budget = JobBudget.of(trainer.config)
     if resume is None:
@@ -398,7 +400,7 @@ def half_sets_of(table, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _write_gold_standard(trainer, result: RefineResult, start_agreement: tuple[float, float] | None,
+def _write_gold_standard(trainer, result: RefineResult, start_agreement: StartAgreement | None,
                          clock: Callable[[], float], log: Callable[[str], None]) -> GoldStandard:
     """Write the half maps, their mask, gold_standard.json and fsc.png; record and log the verdict."""
     gold = write_gold_standard(trainer.run_dir, result.half_volumes[0], result.half_volumes[1], trainer.pixel_size,
@@ -412,19 +414,19 @@ def _write_gold_standard(trainer, result: RefineResult, start_agreement: tuple[f
 
 def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tuple[np.ndarray, np.ndarray],
                     clock: Callable[[], float], log: Callable[[str], None], progress: bool
-                    ) -> tuple[torch.Tensor, tuple[float, float] | None]:
+                    ) -> tuple[torch.Tensor, StartAgreement | None]:
     """The refinement's start (see the module doc) — the ab initio map with the lowest search error of
     ``refine.ab_initio_starts`` runs on all particles, or with ``refine.ab_initio_halves`` the average
     of the two half sets' own ab initio maps where they agree and each half's own map (2, L, L, L)
-    where they do not; or the decoder's map where its search error on all particles is lower — and,
-    for half-set starts, how far the two agree with the limit they must reach (px, FSC 0.5; else
-    None). ``clock()`` is the run's wall time for the records."""
+    where they do not; or the decoder's map where its search error on all particles is lower — and
+    how far independently built ab initio maps agree with the limit they must reach: the half sets'
+    maps, or the kept run's map and the closest other run's (None for the decoder's map or a single
+    run). ``clock()`` is the run's wall time for the records."""
     cfg = trainer.config.refine
     started = clock()
-    # each run's share of the job's budget (each stops after the iteration that passes it)
-    runs = cfg.ab_initio_starts * (2 if cfg.ab_initio_halves else 1)
-    run_s = JobBudget.of(trainer.config).ab_initio_run_s(runs)
-    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k, max_time_s=run_s)
+    # the runs share the ab initio's part of the job's budget: whole schedules, as many as fit
+    budget_s = JobBudget.of(trainer.config).ab_initio_s()
+    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
               for k in range(cfg.ab_initio_starts)]
     first = starts[0]
     log(f"ab initio: {cfg.ab_initio_starts} start(s) "
@@ -447,35 +449,50 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
         return mean_search_error(dataset, volume, first.end_shells, step_deg=first.step_deg, use_ctf=trainer.use_ctf,
                                  device=trainer.device, seed=trainer.config.seed)
 
-    options = dict(use_ctf=trainer.use_ctf, device=trainer.device, progress=progress)
+    options = dict(use_ctf=trainer.use_ctf, device=trainer.device, progress=progress, budget_s=budget_s)
     if cfg.ab_initio_halves:
         built = ab_initio_half_sets(dataset, half_sets, starts, on_iteration=on_iteration, on_start=on_start, **options)
         ab_initio_map, kept, errors = built.volume, list(built.starts), built.search_errors
         for name, volume in (("volume_abinitio_half1.mrc", built.half_volumes[0]),
                              ("volume_abinitio_half2.mrc", built.half_volumes[1])):
             write_mrc(trainer.run_dir / name, volume.float().numpy(), trainer.pixel_size)
-        agreement = (built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px)
+        agreement = StartAgreement(built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px, "half sets")
         log(f"ab initio: the half sets' maps (starts {kept[0] + 1} and {kept[1] + 1}) agree to "
-            f"{agreement[0] * trainer.pixel_size:.1f} Å ({agreement[0]:.2f} px, FSC 0.5; "
-            + ("confirmed" if agreement[0] <= agreement[1] else f"NOT confirmed: the limit is {agreement[1]:.2f} px")
+            f"{agreement.px * trainer.pixel_size:.1f} Å ({agreement.px:.2f} px, FSC 0.5; "
+            + ("confirmed" if agreement.confirmed else f"NOT confirmed: the limit is {agreement.limit_px:.2f} px")
             + ")")
         ab_initio_error = search_error(ab_initio_map)
     else:
         maps, errors = ab_initio_starts(dataset, starts, on_iteration=lambda k, r, v: on_iteration(None, k, r, v),
                                         on_start=lambda k, e: on_start(None, k, e), **options)
         kept = int(np.argmin(errors))
-        ab_initio_map, ab_initio_error, agreement = maps[kept], errors[kept], None
+        ab_initio_map, ab_initio_error = maps[kept], errors[kept]
+        # a second opinion on the kept map: did another run (other batches) find it too?
+        closest = start_consensus(maps, kept, trainer.pixel_size)
+        agreement = None if closest is None else StartAgreement(
+            closest, MAX_START_DISAGREEMENT * int(dataset.image_size) / first.end_shells, "runs")
+        log(f"ab initio: start {kept + 1} explains the images best; " + (
+            "no other run to confirm its map" if agreement is None else
+            f"the closest other run's map agrees with it to {agreement.px * trainer.pixel_size:.1f} Å "
+            f"({agreement.px:.2f} px, FSC 0.5; " + ("confirmed" if agreement.confirmed else
+                                                    f"NOT confirmed: the limit is {agreement.limit_px:.2f} px") + ")"))
+    runs = sum(len(e) for e in errors) if cfg.ab_initio_halves else len(errors)
+    planned = cfg.ab_initio_starts * (2 if cfg.ab_initio_halves else 1)
+    if runs < planned:
+        log(f"ab initio: {runs} of {planned} runs fitted in its {budget_s / 60:.3g}-min share of the budget "
+            "(each run keeps its whole schedule; a larger --max-time gives more)")
     write_mrc(trainer.run_dir / "volume_abinitio.mrc", ab_initio_map.float().numpy(), trainer.pixel_size)
     decoder_error = search_error(decoder_map)
-    trainer.write_record(stage_record("ab_initio", trainer.step, started, clock(),
-                                      None if run_s is None else run_s * runs, runs=runs))
+    trainer.write_record(stage_record("ab_initio", trainer.step, started, clock(), budget_s, runs=runs,
+                                      planned_runs=planned))
     chosen = "ab_initio" if ab_initio_error <= decoder_error else "decoder"
-    apart = chosen == "ab_initio" and agreement is not None and agreement[0] > agreement[1]
+    apart = chosen == "ab_initio" and cfg.ab_initio_halves and not agreement.confirmed
     trainer.write_record({"kind": "refine_seed", "step": trainer.step, "elapsed_s": clock(), "chosen": chosen,
                           "search_error_decoder": decoder_error, "search_error_ab_initio": ab_initio_error,
                           "ab_initio_start": kept, "search_error_ab_initio_starts": errors,
-                          **({} if agreement is None else {"start_agreement_px": agreement[0],
-                                                           "start_agreement_limit_px": agreement[1],
+                          **({} if agreement is None else {"start_agreement_px": agreement.px,
+                                                           "start_agreement_limit_px": agreement.limit_px,
+                                                           "start_agreement_between": agreement.between,
                                                            "halves_start_apart": apart})})
     if chosen == "decoder":
         log(f"refinement starts from the decoder's map (mean search error {decoder_error:.5g} vs {ab_initio_error:.5g} "
@@ -490,9 +507,9 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
 
 
 def _load_state(path, step: int, n: int, log: Callable[[str], None]
-                ) -> tuple[RefineState | None, float, tuple[float, float] | None]:
+                ) -> tuple[RefineState | None, float, StartAgreement | None]:
     """The refinement state saved by an interrupted stage of this run (same training step and
-    particles), the stage's wall time until then and the start's half-set agreement (px) with its limit;
+    particles), the stage's wall time until then and the start's agreement (:class:`StartAgreement`);
     (None, 0, None) when there is none to go on from."""
     nothing = None, 0.0, None
     if not path.is_file():
@@ -505,7 +522,7 @@ def _load_state(path, step: int, n: int, log: Callable[[str], None]
                             final=bool(saved.get("final", False)),
                             longest_round_s=float(saved.get("longest_round_s", 0.0)))
         agreement = saved.get("start_agreement")
-        agreement = None if agreement is None else tuple(float(x) for x in agreement)
+        agreement = None if agreement is None else StartAgreement.from_tensor(agreement)
     except Exception as exc:  # a damaged file: start the stage afresh rather than fail the run
         log(f"ignoring the refinement checkpoint {path} ({type(exc).__name__}: {exc})")
         return nothing

@@ -230,7 +230,8 @@ class RefineConfig:
     ``ab_initio_iterations`` of stochastic EM (:mod:`cryoace.reconstruct.ab_initio`), ``ab_initio_starts``
     times with other random particle batches (at low SNR some starts fall into a wrong map); the
     refinement starts from the one with the lowest search error or the decoder's map, whichever
-    explains the images best. With ``ab_initio_halves`` the starts run on each half set apart, each
+    explains the images best, and the gold standard claims no resolution unless another run's map
+    agrees with the kept one. With ``ab_initio_halves`` the starts run on each half set apart, each
     half's best map is kept, the two are aligned and averaged, and when they do not agree the run
     claims no resolution (and refines each half from its own map).
 
@@ -248,10 +249,11 @@ class RefineConfig:
                              "the decoder's map, whichever explains the images better")
     ab_initio_iterations: int = option(30, flag="--ab-initio-iterations", group="refine", metavar="N",
                                        on_resume="free", help="stochastic EM iterations of --ab-initio")
-    ab_initio_starts: int = option(3, flag="--ab-initio-starts", group="refine", metavar="K", on_resume="free",
+    ab_initio_starts: int = option(4, flag="--ab-initio-starts", group="refine", metavar="K", on_resume="free",
                                    help="ab initio runs (other random particle batches), of each half set with "
                                    "--ab-initio-halves; the one that explains the images best (lowest search "
-                                   "error) is kept")
+                                   "error) is kept, and no resolution is claimed unless another run found the "
+                                   "same map. Under --max-time, as many whole runs as fit in the ab initio's share")
     ab_initio_halves: bool = option(False, flag="--ab-initio-halves", group="refine", kind="both", on_resume="free",
                                     help="run the ab initio on each half set apart, align the two maps and claim "
                                     "no resolution unless they agree (FSC 0.5 within 1.4× the ab initio's band "
