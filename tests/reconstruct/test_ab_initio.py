@@ -218,3 +218,26 @@ def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
     given.clear()
     maps, _ = module.ab_initio_starts(None, starts, progress=False)
     assert len(maps) == 4 and given == [3.0] * 4  # no shared budget: every run, each under its own
+
+
+def test_start_consensus_finds_the_kept_map_again_in_another_runs_frame():
+    """Another run's map of the same structure lives in its own frame (here turned 90° and moved 2 px,
+    with noise): aligned, it agrees with the kept map within the limit the gold standard asks of
+    independent starts (1.4 × the band limit); a map of another molecule (ADK in the spike's box)
+    agrees with neither. A single run has nothing to agree with."""
+    from cryoace.evaluate.map_align import gaussian_lowpass
+    from cryoace.io.mrc import read_volume
+    from cryoace.reconstruct.ab_initio import start_consensus
+
+    def band_limited(name: str) -> torch.Tensor:  # an ab initio map: 10 shells of a 64-px box
+        return gaussian_lowpass(torch.tensor(read_volume(TEST_DATA / "volumes" / name).data).double(), 10 / 64)
+
+    spike, adk = band_limited("spike_6vyb_L64_3.0A.mrc"), band_limited("adk_open_4ake_L64_1.5A.mrc")
+    generator = torch.Generator().manual_seed(0)
+    again = torch.rot90(torch.roll(spike, 2, dims=0), 1, dims=(1, 2))
+    again = again + 0.1 * float(spike.std()) * torch.randn(spike.shape, generator=generator, dtype=spike.dtype)
+    limit = MAX_START_DISAGREEMENT * 64 / 10
+    maps = [spike, again, adk]
+    assert start_consensus(maps, 0, 3.0) <= limit
+    assert start_consensus(maps, 2, 3.0) > limit
+    assert start_consensus([spike], 0, 3.0) is None

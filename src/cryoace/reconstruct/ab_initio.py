@@ -23,6 +23,15 @@ cryoSPARC:
 
 The result seeds the refinement (which splits half sets and goes to full resolution).
 
+**Several runs** (:func:`ab_initio_starts`). At low SNR a run now and then falls into a wrong map
+(the demo molecule at SNR 0.1: about one run in five), and a run whose schedule is cut short far more
+often; so the run keeps several, each with its whole schedule (under a time budget, as many as fit),
+keeps the one whose map explains the images best (:func:`mean_search_error`, all scored on the same
+particles) and asks whether another run found that map too (:func:`start_consensus`): runs that
+found the right map agree after alignment near the band's limit, a map that one run fell into agrees
+with none. The gold standard withholds the resolution when none does (the refinement from a wrong
+map otherwise reproduces it in both half sets and its FSC looks fine).
+
 **Independent half sets** (:func:`ab_initio_half_sets`). A wrong ab initio map is the one thing the
 refinement's gold standard cannot see: both halves start from it, both reproduce it, and their FSC
 looks fine. So the run builds the start twice, from the two half sets apart (a few starts each),
