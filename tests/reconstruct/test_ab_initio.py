@@ -218,6 +218,19 @@ def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
     given.clear()
     maps, _ = module.ab_initio_starts(None, starts, progress=False)
     assert len(maps) == 4 and given == [3.0] * 4  # no shared budget: every run, each under its own
+    # further runs, one at a time, until enough (here: 6 maps) or the budget is spent
+    given.clear()
+    asked = []
+
+    def enough(maps, errors):
+        asked.append(len(maps))
+        return len(maps) >= 6
+
+    maps, _ = module.ab_initio_starts(None, starts[:2], progress=False, more=starts[2:] * 3, enough=enough)
+    assert len(maps) == 6 and asked == [2, 3, 4, 5, 6]
+    maps, _ = module.ab_initio_starts(None, starts[:2], progress=False, budget_s=45.0, more=starts[2:] * 3,
+                                      enough=enough)
+    assert len(maps) == 4  # 0→40 s: the fifth would not fit
 
 
 def test_start_consensus_finds_the_kept_map_again_in_another_runs_frame():
@@ -241,3 +254,5 @@ def test_start_consensus_finds_the_kept_map_again_in_another_runs_frame():
     assert start_consensus(maps, 0, 3.0) <= limit
     assert start_consensus(maps, 2, 3.0) > limit
     assert start_consensus([spike], 0, 3.0) is None
+    known = {(0, 1): 1.0}  # pairs measured before are not aligned again
+    assert start_consensus(maps, 0, 3.0, known=known) == 1.0 and set(known) == {(0, 1), (0, 2)}

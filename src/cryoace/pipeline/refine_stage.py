@@ -443,7 +443,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
 
     def on_start(half: int | None, start: int, error: float) -> None:
         where = "" if half is None else f"half set {half + 1}, "
-        log(f"ab initio {where}start {start + 1}/{len(starts)}: mean search error {error:.5g}")
+        log(f"ab initio {where}run {start + 1}: mean search error {error:.5g}")
 
     def search_error(volume: torch.Tensor) -> float:
         return mean_search_error(dataset, volume, first.end_shells, step_deg=first.step_deg, use_ctf=trainer.use_ctf,
@@ -463,14 +463,33 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
             + ")")
         ab_initio_error = search_error(ab_initio_map)
     else:
+        limit_px = MAX_START_DISAGREEMENT * int(dataset.image_size) / first.end_shells
+        pairs: dict[tuple[int, int], float] = {}
+
+        def agreement_of(maps: list[torch.Tensor], errors: list[float]) -> StartAgreement | None:
+            # a second opinion on the best map: did another run (other batches) find it too?
+            closest = start_consensus(maps, int(np.argmin(errors)), trainer.pixel_size, known=pairs)
+            return None if closest is None else StartAgreement(closest, limit_px, "runs")
+
+        def confirmed(maps: list[torch.Tensor], errors: list[float]) -> bool:
+            found = agreement_of(maps, errors)
+            if found is None or not found.confirmed:
+                log(f"ab initio: the best map of {len(maps)} run(s) is not yet found by another run"
+                    + ("" if found is None else f" (the closest agrees to {found.px:.2f} px, at most {limit_px:.2f} "
+                       "needed)") + "; one more run if it fits")
+                return False
+            return True
+
+        # up to as many runs again while none confirms the best map: at SNR 0.1 a run falls into a
+        # wrong map about one time in four, so a right map may have no partner among the first runs
+        more = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
+                for k in range(cfg.ab_initio_starts, 2 * cfg.ab_initio_starts)]
         maps, errors = ab_initio_starts(dataset, starts, on_iteration=lambda k, r, v: on_iteration(None, k, r, v),
-                                        on_start=lambda k, e: on_start(None, k, e), **options)
+                                        on_start=lambda k, e: on_start(None, k, e), more=more, enough=confirmed,
+                                        **options)
         kept = int(np.argmin(errors))
         ab_initio_map, ab_initio_error = maps[kept], errors[kept]
-        # a second opinion on the kept map: did another run (other batches) find it too?
-        closest = start_consensus(maps, kept, trainer.pixel_size)
-        agreement = None if closest is None else StartAgreement(
-            closest, MAX_START_DISAGREEMENT * int(dataset.image_size) / first.end_shells, "runs")
+        agreement = agreement_of(maps, errors)
         log(f"ab initio: start {kept + 1} explains the images best; " + (
             "no other run to confirm its map" if agreement is None else
             f"the closest other run's map agrees with it to {agreement.px * trainer.pixel_size:.1f} Å "

@@ -274,7 +274,9 @@ class HalfSetsAbInitio:
 def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray | None = None, use_ctf: bool = True,
                      device: torch.device | str = "cpu", progress: bool = True,
                      on_iteration: Callable[[int, AbInitioIteration, torch.Tensor], None] | None = None,
-                     on_start: Callable[[int, float], None] | None = None, budget_s: float | None = None
+                     on_start: Callable[[int, float], None] | None = None, budget_s: float | None = None,
+                     more: list[AbInitioSettings] | None = None,
+                     enough: Callable[[list[torch.Tensor], list[float]], bool] | None = None
                      ) -> tuple[list[torch.Tensor], list[float]]:
     """One ab initio map of the particles ``rows`` (default all) per settings of ``starts`` (other
     seeds: other random batches — at low SNR some runs fall into a wrong map), and each map's
@@ -288,13 +290,18 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
     iterations one of five, 20 none, 30 one of five — the whole schedule still fails now and then,
     hence the several runs). Only the first run is cut short (its
     schedule brought forward, :class:`AbInitioSettings` ``max_time_s``) when it alone does not fit.
-    ``on_iteration(start, iteration, volume)`` after each iteration, ``on_start(start, search_error)``
-    after each run."""
+
+    ``more``: further runs, made one at a time after those of ``starts`` (and within the budget) until
+    ``enough(maps, errors)`` says the runs so far suffice — e.g. once another run has found the best
+    map (:func:`start_consensus`). ``on_iteration(start, iteration, volume)`` after each iteration,
+    ``on_start(start, search_error)`` after each run."""
     if not starts:
         raise ValueError("ab initio needs at least one start")
     maps, errors = [], []
     began, longest = time.monotonic(), 0.0
-    for k, settings in enumerate(starts):
+    for k, settings in enumerate([*starts, *(more or [])]):
+        if k >= len(starts) and (enough is None or enough(maps, errors)):
+            break
         run_began = time.monotonic()
         if budget_s is not None:
             left = budget_s - (run_began - began)
@@ -319,16 +326,21 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
     return maps, errors
 
 
-def start_consensus(maps: list[torch.Tensor], kept: int, pixel_size: float) -> float | None:
+def start_consensus(maps: list[torch.Tensor], kept: int, pixel_size: float,
+                    known: dict[tuple[int, int], float] | None = None) -> float | None:
     """How far the kept run's map (``maps[kept]``) agrees with the closest of the other runs' maps of
     the same particles: the best FSC-0.5 resolution (px) after aligning each onto it (rotation, shift,
     hand); None with a single run. Runs that found the right map agree near the band's limit (the
     demo molecule at SNR 0.1, L / 10 shells = 6.4 px: 5.3 px), a wrong map agrees with none (11–13
-    px): a wrong map that one run fell into is not confirmed by another."""
+    px): a wrong map that one run fell into is not confirmed by another. ``known``: the pairs' results
+    of earlier calls with the same maps, by (kept, other), updated (each alignment takes seconds)."""
     from ..evaluate.map_align import half_map_fsc
 
-    others = [half_map_fsc(maps[kept], volume, pixel_size).fsc.resolution(0.5).px
-              for k, volume in enumerate(maps) if k != kept]
+    known = {} if known is None else known
+    for k, volume in enumerate(maps):
+        if k != kept and (kept, k) not in known:
+            known[kept, k] = half_map_fsc(maps[kept], volume, pixel_size).fsc.resolution(0.5).px
+    others = [known[kept, k] for k in range(len(maps)) if k != kept]
     return min(others) if others else None
 
 
