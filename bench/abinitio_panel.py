@@ -174,7 +174,11 @@ def run_case(star: Path, run_dir: Path, snr: str, extra: list[str], symmetry: st
            "reported_px": None if gold is None else gold["unmasked_resolution_px"],
            "reported_masked_px": None if gold is None else gold.get("masked_resolution_px", gold["resolution_px"]),
            "predictive_check": None if gold is None else gold.get("predictive_check"),
-           "start_agreement_px": None if gold is None else gold.get("start_agreement_px")}
+           "start_agreement_px": None if gold is None else gold.get("start_agreement_px"),
+           "start_agreement_between": None if gold is None else gold.get("start_agreement_between"),
+           # how many whole ab initio runs the budget allowed (and planned): fewer on a busy machine
+           "ab_initio_runs": next((r.get("runs") for r in read_metrics(run_dir / "metrics.jsonl", kind="stage")
+                                   if r.get("stage") == "ab_initio"), None)}
     # issue 19: a claimed resolution must agree with the map's FSC-0.5 against the truth within 1.3×
     out["honest"] = bool(not out["resolved"] or out["reported_px"] * HONEST_FACTOR >= found)
     out["success"] = bool(out["ratio_to_bound"] <= BOUND_FACTOR[snr]
