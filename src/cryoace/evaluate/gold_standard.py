@@ -161,6 +161,11 @@ class StartAgreement:
     def confirmed(self) -> bool:
         return self.px <= self.limit_px
 
+    def describe(self, pixel_size: float | None) -> str:
+        """For the log: how far they agree (Å and px) and whether that confirms the start."""
+        return (f"{_text_px(self.px, pixel_size)}, FSC 0.5; "
+                + ("confirmed" if self.confirmed else f"NOT confirmed: the limit is {self.limit_px:.2f} px"))
+
     def to_tensor(self) -> torch.Tensor:
         """(px, limit_px, kind) as float64, for a checkpoint (inverse: :meth:`from_tensor`)."""
         return torch.tensor([self.px, self.limit_px, START_AGREEMENT_KINDS.index(self.between)], dtype=torch.float64)

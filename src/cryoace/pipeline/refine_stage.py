@@ -426,8 +426,11 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
     started = clock()
     # the runs share the ab initio's part of the job's budget: whole schedules, as many as fit
     budget_s = JobBudget.of(trainer.config).ab_initio_s()
-    starts = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
-              for k in range(cfg.ab_initio_starts)]
+    # the planned runs, then (on all particles) as many again while none confirms the best map: at SNR
+    # 0.1 a run falls into a wrong map about one time in four, so a right map may lack a partner
+    runs_settings = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
+                     for k in range(2 * cfg.ab_initio_starts)]
+    starts, more = runs_settings[:cfg.ab_initio_starts], runs_settings[cfg.ab_initio_starts:]
     first = starts[0]
     log(f"ab initio: {cfg.ab_initio_starts} start(s) "
         + ("on each half set apart " if cfg.ab_initio_halves else "")
@@ -458,9 +461,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
             write_mrc(trainer.run_dir / name, volume.float().numpy(), trainer.pixel_size)
         agreement = StartAgreement(built.start_agreement_px, MAX_START_DISAGREEMENT * built.band_px, "half sets")
         log(f"ab initio: the half sets' maps (starts {kept[0] + 1} and {kept[1] + 1}) agree to "
-            f"{agreement.px * trainer.pixel_size:.1f} Å ({agreement.px:.2f} px, FSC 0.5; "
-            + ("confirmed" if agreement.confirmed else f"NOT confirmed: the limit is {agreement.limit_px:.2f} px")
-            + ")")
+            f"{agreement.describe(trainer.pixel_size)}")
         ab_initio_error = search_error(ab_initio_map)
     else:
         limit_px = MAX_START_DISAGREEMENT * int(dataset.image_size) / first.end_shells
@@ -480,10 +481,6 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
                 return False
             return True
 
-        # up to as many runs again while none confirms the best map: at SNR 0.1 a run falls into a
-        # wrong map about one time in four, so a right map may have no partner among the first runs
-        more = [AbInitioSettings(iterations=cfg.ab_initio_iterations, seed=trainer.config.seed + k)
-                for k in range(cfg.ab_initio_starts, 2 * cfg.ab_initio_starts)]
         maps, errors = ab_initio_starts(dataset, starts, on_iteration=lambda k, r, v: on_iteration(None, k, r, v),
                                         on_start=lambda k, e: on_start(None, k, e), more=more, enough=confirmed,
                                         **options)
@@ -492,9 +489,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
         agreement = agreement_of(maps, errors)
         log(f"ab initio: start {kept + 1} explains the images best; " + (
             "no other run to confirm its map" if agreement is None else
-            f"the closest other run's map agrees with it to {agreement.px * trainer.pixel_size:.1f} Å "
-            f"({agreement.px:.2f} px, FSC 0.5; " + ("confirmed" if agreement.confirmed else
-                                                    f"NOT confirmed: the limit is {agreement.limit_px:.2f} px") + ")"))
+            f"the closest other run's map agrees with it to {agreement.describe(trainer.pixel_size)}"))
     runs = sum(len(e) for e in errors) if cfg.ab_initio_halves else len(errors)
     planned = cfg.ab_initio_starts * (2 if cfg.ab_initio_halves else 1)
     if runs < planned:
