@@ -223,15 +223,14 @@ def test_a_start_the_half_sets_did_not_both_find_gets_no_resolution(aspire):
     _, _, spike = aspire
     halves = _noisy_half_maps(spike, None, 0.5, 0)
     confirmed = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=StartAgreement(6.0, 8.3))
-    assert confirmed.resolved and confirmed.start_confirmed
+    assert confirmed.resolved and confirmed.start_agreement.confirmed
     assert "ab initio maps agree to 18.00 Å (6.00 px)" in confirmed.summary()[0]
     refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0, start_agreement=StartAgreement(9.5, 8.3))
-    assert not refused.resolved and refused.start_confirmed is False
+    assert not refused.resolved and refused.start_agreement.confirmed is False
     assert "did not find the same structure" in refused.reasons[0] and "NOT RESOLVED" in refused.summary()[0]
     back = GoldStandard.from_dict(refused.to_dict())
-    assert (back.start_agreement_px, back.start_agreement_limit_px, back.resolved) == (9.5, 8.3, False)
-    assert back.start_agreement_between == "half sets"
-    assert assess(*halves, start_resolution_px=12.0, pixel_size=3.0).start_confirmed is None
+    assert (back.start_agreement, back.resolved) == (StartAgreement(9.5, 8.3, "half sets"), False)
+    assert assess(*halves, start_resolution_px=12.0, pixel_size=3.0).start_agreement is None
 
 
 def test_a_start_no_other_ab_initio_run_found_gets_no_resolution(aspire):
@@ -247,9 +246,9 @@ def test_a_start_no_other_ab_initio_run_found_gets_no_resolution(aspire):
     refused = assess(*halves, start_resolution_px=12.0, pixel_size=3.0,
                      start_agreement=StartAgreement(11.6, 9.0, "runs"))
     assert not refused.resolved and "no other ab initio run found the map" in refused.reasons[0]
-    assert GoldStandard.from_dict(refused.to_dict()).start_agreement_between == "runs"
+    assert GoldStandard.from_dict(refused.to_dict()).start_agreement.between == "runs"
     old = {k: v for k, v in confirmed.to_dict().items() if k != "start_agreement_between"}
-    assert GoldStandard.from_dict(old).start_agreement_between == "half sets"
+    assert GoldStandard.from_dict(old).start_agreement.between == "half sets"
     for agreement in (StartAgreement(11.6, 9.0, "runs"), StartAgreement(6.0, 8.3)):
         assert StartAgreement.from_tensor(agreement.to_tensor()) == agreement
     assert StartAgreement.from_tensor([6.0, 8.3]) == StartAgreement(6.0, 8.3, "half sets")

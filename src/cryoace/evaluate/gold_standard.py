@@ -161,6 +161,12 @@ class StartAgreement:
     def confirmed(self) -> bool:
         return self.px <= self.limit_px
 
+    @property
+    def label(self) -> str:
+        """Which ab initio maps had to agree, in words."""
+        return ("the kept ab initio run's map and the closest other run's" if self.between == "runs"
+                else "the half sets' own ab initio maps")
+
     def describe(self, pixel_size: float | None) -> str:
         """For the log: how far they agree (Å and px) and whether that confirms the start."""
         return (f"{_text_px(self.px, pixel_size)}, FSC 0.5; "
@@ -188,10 +194,8 @@ class GoldStandard:
     confidence_median   : the particles' median pose confidence (None if not measured).
     reasons             : why the resolution is withheld (empty when it is not).
     check               : the posterior-predictive check of the poses (None if not made).
-    start_agreement_px  : how far two independently built ab initio maps agree (FSC 0.5, px; None
-                          when not measured): see :class:`StartAgreement`.
-    start_agreement_limit_px : how far they had to agree (px).
-    start_agreement_between  : which maps: "half sets" or "runs" (:class:`StartAgreement`).
+    start_agreement     : how far two independently built ab initio maps agree, and had to
+                          (:class:`StartAgreement`; None when not measured).
     """
 
     fsc: MaskedFSC
@@ -199,25 +203,11 @@ class GoldStandard:
     confidence_median: float | None
     reasons: list[str]
     check: PredictiveCheck | None = None
-    start_agreement_px: float | None = None
-    start_agreement_limit_px: float | None = None
-    start_agreement_between: str | None = None
+    start_agreement: StartAgreement | None = None
 
     @property
     def resolved(self) -> bool:
         return not self.reasons
-
-    @property
-    def start_confirmed(self) -> bool | None:
-        """Whether the independently built ab initio maps agree as far as needed (None: not measured)."""
-        if self.start_agreement_px is None or self.start_agreement_limit_px is None:
-            return None
-        return self.start_agreement_px <= self.start_agreement_limit_px
-
-    def start_agreement_label(self) -> str:
-        """Which ab initio maps had to agree, in words."""
-        return ("the kept ab initio run's map and the closest other run's" if self.start_agreement_between == "runs"
-                else "the half sets' own ab initio maps")
 
     @property
     def pixel_size(self) -> float | None:
@@ -245,9 +235,9 @@ class GoldStandard:
                   + ("" if self.check is None else
                      f"; pose confidence {self.check.observed:.2f} vs {self.check.expected:.2f} for the map's "
                      "own projections")
-                  + ("" if self.start_agreement_px is None else
-                     f"; {self.start_agreement_label()} agree to "
-                     f"{_text_px(self.start_agreement_px, self.pixel_size)}"))
+                  + ("" if self.start_agreement is None else
+                     f"; {self.start_agreement.label} agree to "
+                     f"{_text_px(self.start_agreement.px, self.pixel_size)}"))
         if self.resolved:
             return [f"gold-standard resolution {_text(unmasked)} ({curves}; independent half sets, claimed only "
                     f"beyond {_text_px(self.start_resolution_px, self.pixel_size)}, what they could share without "
@@ -265,9 +255,7 @@ class GoldStandard:
                 "masked_resolution_px": masked.px, "masked_resolution_angst": masked.angstrom,
                 "start_resolution_px": self.start_resolution_px, "confidence_median": self.confidence_median,
                 "predictive_check": None if self.check is None else self.check.to_dict(),
-                "start_agreement_px": self.start_agreement_px,
-                "start_agreement_limit_px": self.start_agreement_limit_px,
-                "start_agreement_between": self.start_agreement_between,
+                **_start_agreement_dict(self.start_agreement),
                 "fsc": self.fsc.to_dict(thresholds)}
 
     @classmethod
@@ -287,14 +275,16 @@ class GoldStandard:
                    reasons=[str(r) for r in data.get("reasons", [])],
                    check=None if data.get("predictive_check") is None else
                    PredictiveCheck.from_dict(data["predictive_check"]),
-                   start_agreement_px=_optional_float(data.get("start_agreement_px")),
-                   start_agreement_limit_px=_optional_float(data.get("start_agreement_limit_px")),
-                   start_agreement_between=data.get("start_agreement_between",
-                                                    None if data.get("start_agreement_px") is None else "half sets"))
+                   start_agreement=None if data.get("start_agreement_px") is None else StartAgreement(
+                       float(data["start_agreement_px"]), float(data["start_agreement_limit_px"]),
+                       data.get("start_agreement_between", "half sets")))  # older files: only the half sets'
 
 
-def _optional_float(value) -> float | None:
-    return None if value is None else float(value)
+def _start_agreement_dict(agreement: StartAgreement | None) -> dict[str, Any]:
+    """gold_standard.json's flat keys for the start agreement (None values when not measured)."""
+    return {"start_agreement_px": None if agreement is None else agreement.px,
+            "start_agreement_limit_px": None if agreement is None else agreement.limit_px,
+            "start_agreement_between": None if agreement is None else agreement.between}
 
 
 def _text_px(px: float, pixel_size: float | None) -> str:
@@ -367,7 +357,4 @@ def assess(half1: torch.Tensor, half2: torch.Tensor, start_resolution_px: float,
         values = values[~torch.isnan(values)]  # NaN: a pose kept from a local search, its confidence not measured
         median = float(values.median()) if values.numel() else None
     return GoldStandard(fsc=curves, start_resolution_px=float(start_resolution_px), confidence_median=median,
-                        reasons=reasons, check=check,
-                        start_agreement_px=None if start_agreement is None else float(start_agreement.px),
-                        start_agreement_limit_px=None if start_agreement is None else float(start_agreement.limit_px),
-                        start_agreement_between=None if start_agreement is None else start_agreement.between)
+                        reasons=reasons, check=check, start_agreement=start_agreement)

@@ -277,10 +277,10 @@ def _gold_standard(gold, problem: str | None) -> str:
              f"{gold.check.observed:.2f} vs {gold.check.expected:.2f} (ratio {gold.check.ratio:.2f}, "
              f"{'passed' if gold.check.passed else 'FAILED'}: at least {MIN_CONFIDENCE_RATIO:g} needed)"),
             ("independent ab initio maps agree to (FSC 0.5)",
-             "—" if gold.start_agreement_px is None else
-             f"{gold.start_agreement_label()}: {gold.start_agreement_px:.2f} px "
-             f"({'confirmed' if gold.start_confirmed else 'NOT confirmed'}: "
-             f"at most {gold.start_agreement_limit_px:.2f} px needed)"),
+             "—" if gold.start_agreement is None else
+             f"{gold.start_agreement.label}: {gold.start_agreement.px:.2f} px "
+             f"({'confirmed' if gold.start_agreement.confirmed else 'NOT confirmed'}: "
+             f"at most {gold.start_agreement.limit_px:.2f} px needed)"),
             ("mask correction", where)]
     rows += [(f"FSC 0.143, {label}", _res_text(curve.resolution(0.143))) for label, curve in curves.items()]
     plot = _png(lambda f: plot_fsc(curves, f, thresholds=(0.143,), title="gold-standard FSC of the half maps"),
