@@ -139,6 +139,18 @@ def test_a_time_budget_brings_the_annealing_forward(noisy_adk):
     assert [r.shells for r in centred.iterations] == [5, 8, 10] and torch.isfinite(centred.volume).all()
 
 
+def test_runs_of_other_seeds_differ_even_when_the_batch_would_hold_every_particle(noisy_adk):
+    """A batch holds at most half the particles: on fewer particles than ``batch_size`` the runs of
+    different seeds still draw different batches and end in different maps (their agreement then
+    means something), while one seed repeats itself exactly."""
+    few = np.arange(60)
+    settings = AbInitioSettings(iterations=2, batch_size=300)
+    runs = [ab_initio(noisy_adk, None, dataclasses.replace(settings, seed=seed), rows=few, progress=False).volume
+            for seed in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1])
+    assert float((runs[0] - runs[2]).norm() / runs[0].norm()) > 0.01
+
+
 def test_ab_initio_refuses_a_start_map_of_another_box():
     dataset = ParticleDataset(read_particles(ASPIRE), normalize=True)
     with pytest.raises(ValueError, match="32"):

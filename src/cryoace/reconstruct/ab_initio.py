@@ -80,7 +80,8 @@ class AbInitioSettings:
     """The ab initio schedule (angles in degrees, shifts in px, bands in Fourier shells of the box).
 
     iterations        : stochastic EM iterations (fewer if ``max_time_s`` runs out first).
-    batch_size        : particles drawn at random per iteration.
+    batch_size        : particles drawn at random per iteration (at most half of them, so that the
+                        runs of different seeds differ even on a few hundred particles).
     top_k             : candidate poses per particle in the expectation.
     step_deg          : spacing of the SO(3) search grid.
     shift_range_px    : shift grid ±range (px) in steps of 1 px around 0 (and around each image's
@@ -170,7 +171,9 @@ def ab_initio(dataset, volume: torch.Tensor | None = None, settings: AbInitioSet
     current = (blob_volume(size, device) if volume is None else volume).to(device=device, dtype=torch.float32)
     rotations = so3_grid(settings.step_deg, device=device)
     shifts = shift_grid(settings.shift_range_px, 1.0, device=device)
-    batch_size = min(settings.batch_size, len(rows))
+    # At most half the particles per batch: with the whole set in every batch, a run would be
+    # deterministic and runs with different seeds identical (their agreement would check nothing).
+    batch_size = min(settings.batch_size, max(1, (len(rows) + 1) // 2))
     decay = max(0.0, 1.0 - batch_size / max(settings.memory, batch_size))
     generator = np.random.default_rng(settings.seed)
     accumulator = FourierAccumulator(size, pad_factor=2, device=device)
