@@ -210,7 +210,8 @@ def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
     def run(dataset, volume, settings, **kwargs):
         given.append(settings.max_time_s)
         clock[0] += 9.0
-        return module.AbInitioResult(volume=torch.zeros(2, 2, 2), iterations=[])
+        whole = settings.max_time_s is None or settings.max_time_s >= 9.0  # else cut short: fewer iterations
+        return module.AbInitioResult(volume=torch.zeros(2, 2, 2), iterations=[None] * (settings.iterations - 1 + whole))
 
     def error(*args, **kwargs):
         clock[0] += 1.0
@@ -227,6 +228,14 @@ def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
     given.clear()
     maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=4.0)
     assert len(maps) == 1 and given == [4.0]  # not even one fits: the first is brought forward
+    # a second opinion is made even beyond the budget (min_runs), like the first run: cut short as far as it
+    # was, or whole
+    given.clear()
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=4.0, min_runs=2)
+    assert len(maps) == 2 and given == [4.0, 4.0]
+    given.clear()
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=15.0, min_runs=2)
+    assert len(maps) == 2 and given == [15.0, None]  # 0→10 s whole; the second whole (to 20 s); no third
     given.clear()
     maps, _ = module.ab_initio_starts(None, starts, progress=False)
     assert len(maps) == 4 and given == [3.0] * 4  # no shared budget: every run, each under its own

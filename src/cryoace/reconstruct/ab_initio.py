@@ -279,8 +279,8 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
                      on_iteration: Callable[[int, AbInitioIteration, torch.Tensor], None] | None = None,
                      on_start: Callable[[int, float], None] | None = None, budget_s: float | None = None,
                      more: list[AbInitioSettings] | None = None,
-                     enough: Callable[[list[torch.Tensor], list[float]], bool] | None = None
-                     ) -> tuple[list[torch.Tensor], list[float]]:
+                     enough: Callable[[list[torch.Tensor], list[float]], bool] | None = None,
+                     min_runs: int = 1) -> tuple[list[torch.Tensor], list[float]]:
     """One ab initio map of the particles ``rows`` (default all) per settings of ``starts`` (other
     seeds: other random batches — at low SNR some runs fall into a wrong map), and each map's
     :func:`mean_search_error` on those particles (lower explains them better).
@@ -293,6 +293,9 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
     iterations one of five, 20 none, 30 one of five — the whole schedule still fails now and then,
     hence the several runs). Only the first run is cut short (its
     schedule brought forward, :class:`AbInitioSettings` ``max_time_s``) when it alone does not fit.
+    ``min_runs``: that many runs are made even beyond the budget, each like the first (its whole
+    schedule, or cut short as far as the first was): a start that must be found again by another run
+    (:func:`start_consensus`) is otherwise left unchecked on a busy machine, not withheld.
 
     ``more``: further runs, made one at a time after those of ``starts`` (and within the budget) until
     ``enough(maps, errors)`` says the runs so far suffice — e.g. once another run has found the best
@@ -301,7 +304,7 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
     if not starts:
         raise ValueError("ab initio needs at least one start")
     maps, errors = [], []
-    began, longest = time.monotonic(), 0.0
+    began, longest, first_cut_short = time.monotonic(), 0.0, False
     for k, settings in enumerate([*starts, *(more or [])]):
         if k >= len(starts) and (enough is None or enough(maps, errors)):
             break
@@ -309,7 +312,9 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
         if budget_s is not None:
             left = budget_s - (run_began - began)
             if k > 0 and longest > left:
-                break
+                if k >= min_runs:
+                    break
+                left = budget_s if first_cut_short else None  # beyond the budget: like the first run
             settings = dataclasses.replace(settings, max_time_s=left)
 
         def forward(record: AbInitioIteration, volume: torch.Tensor, k=k) -> None:
@@ -318,6 +323,7 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
 
         built = ab_initio(dataset, None, settings, rows=rows, use_ctf=use_ctf, device=device, progress=progress,
                           on_iteration=forward)
+        first_cut_short = first_cut_short or (k == 0 and len(built.iterations) < settings.iterations)
         maps.append(built.volume)
         # every run's map scored on the same particles (the first run's sample): comparable errors
         errors.append(mean_search_error(dataset, built.volume, settings.end_shells, rows=rows,
