@@ -197,7 +197,9 @@ def main() -> int:
     parser.add_argument("--ribosome-map", type=Path, default=None)
     parser.add_argument("--ribosome-pixel-size", type=float, default=5.0)
     parser.add_argument("--work", type=Path, default=Path("bench_work/abinitio_panel"))
-    parser.add_argument("--name", default="abinitio_panel", help="results file name (bench/results/NAME_cpu.json)")
+    parser.add_argument("--name", default="abinitio_panel_run",
+                        help="results file name (bench/results/NAME_cpu.json; bench/abinitio_panel_summary.py "
+                             "gathers every abinitio_panel_*_cpu.json into abinitio_panel_cpu.json)")
     parser.add_argument("--reconstruct-args", default="", help="more reconstruct options, e.g. '--ab-initio-starts 1'")
     parser.add_argument("--reuse", action="store_true", help="score finished runs in --work again instead of rerunning")
     args = parser.parse_args()

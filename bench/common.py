@@ -25,7 +25,22 @@ def machine_info(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info.update(code_version())
     return info
+
+
+def code_version() -> dict:
+    """The commit the benchmark ran from (and whether the tree had changes beyond it), where git knows."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "../src"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def write_result(name: str, device: torch.device, payload: dict) -> Path:
