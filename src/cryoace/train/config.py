@@ -253,7 +253,8 @@ class RefineConfig:
                                    help="ab initio runs (other random particle batches), of each half set with "
                                    "--ab-initio-halves; the one that explains the images best (lowest search "
                                    "error) is kept, and no resolution is claimed unless another run found the "
-                                   "same map. Under --max-time, as many whole runs as fit in the ab initio's share")
+                                   "same map. Under --max-time, as many whole runs as fit in the ab initio's "
+                                   "share (two at least)")
     ab_initio_halves: bool = option(False, flag="--ab-initio-halves", group="refine", kind="both", on_resume="free",
                                     help="run the ab initio on each half set apart, align the two maps and claim "
                                     "no resolution unless they agree (FSC 0.5 within 1.4× the ab initio's band "
