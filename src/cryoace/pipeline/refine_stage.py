@@ -497,7 +497,7 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
     runs = sum(len(e) for e in errors) if cfg.ab_initio_halves else len(errors)
     planned = cfg.ab_initio_starts * (2 if cfg.ab_initio_halves else 1)
     if runs < planned:
-        log(f"ab initio: {runs} of {planned} runs fitted in its {budget_s / 60:.3g}-min share of the budget "
+        log(f"ab initio: {runs} of {planned} runs made in its {budget_s / 60:.3g}-min share of the budget "
             "(each run keeps its whole schedule; a larger --max-time gives more)")
     write_mrc(trainer.run_dir / "volume_abinitio.mrc", ab_initio_map.float().numpy(), trainer.pixel_size)
     decoder_error = search_error(decoder_map)
