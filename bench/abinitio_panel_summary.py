@@ -61,6 +61,7 @@ def summarize(runs: list[dict], since: str) -> list[dict]:
                 "ab_initio_runs", "start_agreement_px", "start_agreement_between")} for run in seeds],
             "success_rate": float(np.mean([run["success"] for run in seeds])),
             "current_seeds": len(current),
+            "current_successes": sum(bool(run["success"]) for run in current),
             "current_success_rate": float(np.mean([run["success"] for run in current])) if current else None,
             "honest_rate": float(np.mean([run["honest"] for run in seeds])),
             "earlier_runs": [{key: run.get(key) for key in ("seed", "file", "date", "success", "honest",
@@ -76,8 +77,7 @@ def markdown(table: list[dict]) -> str:
              " honest | earlier runs of these seeds: failed / honest |", "|---|---|---|---|---|---|---|---|"]
     for row in table:
         seeds = row["seeds"]
-        current = ("—" if row["current_success_rate"] is None else
-                   f"{round(row['current_success_rate'] * row['current_seeds'])}/{row['current_seeds']}")
+        current = "—" if not row["current_seeds"] else f"{row['current_successes']}/{row['current_seeds']}"
         ids = ", ".join(str(s["seed"]) for s in seeds)
         ratios = ", ".join(f"{s['ratio_to_bound']:.2f}" for s in seeds)
         errors = ", ".join(f"{s['median_error_deg']:.1f}" for s in seeds)
