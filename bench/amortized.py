@@ -14,8 +14,9 @@ backprojection from the predicted poses (the map those poses allow: issue 14's t
 within 2× of its FSC-0.5).
 
 ``--variants`` picks the runs: ``all`` (every fix of issue 14 on: the preset), ``none`` (every fix
-off), and ``no-FIX`` for each fix in :data:`FIXES` (that fix alone removed); ``ablation`` = all, each
-no-FIX, none. Writes ``bench/results/<--name>_<device>.json`` (default ``amortized``).
+off), ``no-FIX`` for each fix in :data:`FIXES` (that fix alone removed), and ``headsK`` (every fix, and
+a K-head encoder, cryoSPIN's winner-takes-all, ``--pose-heads K``); ``ablation`` = all, each no-FIX,
+none. Writes ``bench/results/<--name>_<device>.json`` (default ``amortized``).
 
 Targets on the 2-core CPU (issue 14, not timed tests): noise-free median ≤ 10° and coverage ≥ 0.8
 within 60 minutes; −10 dB median ≤ 15° within 90 minutes.
@@ -73,8 +74,10 @@ def variant_config(name: str, preset: str, max_time_s: float, downsample: int | 
             remove_fix(cfg, fix)
     elif name.startswith("no-") and name[3:] in FIXES:
         remove_fix(cfg, name[3:])
+    elif name.startswith("heads") and name[5:].isdigit():  # every fix, and a K-head encoder (cryoSPIN)
+        cfg.encoder.n_heads = int(name[5:])
     elif name != "all":
-        raise SystemExit(f"unknown variant {name!r}: all, none or no-FIX with FIX in {', '.join(FIXES)}")
+        raise SystemExit(f"unknown variant {name!r}: all, none, headsK or no-FIX with FIX in {', '.join(FIXES)}")
     return cfg
 
 

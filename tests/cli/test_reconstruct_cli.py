@@ -122,6 +122,7 @@ def test_bad_input_is_one_line_exit_2(particles, tmp_path, capsys):
     _one_line_error(capsys, [*base, "--preset", "tiny", "--max-time", "soon"], "duration")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--batch-size", "0"], "--batch-size")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--ab-initio-starts", "0"], "--ab-initio-starts")
+    _one_line_error(capsys, [*base, "--preset", "tiny", "--pose-heads", "0"], "--pose-heads")
     _one_line_error(capsys, [*base, "--preset", "tiny", "--resume"], "nothing to resume")
     # a star file that references no images
     blocks = starfile.read(particles, always_dict=True)
@@ -165,6 +166,7 @@ ACE_EM_OPTIONS = {
     "warmup-labels-shift-l1-schedule": ["--warmup-labels", "6", "--warmup-filter", "4", "--shift-l1", "0.01",
                                         "--lr-warmup", "4", "--lr-milestones", "8", "--lr-gamma", "0.5"],
     "resnet18": ["--encoder", "resnet18"],
+    "multihead-pip": ["--pose-heads", "3", "--pip", "--pip-weight", "0.5", "--pip-warmup", "4"],
 }
 
 
@@ -173,9 +175,11 @@ def _built(checkpoint: dict) -> dict:
     the encoder's trunk, and the decoder's own learning rate."""
     decoder_group = next(g for g in checkpoint["optimizer"]["param_groups"] if g["name"] == "decoder")
     scales = ("output_scale", "shell_scale")
+    rotation_layers = [k for k in checkpoint["encoder"] if k.startswith("rotation_head.") and k.endswith(".weight")]
+    last = max(rotation_layers, key=lambda k: int(k.split(".")[1]))
     return {"decoder": {k: tuple(v.shape) for k, v in checkpoint["decoder"].items() if k not in scales},
             "resnet": any(k.startswith("cnn.stem.") for k in checkpoint["encoder"]),
-            "decoder_lr": decoder_group["base_lr"]}
+            "decoder_lr": decoder_group["base_lr"], "rotation_outputs": checkpoint["encoder"][last].shape[0]}
 
 
 @pytest.mark.parametrize("name", sorted(ACE_EM_OPTIONS))
@@ -207,6 +211,10 @@ def test_ace_em_options_run_end_to_end(particles, tmp_path, name):
         assert decoder["modulant.body.0.linear.weight"] == (32, 3) and decoder["envelope.body.0.linear.weight"]
         assert built["decoder_lr"] == config.optim.lr
     assert built["resnet"] == (name == "resnet18")
+    heads = config.encoder.n_heads
+    assert heads == (3 if name == "multihead-pip" else 1) and built["rotation_outputs"] == 6 * heads
+    for r in train:  # the most-winning head's share of the images: at least 1/K, only with several heads
+        assert r["top_head_fraction"] is None if heads == 1 else 1 / heads <= r["top_head_fraction"] <= 1
     if "--pip" in ACE_EM_OPTIONS[name]:
         assert config.pip.enabled and any(r["pip_loss"] for r in train)
     if name == "warmup-labels-shift-l1-schedule":

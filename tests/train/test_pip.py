@@ -17,7 +17,7 @@ from cryoace.physics.fourier import freq_grid_2d_half, rfft2_centered
 from cryoace.physics.rotations import random_rotmat
 from cryoace.train.monitor import PoseMonitor
 from cryoace.train.pip import background_noise_std, pip_loss, pip_weight
-from cryoace.train.trainer import Trainer
+from cryoace.train.trainer import STEP_STATS, Trainer
 from cryoace.types import CTFParams, Pose
 
 from helpers import adk_volume
@@ -157,10 +157,10 @@ def test_alternate_pip_step_leaves_the_decoder_untouched(dataset, tmp_path):
     tr.step = 1
     dec = {k: v.clone() for k, v in tr.decoder.state_dict().items()}
     enc = {k: v.clone() for k, v in tr.encoder.state_dict().items()}
-    stats = tr.train_step(batch)  # step 1: PIP only, decoder frozen
+    stats = dict(zip(STEP_STATS, tr.train_step(batch).tolist(), strict=True))  # step 1: PIP only, decoder frozen
     assert all(torch.equal(v, tr.decoder.state_dict()[k]) for k, v in dec.items())
     assert any(not torch.equal(v, tr.encoder.state_dict()[k]) for k, v in enc.items())
-    assert stats[3] > 0 and stats[4] == 0 and stats[5] == 1  # a PIP loss, no image loss
+    assert stats["pip_loss"] > 0 and stats["ipi_step"] == 0 and stats["pip_step"] == 1  # a PIP loss, no image loss
 
 
 def test_training_with_pip_records_pip_loss_and_pose_metrics(dataset, tmp_path):

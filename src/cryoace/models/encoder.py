@@ -23,6 +23,12 @@ Architecture (cryoAI §3.3; widths are configuration):
    The rotation head has a BatchNorm1d after its first hidden layer (cryoAI's reference code) and one
    on its last hidden features, so that its initial predictions for different images spread over SO(3)
    instead of starting collapsed on one pose.
+5. optionally several rotation *hypotheses* per image (``n_heads`` > 1, cryoSPIN's multi-head encoder):
+   the rotation head's last layer gives 6·``n_heads`` numbers, one rotation per head, and the pose has
+   ``rotmat`` (B, n_heads, 3, 3) (the shift is shared). The training loss renders every hypothesis and
+   keeps the best-fitting one ("winner takes all", :func:`cryoace.train.losses.compute_loss`): an image
+   whose pose posterior has several modes (a map that is not yet right, a near-symmetric particle) need
+   not be pulled to the average of the modes, which is no mode at all.
 
 Presets: the cryoAI widths are the defaults (channels 64/128/256/256/256, 2/2/3/3/3 convs,
 MLP 256); a CPU-sized encoder is e.g. ``channels=(8, 16, 32), convs_per_block=(1, 1, 1),
@@ -147,10 +153,14 @@ class FilterBankPoseEncoder(nn.Module):
         return len(self.sigmas_px)
 
     def _attach_trunk(self, cnn: nn.Module, feature_size: int, latent_dim: int, mlp_hidden: int,
-                      head_layers: int, head_batchnorm: bool = True) -> None:
+                      head_layers: int, head_batchnorm: bool = True, n_heads: int = 1) -> None:
         """Install the trunk (its flattened output has ``latent_dim`` features; ``feature_size`` is the
         side of its last map before any final pooling, for information) and build both heads
-        (``head_batchnorm=False``: the rotation head without its BatchNorm layers, for ablations)."""
+        (``head_batchnorm=False``: the rotation head without its BatchNorm layers, for ablations;
+        ``n_heads``: rotation hypotheses per image)."""
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+        self.n_heads = int(n_heads)
         self.cnn = cnn
         self.feature_size = feature_size
         self.latent_dim = latent_dim
@@ -158,7 +168,7 @@ class FilterBankPoseEncoder(nn.Module):
         # last hidden features: without them the features of different images share a large common
         # part and every image starts at nearly the same pose (mean viewing direction ≈ 0.95 long, a
         # collapse the image loss keeps); centred last features leave the 6D output's mean at the bias
-        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6, head_layers, batchnorm=head_batchnorm)
+        self.rotation_head = _mlp(self.latent_dim, mlp_hidden, 6 * self.n_heads, head_layers, batchnorm=head_batchnorm)
         if head_batchnorm:
             with torch.no_grad():  # ... so a zero bias centres the 6D outputs of a batch on 0
                 self.rotation_head[-1].bias.zero_()
@@ -187,8 +197,12 @@ class FilterBankPoseEncoder(nn.Module):
         return torch.flatten(self.cnn(x), 1)
 
     def forward(self, images: torch.Tensor) -> Pose:
+        """The pose of each image: rotmat (B, 3, 3), or (B, n_heads, 3, 3) with several heads; shift (B, 2) Å."""
         z = self.latent(images)
-        rotmat = rotmat_from_6d(_at_least_float32(self.rotation_head(z)))
+        six_d = _at_least_float32(self.rotation_head(z))
+        if self.n_heads > 1:
+            six_d = six_d.reshape(-1, self.n_heads, 6)
+        rotmat = rotmat_from_6d(six_d)
         shift_angst = self.max_shift_angst * torch.tanh(_at_least_float32(self.shift_head(z)))
         return Pose(rotmat=rotmat, shift_angst=shift_angst)
 
@@ -209,6 +223,7 @@ class PoseEncoder(FilterBankPoseEncoder):
     pooled_size     : spatial side of the adaptive average pooling before flattening.
     normalize_input : standardise each image before filtering (robust to the data's scale).
     head_batchnorm  : the rotation head's BatchNorm layers (module docstring); False only for ablations.
+    n_heads         : rotation hypotheses per image (1: one pose; > 1: cryoSPIN's multi-head encoder).
     """
 
     def __init__(self, image_size: int, pixel_size: float,
@@ -217,7 +232,7 @@ class PoseEncoder(FilterBankPoseEncoder):
                  mlp_hidden: int = 256, max_shift_angst: float | None = None,
                  n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
                  head_layers: int = 2, pooled_size: int = 2, normalize_input: bool = True,
-                 channels_last: bool = False, head_batchnorm: bool = True):
+                 channels_last: bool = False, head_batchnorm: bool = True, n_heads: int = 1):
         if len(channels) != len(convs_per_block):
             raise ValueError("channels and convs_per_block must have the same length")
         super().__init__(image_size, pixel_size, max_shift_angst, n_filters, filter_size, sigmas,
@@ -235,4 +250,4 @@ class PoseEncoder(FilterBankPoseEncoder):
         pooled = max(1, min(pooled_size, spatial))
         blocks.append(nn.AdaptiveAvgPool2d(pooled))
         self._attach_trunk(nn.Sequential(*blocks), spatial, in_ch * pooled * pooled, mlp_hidden, head_layers,
-                           head_batchnorm)
+                           head_batchnorm, n_heads)

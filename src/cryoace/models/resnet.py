@@ -106,6 +106,7 @@ class ResNetPoseEncoder(FilterBankPoseEncoder):
     blocks      : BasicBlocks per stage (ResNet-18: 2, 2, 2, 2; ResNet-34: 3, 4, 6, 3).
     stem_kernel : side of the stride-2 stem convolution (7 as ImageNet's).
     stem_pool   : the stem's 3×3 stride-2 max-pool (False keeps twice the resolution, for small L).
+    n_heads     : rotation hypotheses per image (:class:`cryoace.models.encoder.PoseEncoder`).
     """
 
     def __init__(self, image_size: int, pixel_size: float,
@@ -113,9 +114,9 @@ class ResNetPoseEncoder(FilterBankPoseEncoder):
                  mlp_hidden: int = 256, max_shift_angst: float | None = None,
                  n_filters: int = 5, filter_size: int = 11, sigmas: Sequence[float] | None = None,
                  head_layers: int = 2, normalize_input: bool = True, channels_last: bool = False,
-                 stem_kernel: int = 7, stem_pool: bool = True, head_batchnorm: bool = True):
+                 stem_kernel: int = 7, stem_pool: bool = True, head_batchnorm: bool = True, n_heads: int = 1):
         super().__init__(image_size, pixel_size, max_shift_angst, n_filters, filter_size, sigmas,
                          normalize_input, channels_last)
         trunk = ResNetTrunk(self.n_filters, widths, blocks, stem_kernel, stem_pool)
         self._attach_trunk(trunk, trunk.output_size(self.image_size), trunk.out_channels, mlp_hidden,
-                           head_layers, head_batchnorm)
+                           head_layers, head_batchnorm, n_heads)

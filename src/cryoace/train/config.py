@@ -97,6 +97,9 @@ class EncoderConfig:
     filter_size: int = 11
     pooled_size: int = 2
     head_batchnorm: bool = True  # BatchNorm1d in the rotation head (initial poses spread over SO(3))
+    n_heads: int = option(1, flag="--pose-heads", group="model", metavar="K",
+                          help="rotation hypotheses per image (cryoSPIN's multi-head encoder): all K are rendered "
+                          "and the best-fitting one is trained and predicted; costs K decoder renders per image")
 
 
 @dataclasses.dataclass
@@ -428,6 +431,8 @@ class TrainConfig:
         positive("decoder hidden", self.decoder.hidden)
         if self.encoder.name not in ENCODER_NAMES:
             raise CryoaceInputError(f"--encoder must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder.name!r}")
+        if self.encoder.n_heads < 1:
+            raise CryoaceInputError(f"--pose-heads must be at least 1, got {self.encoder.n_heads}")
         if self.encoder.name == "vgg" and (len(self.encoder.channels) != len(self.encoder.convs_per_block)
                                            or not self.encoder.channels):
             raise CryoaceInputError("encoder channels and convs_per_block must be non-empty and of equal length")

@@ -32,6 +32,11 @@ same argument as for D above), so ``R = Rz(θ)ᵀ·R'``, ``t = R_θᵀ·t'``. A 
 image of the particle, which no pose of the same map produces; such views compete in the loss (the
 map may pick its hand) but the reported pose is that of the best *unmirrored* view.
 
+**Several hypotheses per image (cryoSPIN).** A multi-head encoder gives K rotations per view
+(``rotmat`` (B, K, 3, 3), one shift). Every (view, head) pair is rendered and compared; the smallest
+error is the loss ("winner takes all": only the best-fitting hypothesis receives the image's
+gradient), and the winning pair's pose, mapped to the original frame as above, is the prediction.
+
 **Warm-up labels (ACE-EM).** ``target_lowpass_sigma_px`` multiplies the observed spectra by the
 transfer function ``exp(−2π²σ²|k|²)`` of a Gaussian of σ px — the encoder's filter bank, applied
 exactly in Fourier space — so the first iterations fit a blurred target; the encoder still sees the
@@ -119,6 +124,7 @@ class LossOutput:
     predicted_power, observed_power : (B,) band power (:meth:`HalfDiscGrid.power`) of the kept
                   prediction and of the image (detached): how far the decoder's amplitude is from the data's.
     extra_pose  : the encoder's poses of ``extra_images`` (encoded in the same pass), or None.
+    head        : (B,) which of a multi-head encoder's rotation hypotheses gave :attr:`pose` (all 0 with one).
     """
 
     loss: torch.Tensor
@@ -128,6 +134,7 @@ class LossOutput:
     predicted_power: torch.Tensor | None = None
     observed_power: torch.Tensor | None = None
     extra_pose: Pose | None = None
+    head: torch.Tensor | None = None
 
 
 def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_size: torch.Tensor,
@@ -151,16 +158,10 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
     target = grid.target(images, target_lowpass_sigma_px)
     batch = images.shape[0]
     observed_power = grid.power(target.detach())
-    if loss == "l2":
-        pose, extra_pose = _encode(encoder, [images], extra_images)
-        pred = render_spectra(decoder, pose, pixel_size, grid.size, ctf, freq_cyc_px=grid.freq)
-        error = grid.error(pred, target)
-        rotated_won = torch.zeros(batch, dtype=torch.bool, device=images.device)
-        return LossOutput(loss=error.mean(), error=error, pose=pose, rotated_won=rotated_won,
-                          predicted_power=grid.power(pred.detach()), observed_power=observed_power,
-                          extra_pose=extra_pose)
-
-    views, targets = [images, rotate_180(images)], [target, target.conj()]  # conj: exact 180° spectrum
+    views, targets = [images], [target]
+    if loss != "l2":  # the 180° path; conj: the exact spectrum of the rotated image
+        views.append(rotate_180(images))
+        targets.append(target.conj())
     angles, mirrors = [], []
     for _ in range(n_random if loss == "gsym" else 0):
         angle = torch.rand(batch, device=images.device, dtype=images.dtype) * (2 * math.pi)
@@ -172,24 +173,38 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
         mirrors.append(mirror)
     n_views = len(views)
     poses, extra_pose = _encode(encoder, views, extra_images)
-    pred = render_spectra(decoder, poses, pixel_size.repeat(n_views), grid.size, _repeat(ctf, n_views),
-                          freq_cyc_px=grid.freq)
-    errors = grid.error(pred, torch.cat(targets)).reshape(n_views, batch)
+    # every (view, head) pair is a candidate, laid out (view, head, image): a one-head encoder has
+    # rotmat (V·B, 3, 3), a multi-head one (V·B, K, 3, 3) with one shift per image
+    rotmat = poses.rotmat if poses.rotmat.ndim == 4 else poses.rotmat[:, None]
+    heads = rotmat.shape[1]
+    rotmat = rotmat.reshape(n_views, batch, heads, 3, 3).transpose(1, 2).reshape(-1, 3, 3)
+    shift = poses.shift_angst.reshape(n_views, 1, batch, 2).expand(n_views, heads, batch, 2).reshape(-1, 2)
+    n_candidates = n_views * heads
+    pred = render_spectra(decoder, Pose(rotmat=rotmat, shift_angst=shift), pixel_size.repeat(n_candidates),
+                          grid.size, _repeat(ctf, n_candidates), freq_cyc_px=grid.freq)
+    view_targets = torch.stack(targets)  # (V, B, points)
+    candidate_targets = view_targets[:, None].expand(n_views, heads, *view_targets.shape[1:]).flatten(0, 2)
+    errors = grid.error(pred, candidate_targets).reshape(n_candidates, batch)
     error, best = errors.min(0)
 
     # candidate poses in the original frame; mirrored views cannot be mapped back to a pose
-    candidates = [poses[:batch], unrotate_pose(poses[batch:2 * batch])]
-    candidates += [rotated_view_pose(poses[(2 + j) * batch:(3 + j) * batch], angles[j]) for j in range(len(angles))]
-    pose_errors = errors.clone()
+    per_view = [Pose(rotmat=rotmat[v * heads * batch:(v + 1) * heads * batch],
+                     shift_angst=shift[v * heads * batch:(v + 1) * heads * batch]) for v in range(n_views)]
+    candidates = per_view[:1]
+    if n_views > 1:
+        candidates.append(unrotate_pose(per_view[1]))
+    candidates += [rotated_view_pose(per_view[2 + j], angles[j].repeat(heads)) for j in range(len(angles))]
+    pose_errors = errors.reshape(n_views, heads, batch).clone()
     for j, mirror in enumerate(mirrors):
-        pose_errors[2 + j] = torch.where(mirror, torch.full_like(error, math.inf), errors[2 + j])
-    pick = pose_errors.argmin(0)
-    rotmat = torch.stack([c.rotmat for c in candidates])[pick, torch.arange(batch, device=images.device)]
-    shift = torch.stack([c.shift_angst for c in candidates])[pick, torch.arange(batch, device=images.device)]
-    predicted_power = grid.power(pred.detach()).reshape(n_views, batch)[best, torch.arange(batch, device=images.device)]
+        pose_errors[2 + j] = torch.where(mirror, torch.full_like(pose_errors[2 + j], math.inf), pose_errors[2 + j])
+    pick = pose_errors.reshape(n_candidates, batch).argmin(0)
+    rows = pick * batch + torch.arange(batch, device=images.device)
+    rotmat = torch.cat([c.rotmat for c in candidates])[rows]
+    shift = torch.cat([c.shift_angst for c in candidates])[rows]
+    predicted_power = grid.power(pred.detach())[best * batch + torch.arange(batch, device=images.device)]
     return LossOutput(loss=error.mean(), error=error, pose=Pose(rotmat=rotmat, shift_angst=shift),
-                      rotated_won=best != 0, predicted_power=predicted_power, observed_power=observed_power,
-                      extra_pose=extra_pose)
+                      rotated_won=best // heads != 0, predicted_power=predicted_power, observed_power=observed_power,
+                      extra_pose=extra_pose, head=pick % heads)
 
 
 def _encode(encoder, views: list[torch.Tensor], extra: torch.Tensor | None) -> tuple[Pose, Pose | None]:

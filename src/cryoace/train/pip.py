@@ -161,9 +161,14 @@ def pip_render(decoder, ctf: CTFParams | None, pixel_size: torch.Tensor, size: i
 
 def pip_pose_loss(pred: Pose, target: PIPBatch, pixel_size: torch.Tensor) -> PIPOutput:
     """ACE-EM's PIP loss of the encoder's predictions ``pred`` for ``target.images``: mean squared
-    Frobenius error of the rotations plus mean squared shift error in px."""
+    Frobenius error of the rotations plus mean squared shift error in px. With a multi-head encoder
+    (``pred.rotmat`` (B, K, 3, 3)) each image's rotation error is that of its closest hypothesis
+    (winner takes all, as in the image loss)."""
     dtype = target.rotmat.dtype
-    rotation = (pred.rotmat.to(dtype) - target.rotmat).pow(2).sum((-2, -1)).mean()
+    if pred.rotmat.ndim == 4:
+        rotation = (pred.rotmat.to(dtype) - target.rotmat[:, None]).pow(2).sum((-2, -1)).min(-1).values.mean()
+    else:
+        rotation = (pred.rotmat.to(dtype) - target.rotmat).pow(2).sum((-2, -1)).mean()
     shift_px = (pred.shift_angst.to(dtype) - target.shift_angst) / pixel_size[:, None]
     shift_err = shift_px.pow(2).sum(-1).mean()
     return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=target.images.detach())

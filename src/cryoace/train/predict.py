@@ -4,7 +4,8 @@
 ``cryoace predict-poses`` calls it). With the symmetric loss the encoder sees each image and its
 180° rotation, both are rendered with the decoder, and the pose of the path with the smaller error
 — mapped to the original frame, (D·R₂, −t₂) for the rotated path — is the prediction, exactly as
-in training (:func:`cryoace.train.losses.compute_loss`). The encoder runs in eval mode (BatchNorm
+in training (:func:`cryoace.train.losses.compute_loss`); a multi-head encoder's hypotheses are all
+rendered and the best-fitting one is the prediction. The encoder runs in eval mode (BatchNorm
 running statistics). :func:`write_poses_star` writes them into a copy of the particle table
 (every input column kept) as a RELION 3.1 star file.
 """
@@ -92,7 +93,7 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
 
     symmetric : pick the better of the direct and the 180°-rotated path (the run's ``--loss symmetric``);
                 False uses the direct path only.
-    use_ctf   : apply the CTF when rendering (only matters for the symmetric choice).
+    use_ctf   : apply the CTF when rendering (for the symmetric choice and a multi-head encoder's).
     radius_cyc_px : the band where the two paths are compared (the run's final loss band).
     """
     from tqdm.auto import tqdm
@@ -112,11 +113,10 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
                           disable=None if progress else True, leave=False):
             images = batch.images.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
-            if symmetric:
-                out = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf, loss="symmetric")
-                pose = out.pose
-            else:
-                pose = encoder(images)
+            # rendered even without the symmetric choice: a multi-head encoder's best hypothesis is
+            # the one whose projection fits the image
+            pose = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf,
+                                loss="symmetric" if symmetric else "l2").pose
             rows = batch.index
             rotmat[rows] = pose.rotmat.double().cpu()
             shift[rows] = pose.shift_angst.double().cpu()

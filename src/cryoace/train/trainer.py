@@ -76,8 +76,10 @@ __all__ = ["Trainer", "DataInfo", "TrainingDiverged", "build_models", "CHECKPOIN
 CHECKPOINT_FORMAT = "cryoace-checkpoint-1"
 
 #: what :meth:`Trainer.train_step` returns, in order: image loss, gradient norm, fraction of images
-#: whose 180°-rotated path won, PIP loss, and whether the step had an image loss / a PIP loss (0/1)
-STEP_STATS = ("loss", "grad_norm", "rotated_fraction", "pip_loss", "ipi_step", "pip_step")
+#: whose 180°-rotated path won, PIP loss, the share of images won by the most-winning head of a
+#: multi-head encoder (1 with one head; near 1 with several: the other heads are idle), and whether the
+#: step had an image loss / a PIP loss (0/1)
+STEP_STATS = ("loss", "grad_norm", "rotated_fraction", "pip_loss", "top_head_fraction", "ipi_step", "pip_step")
 
 
 class TrainingDiverged(CryoaceRunError):
@@ -113,7 +115,8 @@ def build_models(config: TrainConfig, image_size: int, pixel_size: float) -> tup
 
     enc = config.encoder
     common = dict(mlp_hidden=enc.mlp_hidden, head_layers=enc.head_layers, max_shift_angst=enc.max_shift_angst,
-                  n_filters=enc.n_filters, filter_size=enc.filter_size, head_batchnorm=enc.head_batchnorm)
+                  n_filters=enc.n_filters, filter_size=enc.filter_size, head_batchnorm=enc.head_batchnorm,
+                  n_heads=enc.n_heads)
     if enc.name == "resnet18":
         encoder = ResNetPoseEncoder(image_size, pixel_size, widths=resnet_widths(enc.channels), **common)
     else:
@@ -475,13 +478,14 @@ class Trainer:
                                     shift_pool_angst=self._pip_shift_pool, freeze_decoder=cfg.pip.freeze_decoder,
                                     symmetric=self.symmetric, grid=self.grid(), full_grid=not cfg.pip.band_limited)
             joint = target.images if target is not None and cfg.pip.joint_batchnorm else None
-            total, ipi, rotated, pip_pose = zero, zero, zero, None
+            total, ipi, rotated, top_head, pip_pose = zero, zero, zero, zero, None
             if not pip_only:
                 out = self.loss_on(batch, encoder, decoder, extra_images=joint)
                 self.monitor.update(batch.index, out.pose.rotmat)
                 ipi, shifts, pip_pose = out.loss, out.pose.shift_angst, out.extra_pose
                 self._pip_shift_pool = shifts.detach()
                 rotated = out.rotated_won.float().mean()
+                top_head = torch.bincount(out.head, minlength=self.encoder.n_heads).max() / out.head.numel()
                 total = ipi
                 if cfg.shift_l1 > 0:
                     total = total + cfg.shift_l1 * (shifts / pixel_size[:, None]).abs().sum(-1).mean()
@@ -500,7 +504,8 @@ class Trainer:
                 total = total + lam * pip
             total.backward()
         flags = torch.tensor([float(not pip_only), float(lam > 0)], device=self.device)
-        return torch.cat([torch.stack([ipi.detach().float(), rotated, pip.detach().float()]), flags])
+        return torch.cat([torch.stack([ipi.detach().float(), rotated, pip.detach().float(), top_head.float()]),
+                          flags])
 
     def _check_pip_amplitude(self, out) -> None:
         """Open PIP (from the next step) once ``warmup_steps`` have passed and the decoder's rendered
@@ -616,6 +621,8 @@ class Trainer:
                       "lr": self.optimizer.param_groups[0]["lr"],
                       "rotated_fraction": values["rotated_fraction"] / ipi_steps if ipi_steps else None,
                       "pip_loss": values["pip_loss"] / pip_steps if pip_steps else None,
+                      "top_head_fraction": values["top_head_fraction"] / ipi_steps
+                      if ipi_steps and self.encoder.n_heads > 1 else None,
                       "band_cyc_px": self.band_shells() / self.image_size,
                       "images_per_s": since_log * self.batch_size / max(now - log_start, 1e-9),
                       "elapsed_s": self.elapsed_s}
