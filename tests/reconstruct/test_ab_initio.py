@@ -231,11 +231,18 @@ def test_runs_sharing_a_budget_keep_their_whole_schedules(monkeypatch):
     # a second opinion is made even beyond the budget (min_runs), like the first run: cut short as far as it
     # was, or whole
     given.clear()
-    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=4.0, min_runs=2)
-    assert len(maps) == 2 and given == [4.0, 4.0]
+    beyond = []
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=4.0, min_runs=2,
+                                      on_beyond_budget=beyond.append)
+    assert len(maps) == 2 and given == [4.0, 4.0] and beyond == [1]  # the second run is said to exceed it
     given.clear()
-    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=15.0, min_runs=2)
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=15.0, min_runs=2,
+                                      on_beyond_budget=beyond.append)
     assert len(maps) == 2 and given == [15.0, None]  # 0→10 s whole; the second whole (to 20 s); no third
+    assert beyond == [1, 1]
+    maps, _ = module.ab_initio_starts(None, starts, progress=False, budget_s=25.0, min_runs=2,
+                                      on_beyond_budget=beyond.append)
+    assert len(maps) == 2 and beyond == [1, 1]  # both runs fit: nothing beyond the budget
     given.clear()
     maps, _ = module.ab_initio_starts(None, starts, progress=False)
     assert len(maps) == 4 and given == [3.0] * 4  # no shared budget: every run, each under its own

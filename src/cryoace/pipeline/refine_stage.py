@@ -481,13 +481,14 @@ def _ab_initio_seed(trainer, dataset, decoder_map: torch.Tensor, half_sets: tupl
                 return False
             return True
 
+        def beyond_budget(start: int) -> None:
+            log(f"ab initio: run {start + 1} goes beyond the {budget_s / 60:.3g}-min share of the budget (the kept "
+                "map must be found by another run; a larger --max-time gives more runs)")
+
         # two runs at least, even beyond the budget: a start no other run was asked to find is unchecked
         maps, errors = ab_initio_starts(dataset, starts, on_iteration=lambda k, r, v: on_iteration(None, k, r, v),
                                         on_start=lambda k, e: on_start(None, k, e), more=more, enough=confirmed,
-                                        min_runs=min(2, len(starts)), **options)
-        if budget_s is not None and len(maps) == 2 and clock() - started > budget_s:
-            log(f"ab initio: the second run went beyond the {budget_s / 60:.3g}-min share of the budget (the kept map "
-                "must be found by another run; a larger --max-time gives more runs)")
+                                        min_runs=min(2, len(starts)), on_beyond_budget=beyond_budget, **options)
         kept = int(np.argmin(errors))
         ab_initio_map, ab_initio_error = maps[kept], errors[kept]
         agreement = agreement_of(maps, errors)

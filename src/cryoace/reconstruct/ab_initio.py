@@ -280,7 +280,8 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
                      on_start: Callable[[int, float], None] | None = None, budget_s: float | None = None,
                      more: list[AbInitioSettings] | None = None,
                      enough: Callable[[list[torch.Tensor], list[float]], bool] | None = None,
-                     min_runs: int = 1) -> tuple[list[torch.Tensor], list[float]]:
+                     min_runs: int = 1, on_beyond_budget: Callable[[int], None] | None = None,
+                     ) -> tuple[list[torch.Tensor], list[float]]:
     """One ab initio map of the particles ``rows`` (default all) per settings of ``starts`` (other
     seeds: other random batches — at low SNR some runs fall into a wrong map), and each map's
     :func:`mean_search_error` on those particles (lower explains them better).
@@ -296,6 +297,7 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
     ``min_runs``: that many runs are made even beyond the budget, each like the first (its whole
     schedule, or cut short as far as the first was): a start that must be found again by another run
     (:func:`start_consensus`) is otherwise left unchecked on a busy machine, not withheld.
+    ``on_beyond_budget(start)`` is called as such a run begins (so a log can say the budget is exceeded).
 
     ``more``: further runs, made one at a time after those of ``starts`` (and within the budget) until
     ``enough(maps, errors)`` says the runs so far suffice — e.g. once another run has found the best
@@ -315,6 +317,8 @@ def ab_initio_starts(dataset, starts: list[AbInitioSettings], rows: np.ndarray |
                 if k >= min_runs:
                     break
                 left = budget_s if first_cut_short else None  # beyond the budget: like the first run
+                if on_beyond_budget is not None:
+                    on_beyond_budget(k)
             settings = dataclasses.replace(settings, max_time_s=left)
 
         def forward(record: AbInitioIteration, volume: torch.Tensor, k=k) -> None:
