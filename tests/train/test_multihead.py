@@ -52,7 +52,7 @@ class _Hypotheses(torch.nn.Module):
         return Pose(self.rotmat.repeat(views, 1, 1, 1), self.shift.repeat(views, 1))
 
 
-@pytest.mark.parametrize("loss", ["l2", "symmetric"])
+@pytest.mark.parametrize("loss", ["l2", "symmetric", "gsym"])
 def test_the_loss_keeps_the_hypothesis_whose_projection_fits_and_trains_only_it(loss):
     size, pixel_size, n, heads = 32, 1.5, 5, 3
     volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
