@@ -204,9 +204,11 @@ def local_search(volume: FourierVolume, images: torch.Tensor, pixel_size: torch.
     rows, energy_rows, power = _image_rows(band, images, _ctf_values(band, ctf, pixel_size, batch), candidates)
     trial = rotmat[:, None] @ rotation_offsets.to(device=device, dtype=dtype)[None]  # (B, Q, 3, 3)
     with torch.no_grad():
-        slices = volume(central_slice_coords(trial, band.freq)).to(rows.dtype)      # (B, Q, K)
-        cross = torch.einsum("bjk,bqk->bjq", rows, slices).real
-        energy = torch.einsum("bk,bqk->bq", energy_rows, slices.real ** 2 + slices.imag ** 2)
+        # sampled frequency-major (B, K, Q): the Q nearby rotations' samples of one frequency lie close
+        # together in the volume, so the interpolation reads memory in order (~20 % faster on a CPU)
+        slices = volume(central_slice_coords(trial, band.freq).transpose(1, 2)).to(rows.dtype)  # (B, K, Q)
+        cross = torch.einsum("bjk,bkq->bjq", rows, slices).real
+        energy = torch.einsum("bk,bkq->bq", energy_rows, slices.real ** 2 + slices.imag ** 2)
     err = (energy[:, None, :] - 2 * cross).reshape(batch, -1) + power[:, None]
     best_err, arg = err.min(-1)
     n_rot = trial.shape[1]
