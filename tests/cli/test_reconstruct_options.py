@@ -23,6 +23,7 @@ FLAGS = [
     ("--epochs", ["1.5"], "epochs", 1.5),
     ("--max-time", ["1h30m"], "max_time_s", 5400.0),
     ("--encoder", ["resnet18"], "encoder.name", "resnet18"),
+    ("--pose-heads", ["4"], "encoder.n_heads", 4),
     ("--decoder", ["voxel-real"], "decoder.name", "voxel-real"),
     ("--lr", ["0.01"], "optim.lr", 0.01),
     ("--no-amsgrad", [], "optim.amsgrad", False),
