@@ -485,7 +485,10 @@ class Trainer:
                 ipi, shifts, pip_pose = out.loss, out.pose.shift_angst, out.extra_pose
                 self._pip_shift_pool = shifts.detach()
                 rotated = out.rotated_won.float().mean()
-                top_head = torch.bincount(out.head, minlength=self.encoder.n_heads).max() / out.head.numel()
+                # scatter_add, not bincount: bincount sizes its output from the data, a host sync on a GPU
+                wins = torch.zeros(self.encoder.n_heads, device=self.device).scatter_add_(
+                    0, out.head, torch.ones_like(out.head, dtype=torch.float32))
+                top_head = wins.max() / out.head.numel()
                 total = ipi
                 if cfg.shift_l1 > 0:
                     total = total + cfg.shift_l1 * (shifts / pixel_size[:, None]).abs().sum(-1).mean()
