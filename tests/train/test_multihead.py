@@ -118,3 +118,28 @@ def test_pip_pose_loss_scores_the_closest_hypothesis():
     hypotheses[:, 1] = target.rotmat
     right = pip_pose_loss(Pose(hypotheses, torch.zeros(3, 2, dtype=F64)), target, ps)
     assert right.rotation.abs() < 1e-24 and right.loss.abs() < 1e-24
+
+
+def test_predict_poses_without_the_symmetric_choice_still_picks_the_fitting_hypothesis():
+    """``predict_poses(symmetric=False)`` renders a multi-head encoder's hypotheses (the l2 path) and
+    returns one rotation per particle: the one whose projection fits."""
+    from types import SimpleNamespace
+
+    from cryoace.train.predict import predict_poses
+
+    size, pixel_size, n, heads = 32, 1.5, 4, 3
+    volume = VoxelFourierVolume.from_real(adk_volume(size), pad_factor=2)
+    g = torch.Generator().manual_seed(14)
+    r_true = random_rotmat(n, g, F64)
+    images = render_images(volume, Pose(r_true, torch.zeros(n, 2, dtype=F64)), pixel_size, size)
+    hypotheses = random_rotmat(n * heads, g, F64).reshape(n, heads, 3, 3)
+    hypotheses[torch.arange(n), torch.tensor([1, 2, 0, 1])] = r_true
+    encoder = _Hypotheses(hypotheses, torch.zeros(n, 2, dtype=F64))
+    encoder.n_heads = heads
+    batch = SimpleNamespace(images=images, ctf=None, pixel_size=torch.full((n,), pixel_size, dtype=F64),
+                            index=torch.arange(n))
+    dataset = type("Stack", (), {"image_size": size, "has_ctf": False, "__len__": lambda self: n,
+                                 "batches": lambda self, batch_size: [batch]})()
+    pose = predict_poses(encoder, volume, dataset, symmetric=False)
+    assert pose.rotmat.shape == (n, 3, 3)
+    assert torch.allclose(pose.rotmat, r_true, atol=1e-12)

@@ -165,10 +165,9 @@ def pip_pose_loss(pred: Pose, target: PIPBatch, pixel_size: torch.Tensor) -> PIP
     (``pred.rotmat`` (B, K, 3, 3)) each image's rotation error is that of its closest hypothesis
     (winner takes all, as in the image loss)."""
     dtype = target.rotmat.dtype
-    if pred.rotmat.ndim == 4:
-        rotation = (pred.rotmat.to(dtype) - target.rotmat[:, None]).pow(2).sum((-2, -1)).min(-1).values.mean()
-    else:
-        rotation = (pred.rotmat.to(dtype) - target.rotmat).pow(2).sum((-2, -1)).mean()
+    multi_head = pred.rotmat.ndim == 4
+    rotation = (pred.rotmat.to(dtype) - (target.rotmat[:, None] if multi_head else target.rotmat)).pow(2).sum((-2, -1))
+    rotation = (rotation.min(-1).values if multi_head else rotation).mean()
     shift_px = (pred.shift_angst.to(dtype) - target.shift_angst) / pixel_size[:, None]
     shift_err = shift_px.pow(2).sum(-1).mean()
     return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=target.images.detach())

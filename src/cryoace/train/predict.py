@@ -105,6 +105,7 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
         decoder.eval()
     grid = HalfDiscGrid(dataset.image_size, device=device, radius_cyc_px=radius_cyc_px)
     use_ctf = use_ctf and dataset.has_ctf
+    multi_head = getattr(encoder, "n_heads", 1) > 1
     n = len(dataset)
     rotmat = torch.empty(n, 3, 3, dtype=torch.float64)
     shift = torch.empty(n, 2, dtype=torch.float64)
@@ -113,10 +114,11 @@ def predict_poses(encoder: torch.nn.Module, decoder, dataset, symmetric: bool = 
                           disable=None if progress else True, leave=False):
             images = batch.images.to(device)
             ctf = batch.ctf.to(device=device) if use_ctf else None
-            # rendered even without the symmetric choice: a multi-head encoder's best hypothesis is
-            # the one whose projection fits the image
-            pose = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf,
-                                loss="symmetric" if symmetric else "l2").pose
+            if symmetric or multi_head:  # a choice between paths or hypotheses: render them
+                pose = compute_loss(encoder, decoder, images, batch.pixel_size.to(device), grid, ctf,
+                                    loss="symmetric" if symmetric else "l2").pose
+            else:
+                pose = encoder(images)
             rows = batch.index
             rotmat[rows] = pose.rotmat.double().cpu()
             shift[rows] = pose.shift_angst.double().cpu()
