@@ -24,6 +24,8 @@ from common import RESULTS
 #: the first commit of today's ab initio (f02eac2: whole runs sharing the budget, the run-to-run consensus)
 CURRENT_AB_INITIO_SINCE = "2026-12-07T05:27"
 SUMMARY_NAME = "abinitio_panel_cpu.json"
+#: the table's order of SNRs: the issue's targets first, noise-free last
+SNR_ORDER = {"0.1": 0, "0.05": 1, "inf": 2}
 
 
 def default_job_runs(results: Path = RESULTS) -> list[dict]:
@@ -50,7 +52,7 @@ def summarize(runs: list[dict], since: str) -> list[dict]:
             earlier.setdefault(key[:2], []).append(latest[key])
         latest[key] = run
     table = []
-    for molecule, snr in sorted({key[:2] for key in latest}, key=lambda k: (k[1] != "0.1", k[0])):
+    for molecule, snr in sorted({key[:2] for key in latest}, key=lambda k: (SNR_ORDER.get(k[1], 3), k[0])):
         seeds = [latest[key] for key in sorted(latest) if key[:2] == (molecule, snr)]
         current = [run for run in seeds if run["date"] >= since]
         table.append({
@@ -81,7 +83,8 @@ def markdown(table: list[dict]) -> str:
         ids = ", ".join(str(s["seed"]) for s in seeds)
         ratios = ", ".join(f"{s['ratio_to_bound']:.2f}" for s in seeds)
         errors = ", ".join(f"{s['median_error_deg']:.1f}" for s in seeds)
-        lines.append(f"| {row['molecule']} SNR {row['snr']} | {ids} | {sum(bool(s['success']) for s in seeds)}/"
+        case = f"{row['molecule']} noise-free" if row["snr"] == "inf" else f"{row['molecule']} SNR {row['snr']}"
+        lines.append(f"| {case} | {ids} | {sum(bool(s['success']) for s in seeds)}/"
                      f"{len(seeds)} | {current} | {ratios} | {errors} | {sum(bool(s['honest']) for s in seeds)}/"
                      f"{len(seeds)} | {sum(not r['success'] for r in row['earlier_runs'])} of "
                      f"{len(row['earlier_runs'])} / {sum(bool(r['honest']) for r in row['earlier_runs'])} |")
