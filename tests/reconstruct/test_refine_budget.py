@@ -64,3 +64,21 @@ def test_the_reserve_is_estimated_per_particle_and_kept_out_of_the_rounds(aspire
                                                         check_particles=0, max_time_s=3600.0, reserve_s=1.0),
            progress=False, on_round=lambda record, pose, volume: rounds.append(record))
     assert [r.round for r in rounds] == [0, 1, 2] and [r.final for r in rounds] == [False, False, True]
+
+
+def test_the_final_round_is_budgeted_at_its_own_cost():
+    """The final round searches every particle globally at the last band: it is budgeted as
+    FINAL_ROUND_COST rounds, so a round is made the final one when it and the final would not fit —
+    not only when two ordinary rounds would not (that ended a 20-minute job 17 s late)."""
+    from cryoace.reconstruct.refine import FINAL_ROUND_COST, final_round_due
+
+    assert FINAL_ROUND_COST >= 1.5
+    settings = RefineSettings(rounds=10, max_time_s=100.0)
+    # 50 s spent, rounds of 20 s: two ordinary rounds fit (90 s), this one and the final do not (50 + 20 + 40)
+    assert final_round_due(settings, 3, 50.0, 20.0, 1000)
+    assert not final_round_due(settings, 3, 30.0, 20.0, 1000)  # 30 + 20 + 40 = 90 s: fits
+    assert final_round_due(settings, 9, 0.0, 20.0, 1000)  # the schedule's last
+    assert not final_round_due(settings, 0, 99.0, 0.0, 1000)  # nothing measured yet
+    assert not final_round_due(RefineSettings(rounds=10), 3, 1e9, 20.0, 1000)  # no budget
+    # the reserve counts too: 30 + 20 + 40 + 15 > 100
+    assert final_round_due(RefineSettings(rounds=10, max_time_s=100.0, reserve_s=15.0), 3, 30.0, 20.0, 1000)
