@@ -232,8 +232,8 @@ SCORE_MARGIN = 1.0
 #: globally without them (carrying them would cost more than it saves)
 MIN_REACHABLE = 0.2
 #: what the final round costs, in rounds as long as the longest so far: it searches every particle
-#: globally at the schedule's last band and scores every pose (measured 1.8× on the S2 protomer at
-#: SNR 0.05: 132 s after rounds of at most 72 s; budgeted as one round, it ended the job 17 s late)
+#: globally at the schedule's last band and scores every pose (measured 1.2–1.8× on the panel's spike
+#: and S2 at SNR 0.05 — 132 s after rounds of at most 72 s; budgeted as one round, jobs ended up to 38 s late)
 FINAL_ROUND_COST = 2.0
 
 
