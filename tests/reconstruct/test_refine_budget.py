@@ -69,7 +69,7 @@ def test_the_reserve_is_estimated_per_particle_and_kept_out_of_the_rounds(aspire
 def test_the_final_round_is_budgeted_at_its_own_cost():
     """The final round searches every particle globally at the last band: it is budgeted as
     FINAL_ROUND_COST rounds, so a round is made the final one when it and the final would not fit —
-    not only when two ordinary rounds would not (that ended a 20-minute job 17 s late)."""
+    not only when two ordinary rounds would not (that ended 20-minute jobs up to 38 s late)."""
     from cryoace.reconstruct.refine import FINAL_ROUND_COST, final_round_due
 
     assert FINAL_ROUND_COST >= 1.5
