@@ -74,7 +74,7 @@ from .pose_search import (
 from .predictive_check import particle_radius_px, predictive_check
 
 __all__ = ["RefineSettings", "RefineRound", "RefineResult", "RefineState", "LocalFirst", "refine", "extend_refinement",
-           "coarse_steps", "score_threshold", "MIN_REACHABLE", "SCORE_MARGIN",
+           "coarse_steps", "score_threshold", "MIN_REACHABLE", "SCORE_MARGIN", "FINAL_ROUND_COST", "final_round_due",
            "refine_particles",
            "check_half_maps",
            "fsc_weighted", "lowpass",
