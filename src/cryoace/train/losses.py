@@ -58,11 +58,17 @@ from ..physics.rotations import axis_angle_to_rotmat
 from ..types import CTFParams, Pose, map_tensors
 
 __all__ = ["LOSSES", "HalfDiscGrid", "LossOutput", "compute_loss", "rotate_180", "unrotate_pose",
-           "ROT_Z_PI", "rotate_mirror_images", "rotated_view_pose"]
+           "ROT_Z_PI", "rotate_mirror_images", "rotated_view_pose", "rotation_hypotheses"]
 
 
 #: D = Rz(π) = diag(−1, −1, 1): the 3D rotation of an in-plane half turn.
 ROT_Z_PI = (-1.0, -1.0, 1.0)
+
+
+def rotation_hypotheses(rotmat: torch.Tensor) -> torch.Tensor:
+    """An encoder's rotations as (B, K, 3, 3) hypotheses per image: a one-head encoder's (B, 3, 3)
+    become K = 1, a multi-head encoder's are already so."""
+    return rotmat if rotmat.ndim == 4 else rotmat[:, None]
 
 
 def rotate_180(images: torch.Tensor) -> torch.Tensor:
@@ -175,7 +181,7 @@ def compute_loss(encoder: torch.nn.Module, decoder, images: torch.Tensor, pixel_
     poses, extra_pose = _encode(encoder, views, extra_images)
     # every (view, head) pair is a candidate, laid out (view, head, image): a one-head encoder has
     # rotmat (V·B, 3, 3), a multi-head one (V·B, K, 3, 3) with one shift per image
-    rotmat = poses.rotmat if poses.rotmat.ndim == 4 else poses.rotmat[:, None]
+    rotmat = rotation_hypotheses(poses.rotmat)
     heads = rotmat.shape[1]
     rotmat = rotmat.reshape(n_views, batch, heads, 3, 3).transpose(1, 2).reshape(-1, 3, 3)
     shift = poses.shift_angst.reshape(n_views, 1, batch, 2).expand(n_views, heads, batch, 2).reshape(-1, 2)

@@ -42,7 +42,7 @@ from ..physics.band import HalfDiscGrid
 from ..physics.forward import render_images, render_spectra
 from ..physics.rotations import random_rotmat
 from ..types import CTFParams, Pose, map_tensors
-from .losses import ROT_Z_PI, rotate_180
+from .losses import ROT_Z_PI, rotate_180, rotation_hypotheses
 
 __all__ = ["PIPBatch", "PIPOutput", "auto_pip_weight", "background_noise_std", "estimate_snr_db", "pip_loss",
            "pip_pose_loss", "pip_render", "pip_weight", "shuffled_ctf"]
@@ -165,9 +165,8 @@ def pip_pose_loss(pred: Pose, target: PIPBatch, pixel_size: torch.Tensor) -> PIP
     (``pred.rotmat`` (B, K, 3, 3)) each image's rotation error is that of its closest hypothesis
     (winner takes all, as in the image loss)."""
     dtype = target.rotmat.dtype
-    multi_head = pred.rotmat.ndim == 4
-    rotation = (pred.rotmat.to(dtype) - (target.rotmat[:, None] if multi_head else target.rotmat)).pow(2).sum((-2, -1))
-    rotation = (rotation.min(-1).values if multi_head else rotation).mean()
+    hypotheses = rotation_hypotheses(pred.rotmat).to(dtype)  # (B, K, 3, 3); K = 1 for one head
+    rotation = (hypotheses - target.rotmat[:, None]).pow(2).sum((-2, -1)).min(-1).values.mean()
     shift_px = (pred.shift_angst.to(dtype) - target.shift_angst) / pixel_size[:, None]
     shift_err = shift_px.pow(2).sum(-1).mean()
     return PIPOutput(loss=rotation + shift_err, rotation=rotation, shift=shift_err, images=target.images.detach())
