@@ -21,11 +21,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("bench_work/reconstruct"))
     args = parser.parse_args()
     payload = json.loads(args.result.read_text())
-    for snr, run in payload["runs"].items():
-        curve = score_snapshots(args.work / f"run_{snr}", args.work / f"data_{snr}" / "volume.mrc")
+    for key, run in payload["runs"].items():
+        snr = key.split("_")[0]  # keys are <snr> or <snr>_<pipeline>
+        curve = score_snapshots(args.work / f"run_{key}", args.work / f"data_{snr}" / "volume.mrc")
         target = run.get("target_px")
         run["curve"], run["time_to_target_s"] = curve, time_to_target(curve, target)
-        print(f"{snr}: {len(curve)} snapshots, time to {target} px: {run['time_to_target_s']}")
+        print(f"{key}: {len(curve)} snapshots, time to {target} px: {run['time_to_target_s']}")
     args.result.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 

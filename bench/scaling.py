@@ -18,7 +18,7 @@ against the truth, the median and mean squared Frobenius pose errors after align
 claimed resolution. Writes bench/results/<name>_<device>.json with the CPU load seen.
 
     python bench/scaling.py [--n 4000,16000,64000] [--old-n 4000] [--subset 2000] [--teach 3m]
-        [--steps 300] [--ab-initio-iterations 15] [--refine-rounds 6]
+        [--steps 300] [--ab-initio-iterations 30] [--refine-rounds 6]
 """
 
 from __future__ import annotations
@@ -41,14 +41,25 @@ from cryoace.evaluate.truth import evaluate_poses  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402
 from cryoace.runtime import resolve_device  # noqa: E402
 
-#: runs `cryoace reconstruct` in this process and prints its peak RSS (kB): the run's own, since
-#: each run gets a fresh process
-RECONSTRUCT = ("import resource, sys\n"
+#: runs `cryoace reconstruct` in this process and prints two peaks (kB): the resident set's high-water
+#: mark (``ru_maxrss``, which counts the memory-mapped particle stack's pages once read: page cache the
+#: kernel may drop at any time) and the anonymous part's (sampled every 0.2 s from /proc: the memory the
+#: run itself holds). Each run gets a fresh process, so both are its own.
+RECONSTRUCT = ("import resource, sys, threading, time\n"
                "from cryoace.cli.main import main\n"
+               "anon = [0]\n"
+               "def sample():\n"
+               "    while True:\n"
+               "        with open('/proc/self/status') as f:\n"
+               "            for line in f:\n"
+               "                if line.startswith('RssAnon:'):\n"
+               "                    anon[0] = max(anon[0], int(line.split()[1]))\n"
+               "        time.sleep(0.2)\n"
+               "threading.Thread(target=sample, daemon=True).start()\n"
                "status = main(sys.argv[1:])\n"
                "peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-               "print('PEAK_RSS_KB', peak, flush=True)\n"
+               "print('PEAK_RSS_KB', peak, anon[0], flush=True)\n"
                "sys.exit(status)\n")
 
 
@@ -63,18 +74,20 @@ def stage_times(metrics: Path) -> dict:
     return out
 
 
-def run_reconstruct(star: Path, run_dir: Path, args: list[str]) -> tuple[int, float, float]:
-    """(exit status, wall time s, peak RSS MB) of one `cryoace reconstruct` in a fresh process."""
+def run_reconstruct(star: Path, run_dir: Path, args: list[str]) -> tuple[int, float, float, float]:
+    """(exit status, wall time s, peak RSS MB, peak anonymous RSS MB) of one `cryoace reconstruct` in a
+    fresh process."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", RECONSTRUCT, "reconstruct", str(star), "-o", str(run_dir),
                            "--quiet", "--device", "cpu", *args], capture_output=True, text=True)
     wall = time.monotonic() - start
-    peak = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
+    peaks = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
-    return proc.returncode, wall, (int(peak[-1]) / 1024 if peak else float("nan"))
+    rss_mb, anon_mb = (int(v) / 1024 for v in peaks[-1]) if peaks else (float("nan"), float("nan"))
+    return proc.returncode, wall, rss_mb, anon_mb
 
 
 def main() -> int:
@@ -85,7 +98,7 @@ def main() -> int:
     parser.add_argument("--subset", default="2000", help="the new pipeline's --refine-subset")
     parser.add_argument("--teach", default="3m", help="the new pipeline's --teach-encoder")
     parser.add_argument("--steps", default="300", help="the networks' steps (both pipelines)")
-    parser.add_argument("--ab-initio-iterations", default="15")
+    parser.add_argument("--ab-initio-iterations", default="30", help="the job's default")
     parser.add_argument("--refine-rounds", default="6")
     parser.add_argument("--max-time", default="12h", help="large: no stage is cut")
     parser.add_argument("--work", type=Path, default=Path("bench_work/scaling"))
@@ -104,9 +117,10 @@ def main() -> int:
                 continue
             run_dir = args.work / f"run_{n}_{pipeline}"
             load0 = os.getloadavg()
-            status, wall, peak_mb = run_reconstruct(star, run_dir, common + extra)
+            status, wall, peak_mb, anon_mb = run_reconstruct(star, run_dir, common + extra)
             result = {"n": n, "pipeline": pipeline, "arguments": common + extra, "exit_status": status,
-                      "wall_time_s": wall, "peak_rss_mb": peak_mb, "load_average_start": load0,
+                      "wall_time_s": wall, "peak_rss_mb": peak_mb, "peak_anonymous_rss_mb": anon_mb,
+                      "load_average_start": load0,
                       "load_average_end": os.getloadavg()}
             if status in (0, 4):
                 gold = json.loads((run_dir / "gold_standard.json").read_text())
@@ -117,7 +131,8 @@ def main() -> int:
                            "mean_sq_frobenius": poses.errors.mean_sq_frobenius,
                            "claimed_px": gold["unmasked_resolution_px"], "resolved": gold["resolved"]}
                 stages = {k: round(v) for k, v in result["stages_end_s"].items()}
-                print(f"N {n:6d}, {pipeline}: {wall / 60:.1f} min, peak RSS {peak_mb:.0f} MB (stages end {stages}), "
+                print(f"N {n:6d}, {pipeline}: {wall / 60:.1f} min, peak RSS {peak_mb:.0f} MB "
+                      f"(anonymous {anon_mb:.0f} MB; stages end {stages}), "
                       f"FSC-0.5 {result['fsc05_px']:.2f} px, median error {result['median_error_deg']:.1f}°, "
                       f"claimed {result['claimed_px']:.2f} px",
                       flush=True)
