@@ -18,7 +18,7 @@ against the truth, the median and mean squared Frobenius pose errors after align
 claimed resolution. Writes bench/results/<name>_<device>.json with the CPU load seen.
 
     python bench/scaling.py [--n 4000,16000,64000] [--old-n 4000] [--subset 2000] [--teach 3m]
-        [--steps 300] [--ab-initio-iterations 30] [--refine-rounds 6]
+        [--steps 300] [--ab-initio-iterations 30] [--refine-rounds 6] [--preload auto]
 """
 
 from __future__ import annotations
@@ -101,11 +101,14 @@ def main() -> int:
     parser.add_argument("--ab-initio-iterations", default="30", help="the job's default")
     parser.add_argument("--refine-rounds", default="6")
     parser.add_argument("--max-time", default="12h", help="large: no stage is cut")
+    parser.add_argument("--preload", default="auto", help="the runs' --preload (auto caches the prepared "
+                        "images in RAM when they fit in half the available memory: RSS then grows with N)")
     parser.add_argument("--work", type=Path, default=Path("bench_work/scaling"))
     parser.add_argument("--name", default="scaling")
     args = parser.parse_args()
     common = ["--max-time", args.max_time, "--refine-max-time", args.max_time, "--steps", args.steps,
-              "--ab-initio-iterations", args.ab_initio_iterations, "--refine-rounds", args.refine_rounds]
+              "--ab-initio-iterations", args.ab_initio_iterations, "--refine-rounds", args.refine_rounds,
+              "--preload", args.preload]
     pipelines = {"new": ["--refine-subset", args.subset, "--teach-encoder", args.teach],
                  "old": ["--refine-subset", "0"]}
     old_n = {int(n) for n in args.old_n.split(",") if n}
