@@ -19,7 +19,7 @@ the final map and poses, and training images/s. Writes bench/results/reconstruct
 Targets on the 2-core CPU within 20 minutes (issue "amortization that pays"): noise-free FSC-0.5 ≤ 2.2 px,
 median pose error ≤ 1°, mean squared Frobenius error ≤ 0.05; −10 dB ≤ 3.0 px and median ≤ 3°.
 
-    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--pip] [--decoder D]
+    python bench/reconstruct.py [--max-time 20m] [--preset cpu] [--snr clean,-10] [--[no-]pip] [--decoder D]
                                 [--refine|--no-refine] [--refine-rounds N] [--work DIR]
                                 [--pipelines preset|old,new] [--subset 1000] [--teach 3m]
 """
@@ -46,7 +46,8 @@ def bench_config(args: argparse.Namespace, pipeline: str) -> TrainConfig:
     """The preset's config with the options of the command line and ``pipeline``'s refinement settings."""
     config = preset_config(args.preset)
     config.max_time_s, config.steps, config.epochs = parse_duration(args.max_time), None, None
-    config.pip.enabled = args.pip
+    if args.pip is not None:
+        config.pip.enabled = args.pip
     if args.pip_weight is not None:
         config.pip.weight = args.pip_weight
     if args.refine is not None:
@@ -69,7 +70,8 @@ def main() -> int:
     parser.add_argument("--max-time", default="20m")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--snr", default="clean,-10", help="comma list of 'clean' and/or SNR values in dB")
-    parser.add_argument("--pip", action="store_true", help="train with ACE-EM's PIP task")
+    parser.add_argument("--pip", action=argparse.BooleanOptionalAction, default=None,
+                        help="train with ACE-EM's PIP task (default: the preset's)")
     parser.add_argument("--pip-weight", type=float, help="λ of the PIP loss (default: the preset's)")
     parser.add_argument("--decoder", help="decoder instead of the preset's (voxel decoders train with AdamW)")
     parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
@@ -114,7 +116,8 @@ def main() -> int:
                 where = f"step {c['step']:6d}" if c["stage"] == "train" else f"round {c['round']:5d}"
                 print(f"        {c['elapsed_s']:7.0f} s  {where}  {c['fsc05_px']:.2f} px  "
                       f"median {c['rot_median_deg']:.1f}°  coverage {c['coverage']:.2f}")
-    name = "reconstruct" + (f"_{args.decoder}" if args.decoder else "") + ("_pip" if args.pip else "")
+    name = "reconstruct" + (f"_{args.decoder}" if args.decoder else "")
+    name += {True: "_pip", False: "_nopip", None: ""}[args.pip]
     name += "_norefine" if args.refine is False else ""
     name += "" if pipelines == ["preset"] else "_" + "_".join(pipelines)
     path = write_result(name, device, {"max_time": args.max_time, "preset": args.preset,
