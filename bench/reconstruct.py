@@ -97,11 +97,12 @@ def main() -> int:
             config.device = str(device)
             # the preset's runs keep their historical names (run_<snr>, key <snr>: rescore_reconstruct.py)
             key = snr if pipeline == "preset" else f"{snr}_{pipeline}"
-            out = train_and_score(data, data.parent / "volume.mrc", args.work / f"run_{key}", config,
+            run_dir = args.work / f"run_{key}"
+            out = train_and_score(data, data.parent / "volume.mrc", run_dir, config,
                                   steps_per_s_guess=4.0 if config.decoder.name.startswith("voxel") else 1.0)
             target_px, target_deg, target_frob = TARGETS["clean" if snr == "clean" else "-10"]
             final = out["final"]
-            out |= {"pipeline": pipeline, "run_dir": str(args.work / f"run_{key}"), "target_px": target_px,
+            out |= {"pipeline": pipeline, "run_dir": str(run_dir), "target_px": target_px,
                     "time_to_target_s": time_to_target(out["curve"], target_px),
                     "targets": {"fsc05_px": target_px, "rot_median_deg": target_deg, "rot_mean_sq_frob": target_frob},
                     "met": final["fsc05_px"] <= target_px and final["rot_median_deg"] <= target_deg

@@ -41,26 +41,25 @@ from cryoace.evaluate.truth import evaluate_poses  # noqa: E402
 from cryoace.io.particles import read_particles  # noqa: E402
 from cryoace.runtime import resolve_device  # noqa: E402
 
-#: runs `cryoace reconstruct` in this process and prints two peaks (kB): the resident set's high-water
-#: mark (``ru_maxrss``, which counts the memory-mapped particle stack's pages once read: page cache the
-#: kernel may drop at any time) and the anonymous part's (sampled every 0.2 s from /proc: the memory the
-#: run itself holds). Each run gets a fresh process, so both are its own.
-RECONSTRUCT = ("import resource, sys, threading, time\n"
+#: runs `cryoace reconstruct` in this process and prints two peaks (kB) of its own memory: the resident
+#: set's high-water mark (``VmHWM``, which counts the memory-mapped particle stack's pages once read: page
+#: cache the kernel may drop at any time) and the anonymous part's (``RssAnon``, sampled every 0.2 s: the
+#: memory the run itself holds). Not ``ru_maxrss``: Linux carries the parent's high-water mark over
+#: fork/vfork + exec into the child's (see bench/memory.py), and this script simulates the data itself.
+RECONSTRUCT = ("import sys, threading, time\n"
                "from cryoace.cli.main import main\n"
+               "def status(key):\n"
+               "    with open('/proc/self/status') as f:\n"
+               "        return next(int(line.split()[1]) for line in f if line.startswith(key + ':'))\n"
                "anon = [0]\n"
                "def sample():\n"
                "    while True:\n"
-               "        with open('/proc/self/status') as f:\n"
-               "            for line in f:\n"
-               "                if line.startswith('RssAnon:'):\n"
-               "                    anon[0] = max(anon[0], int(line.split()[1]))\n"
+               "        anon[0] = max(anon[0], status('RssAnon'))\n"
                "        time.sleep(0.2)\n"
                "threading.Thread(target=sample, daemon=True).start()\n"
-               "status = main(sys.argv[1:])\n"
-               "peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-               "print('PEAK_RSS_KB', peak, anon[0], flush=True)\n"
-               "sys.exit(status)\n")
+               "code = main(sys.argv[1:])\n"
+               "print('PEAK_RSS_KB', status('VmHWM'), max(anon[0], status('RssAnon')), flush=True)\n"
+               "sys.exit(code)\n")
 
 
 def stage_times(metrics: Path) -> dict:
