@@ -1,11 +1,14 @@
-"""ParticleTable and the lazy ParticleDataset: batched memmap reads, downsampling, normalization,
+"""ParticleTable and the lazy ParticleDataset: batched positional reads, downsampling, normalization,
 pickling, and one test per kind of bad input."""
 
 from __future__ import annotations
 
 import pickle
 import shutil
+import sys
+import threading
 
+import mrcfile
 import numpy as np
 import pytest
 import torch
@@ -13,7 +16,14 @@ import torch
 from cryoace.errors import CryoaceInputError
 from cryoace.io.cryodrgn import table_from_stack
 from cryoace.io.mrc import open_mrc, write_mrc
-from cryoace.io.particles import ParticleDataset, ParticleTable, collate_particles, no_ctf_params, read_particles
+from cryoace.io.particles import (
+    ParticleDataset,
+    ParticleTable,
+    StackFile,
+    collate_particles,
+    no_ctf_params,
+    read_particles,
+)
 from cryoace.io.star import read_star
 from cryoace.physics.fourier import fourier_crop
 
@@ -108,6 +118,83 @@ def test_memory_mapped_not_loaded(particles_dir):
            and v.nbytes >= 500 * 64 * 64 and not isinstance(v, np.memmap)]
     assert big == []
     assert len(pickle.dumps(ds)) < 200_000  # the 8 MB stack does not travel with the dataset
+
+
+@pytest.mark.parametrize("dtype", [">f4", "<i2", "<f2"])
+def test_stack_file_reads_what_mrcfile_reads(tmp_path, dtype):
+    """Positional reads find the data block after an extended header, in the stored dtype and byte order."""
+    data = np.random.default_rng(0).normal(0, 50, (37, 8, 8)).astype(dtype)
+    path = tmp_path / "odd.mrcs"
+    with mrcfile.new(path) as mrc:
+        mrc.set_extended_header(np.zeros(1234, dtype="V1"))
+        mrc.set_data(data)
+    assert mrcfile.open(path, header_only=True).header.nsymbt == 1234
+    stack = StackFile(path)
+    assert stack.shape == (37, 8, 8) and stack.offset == 1024 + 1234
+    for indices in ([0], [36], [3, 4, 5, 9, 20, 21], np.arange(37), []):
+        got = stack.read(np.asarray(indices, dtype=np.int64))
+        np.testing.assert_array_equal(got, data[np.asarray(indices, dtype=np.int64)])
+    table = make_table([str(path)] * 4, [5, 0, 36, 5])
+    images = ParticleDataset(table, normalize=False)[[0, 1, 2, 3]].images.numpy()
+    np.testing.assert_array_equal(images, data[[5, 0, 36, 5]].astype(np.float32))
+
+
+def test_stack_file_shrunk_during_the_run(tmp_path):
+    path = stack_file(tmp_path, np.ones((10, 8, 8)))
+    stack = StackFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(1024 + 5 * 8 * 8 * 4)
+    with pytest.raises(CryoaceInputError, match="shorter than when it was opened") as err:
+        stack.read(np.arange(4, 8))
+    one_line_naming(err, path)
+
+
+def test_concurrent_reads_from_two_threads(tmp_path):
+    """The prefetch thread and the main thread read the same dataset (LRU of one open stack at a time)."""
+    rng = np.random.default_rng(0)
+    paths = [str(stack_file(tmp_path, rng.normal(size=(50, 8, 8)), name=f"s{k}.mrcs")) for k in range(3)]
+    table = make_table([paths[k % 3] for k in range(150)], [k // 3 for k in range(150)])
+    ds = ParticleDataset(table, normalize=False, max_open_stacks=1)
+    rows = np.random.default_rng(1).integers(0, len(ds), (40, 16))
+    expected = [ds[r].images for r in rows]
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            results[k] = [ds[r].images for r in rows]
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for got in results.values():
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_reading_every_image_leaves_resident_memory_flat(tmp_path):
+    """A pass over the whole stack must not make its pages resident in this process (a memmap would:
+    RssFile grows by the stack's size), so a run's RSS does not grow with the number of particles."""
+    def rss_file_bytes():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssFile:"))
+
+    n, box = 4000, 64  # 65.5 MB of float32 pixels
+    path = tmp_path / "big.mrcs"
+    with mrcfile.new_mmap(path, shape=(n, box, box), mrc_mode=2) as mrc:
+        mrc.data[:] = 1.0
+    ds = ParticleDataset(make_table([str(path)] * n, np.arange(n)), normalize=False)
+    before = rss_file_bytes()
+    total = 0.0
+    for batch in ds.batches(500, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        total += float(batch.images.sum())
+    assert total == n * box * box  # every image was read
+    assert rss_file_bytes() - before < 8 * 2 ** 20
 
 
 def test_types_pose_ctf_and_single_item(particles_dir):

@@ -51,9 +51,11 @@ def test_auto_chooses_from_free_memory():
     n = GiB
     assert choose_preload("auto", n, CUDA, free_gpu=4 * GiB, available_ram=0) == "gpu"
     assert choose_preload("auto", n, CUDA, free_gpu=GiB, available_ram=4 * GiB) == "ram"  # GPU: half is for work
-    assert choose_preload("auto", n, CPU, available_ram=4 * GiB) == "ram"
-    assert choose_preload("auto", n, CPU, available_ram=GiB) == "none"
-    assert choose_preload("auto", n, CPU, available_ram=4 * GiB, local_world_size=4) == "none"  # a copy per rank
+    assert choose_preload("auto", n, CUDA, free_gpu=0, available_ram=GiB) == "none"
+    assert choose_preload("auto", n, CUDA, free_gpu=0, available_ram=4 * GiB, local_world_size=4) == "none"  # per rank
+    # on a CPU reading a batch costs little beside a step: memory stays flat in the number of particles
+    assert choose_preload("auto", n, CPU, available_ram=4 * GiB) == "none"
+    assert choose_preload("auto", 1000, CPU, available_ram=10 ** 12) == "none"
     assert choose_preload("ram", n, CPU, available_ram=0) == "ram"  # explicit choices are obeyed
     with pytest.raises(CryoaceInputError, match="needs a CUDA device"):
         choose_preload("gpu", n, CPU)
@@ -65,9 +67,11 @@ def test_auto_uses_the_machine_memory(dataset, monkeypatch):
     import cryoace.io.preload as preload
 
     assert dataset_nbytes(dataset) == 24 * 16 * 16 * 4
+    monkeypatch.setattr(preload, "free_gpu_bytes", lambda device: 0)
     monkeypatch.setattr(preload, "available_ram_bytes", lambda: 10 ** 12)
-    assert isinstance(prepare_dataset(dataset, "auto", CPU), PreloadedDataset)
+    assert choose_preload("auto", dataset_nbytes(dataset), CUDA) == "ram"
     monkeypatch.setattr(preload, "available_ram_bytes", lambda: 1000)
+    assert choose_preload("auto", dataset_nbytes(dataset), CUDA) == "none"
     assert prepare_dataset(dataset, "auto", CPU) is dataset
 
 

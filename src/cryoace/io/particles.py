@@ -1,14 +1,18 @@
-"""Particle metadata reading (:func:`read_particles`) and the lazy, memory-mapped particle dataset.
+"""Particle metadata reading (:func:`read_particles`) and the lazy particle dataset.
 
 The metadata table is :class:`~cryoace.io.table.ParticleTable` (re-exported here with
 :func:`no_ctf_params` and :func:`resolve_image_paths`); it stores about 40 bytes per particle.
 
-:class:`ParticleDataset` reads images lazily: each stack is memory-mapped (``open_mrc``) on first use,
-one handle per stack path (a bounded LRU cache), and a batch read groups its particles by stack,
-sorts their indices, fancy-indexes the memmap once per stack and restores the requested order — no
-Python loop per particle. The dataset shares the table's arrays (stack codes, indices, float32 CTF,
-compact poses) and builds each batch's float32 tensors from them, so its memory does not grow with
-the number of particles beyond the table's. Handles are dropped when the dataset is pickled, so
+:class:`ParticleDataset` reads images lazily: each stack is checked with ``open_mrc`` on first use and
+kept open as a file (:class:`StackFile`, a bounded LRU cache of handles); a batch read groups its
+particles by stack, sorts their indices, reads each run of consecutive images with one positional
+read (``os.preadv``) and restores the requested order. Positional reads rather than a memmap because
+a memmap's pages, once touched, count in the process's resident memory until it unmaps them: a pass
+over 10⁶ particles would show the whole stack in RSS (it is page cache, but schedulers and users see
+RSS). With reads the pages stay in the kernel's cache and RSS does not grow with the particles read.
+The dataset shares the table's arrays (stack codes, indices, float32 CTF, compact poses) and builds
+each batch's float32 tensors from them, so its memory does not grow with the number of particles
+beyond the table's. Handles are dropped when the dataset is pickled, so
 ``torch.utils.data.DataLoader`` workers re-open their own::
 
     loader = DataLoader(dataset, batch_size=None, num_workers=4,
@@ -22,6 +26,7 @@ import copy
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -44,6 +49,7 @@ __all__ = [
     "resolve_image_paths",
     "collate_particles",
     "BatchIterable",
+    "StackFile",
 ]
 
 
@@ -104,6 +110,76 @@ def collate_particles(items: Sequence[ParticleBatch]) -> ParticleBatch:
     return stack(list(items))
 
 
+def _stack_memmap(path: str) -> np.ndarray:
+    """The checked (n, L, L) memmap of an image stack (one image: n = 1)."""
+    data = open_mrc(path, mmap=True).data
+    if data.ndim == 2:
+        data = data[None]
+    elif data.ndim != 3:
+        raise CryoaceInputError(f"expected an image stack, got an array of shape {data.shape}", path)
+    return data
+
+
+class StackFile:
+    """One image stack read by positional reads (``os.preadv``), not through a memmap.
+
+    Opening checks the file with ``open_mrc`` (header, mode, size) and keeps only its layout (``shape``
+    (n, L, L), stored ``dtype`` with its byte order, ``offset`` of the data block in bytes) and an
+    unbuffered handle. Reads are thread-safe (positional; where ``os.preadv`` is missing, seek + read
+    under a lock).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        data = _stack_memmap(self.path)
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in data.shape)
+        self.dtype = data.dtype
+        # np.memmap.offset is the data block's byte offset (the header's 1024 bytes + extended header)
+        self.offset = int(data.offset)
+        del data
+        self.image_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (held open; closed with the object)
+        self._lock = threading.Lock()
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Images at sorted ``indices`` (0-based, within the stack), (k, L, L) in the stored dtype.
+
+        One read per run of consecutive indices: a sequential pass is a few large reads, a random
+        batch one small read per image.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices),) + self.shape[1:], dtype=self.dtype)
+        if len(indices) == 0:
+            return out
+        buffer = memoryview(out).cast("B")
+        starts = np.flatnonzero(np.r_[True, np.diff(indices) != 1])
+        stops = np.r_[starts[1:], len(indices)]
+        size = self.image_bytes
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            chunk = buffer[start * size:stop * size]
+            position = self.offset + int(indices[start]) * size
+            got = self._read_into(chunk, position)
+            if got != len(chunk):
+                raise CryoaceInputError(f"the stack is shorter than when it was opened: image "
+                                        f"{int(indices[start]) + 1} could not be read (was the file changed "
+                                        "during the run?)", self.path)
+        return out
+
+    def _read_into(self, chunk: memoryview, position: int) -> int:
+        fd = self._file.fileno()
+        if hasattr(os, "preadv"):
+            got = 0
+            while got < len(chunk):  # a regular file returns short reads only at its end
+                n = os.preadv(fd, [chunk[got:]], position + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+        with self._lock:
+            self._file.seek(position)
+            return self._file.readinto(chunk) or 0
+
+
 class ParticleDataset(torch.utils.data.Dataset):
     """Lazy images + metadata; ``dataset[indices]`` returns a :class:`~cryoace.types.ParticleBatch`.
 
@@ -114,7 +190,7 @@ class ParticleDataset(torch.utils.data.Dataset):
     normalize       : return ``(img - norm_mean) / norm_std``, with mean and std estimated once (after
                       inversion and downsampling) from a seeded random sample of up to ``norm_sample``
                       images (attributes ``norm_mean``, ``norm_std``).
-    max_open_stacks : memory-mapped stacks kept open at once (least recently used are closed).
+    max_open_stacks : stack files kept open at once (least recently used are closed).
 
     Indexing: an int gives an unbatched item (images (L, L)); an int array / list / slice / bool mask /
     tensor gives a batch (B, L, L) in the requested order. Images are float32; CTF, pose and pixel
@@ -129,7 +205,8 @@ class ParticleDataset(torch.utils.data.Dataset):
         self.invert_contrast = bool(invert_contrast)
         self.normalize = bool(normalize)
         self.max_open_stacks = max(1, int(max_open_stacks))
-        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, StackFile] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
         if len(table) == 0:
             raise CryoaceInputError("the particle table is empty", table.source)
         if table.image_paths is None:
@@ -214,35 +291,34 @@ class ParticleDataset(torch.utils.data.Dataset):
                     self._stack_paths[self._stack_codes[i]])
 
     # -- stacks -------------------------------------------------------------------------------
-    def _open(self, code: int) -> np.ndarray:
-        data = self._cache.get(code)
-        if data is not None:
-            self._cache.move_to_end(code)
-            return data
-        data = open_mrc(self._stack_paths[code], mmap=True).data
-        if data.ndim == 2:
-            data = data[None]
-        elif data.ndim != 3:
-            raise CryoaceInputError(f"expected an image stack, got an array of shape {data.shape}",
-                                    self._stack_paths[code])
-        self._cache[code] = data
-        while len(self._cache) > self.max_open_stacks:
-            self._cache.popitem(last=False)
-        return data
+    def _open(self, code: int) -> StackFile:
+        with self._cache_lock:  # the prefetch thread and the main thread may both read
+            stack = self._cache.get(code)
+            if stack is not None:
+                self._cache.move_to_end(code)
+                return stack
+        stack = StackFile(self._stack_paths[code])
+        with self._cache_lock:
+            self._cache[code] = stack
+            while len(self._cache) > self.max_open_stacks:
+                self._cache.popitem(last=False)  # closed when no reader holds it any more
+        return stack
 
     def stack_array(self, path_or_code: int | str) -> np.ndarray:
-        """The memory-mapped (n, L, L) array of one stack (by code or path), as the dataset reads it."""
+        """The memory-mapped (n, L, L) array of one stack (by code or path), as stored."""
         code = path_or_code if isinstance(path_or_code, (int, np.integer)) else \
             self._stack_paths.index(os.path.normpath(os.path.abspath(path_or_code)))
-        return self._open(int(code))
+        return _stack_memmap(self._stack_paths[int(code)])
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = collections.OrderedDict()  # memmaps are re-opened in the new process
+        state["_cache"] = collections.OrderedDict()  # files are re-opened in the new process
+        del state["_cache_lock"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
     # -- reading ------------------------------------------------------------------------------
     def _read_raw(self, rows: np.ndarray) -> np.ndarray:
@@ -261,8 +337,7 @@ class ParticleDataset(torch.utils.data.Dataset):
             code = int(sorted_codes[start])
             li = local[group]
             o = np.argsort(li, kind="stable")
-            images = self._open(code)[li[o]]
-            out[group[o]] = images
+            out[group[o]] = self._open(code).read(li[o])
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             j = int(np.flatnonzero(~finite)[0])

@@ -174,9 +174,10 @@ class DataConfig:
                                help="invert the images when the contrast check finds dark particles, instead "
                                "of stopping")
     preload: str = option("auto", flag="--preload", group="data", choices=PRELOAD_MODES, on_resume="free",
-                          help="hold the prepared images in GPU memory or RAM (auto: GPU if they fit in half "
-                          "the free GPU memory, else RAM if they fit in half the available RAM, else read "
-                          "them from disk; io.preload)")
+                          help="hold the prepared images in GPU memory or RAM (auto: on a GPU, in its memory "
+                          "if they fit in half the free GPU memory, else in RAM if they fit in half the "
+                          "available RAM, else read from disk; on a CPU, read from disk, so memory does not "
+                          "grow with the particles; io.preload)")
 
 
 @dataclasses.dataclass
