@@ -335,6 +335,12 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
                 "--device", "cpu", "--no-local-first"]) in FINISHED
     assert not np.isnan(read_particles(tmp_path / "global" / "poses.star").extra_column("cryoacePoseConfidence")).any()
     assert json.loads((tmp_path / "global" / "search.json").read_text())["local_first"] is None
+    # --false-accept: the calibration keeps at most that fraction of wrong local results
+    assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "strict"), "--first", "120", "--quiet",
+                "--device", "cpu", "--false-accept", "0"]) in FINISHED
+    strict = json.loads((tmp_path / "strict" / "search.json").read_text())["local_first"]
+    assert strict["max_false_accept"] == 0 and plan["max_false_accept"] == config.refine.false_accept == 0.05
+    assert strict["sample_false_accept"] == 0 and strict["sample_accepted"] <= plan["sample_accepted"]
     assert open_mrc(new / "volume_half1.mrc", mmap=False).data.shape == (32, 32, 32)
     gold = json.loads((new / "gold_standard.json").read_text())
     assert gold["start_resolution_px"] == config.refine.start_resolution_px
@@ -343,6 +349,8 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert "already holds a refinement" in capsys.readouterr().err
     assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--centring", "0.8"]) == 2
     assert "--centring must be between 0 and 0.5" in capsys.readouterr().err
+    assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--false-accept", "1"]) == 2
+    assert "--false-accept must be a fraction in [0, 1)" in capsys.readouterr().err
     (run / "volume_half2.mrc").unlink()
     assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "other"), "--quiet", "--device", "cpu"]) == 2
     assert "has no volume_half2.mrc" in capsys.readouterr().err

@@ -59,6 +59,7 @@ FLAGS = [
     ("--ab-initio-halves", [], "refine.ab_initio_halves", True),
     ("--teach-encoder", ["2m"], "refine.teach_time_s", 120.0),
     ("--refine-subset", ["500"], "refine.subset", 500),
+    ("--refine-false-accept", ["0.02"], "refine.false_accept", 0.02),
     ("--halves", [], "halves", True),
     ("--downsample", ["16"], "data.downsample", 16),
     ("--datadir", ["stacks/"], "data.datadir", "stacks"),
@@ -142,6 +143,16 @@ def test_help_shows_each_default_from_the_presets(capsys):
     assert "tiny, cpu, paper" in text
 
 
+def test_refine_settings_follow_the_refine_flags(tmp_path):
+    """The refinement stage (and ``cryoace refine``, from the run's config) searches with the flags' values."""
+    from cryoace.pipeline.refine_stage import stage_settings
+
+    config = _config(tmp_path, "--preset", "tiny", "--refine-false-accept", "0.02", "--refine-centring", "0.2",
+                     "--refine-step", "10")
+    settings = stage_settings(config)
+    assert (settings.max_false_accept, settings.centring_radius, settings.global_step_deg) == (0.02, 0.2, 10.0)
+
+
 def test_bad_choice_and_bad_duration(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args(["p.star", "-o", "run", "--decoder", "nerf"])
@@ -150,6 +161,8 @@ def test_bad_choice_and_bad_duration(tmp_path, capsys):
         _config(tmp_path, "--preset", "tiny", "--max-time", "soon")
     with pytest.raises(CryoaceInputError, match="--refine-centring must be between 0 and 0.5"):
         _config(tmp_path, "--preset", "tiny", "--refine-centring", "0.7")
+    with pytest.raises(CryoaceInputError, match=r"--refine-false-accept must be a fraction in \[0, 1\)"):
+        _config(tmp_path, "--preset", "tiny", "--refine-false-accept", "-0.1")
 
 
 def test_a_resumed_run_refuses_changed_settings_and_takes_a_budget(tmp_path):

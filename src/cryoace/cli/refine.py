@@ -66,6 +66,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-local-first", action="store_true",
                         help="search every particle globally over SO(3) as well (the encoder's pose is still carried "
                         "locally and kept where it fits better): slower, for comparison or a poor encoder")
+    parser.add_argument("--false-accept", type=float, default=None, metavar="F",
+                        help="local first: the score threshold keeps at most F of a calibration sample's local results "
+                        "that fit their image worse than the global search (default: the run's --refine-false-accept; "
+                        "lower: more particles searched globally)")
     parser.add_argument("--centring", type=float, default=None, metavar="F",
                         help="the global search's centring radius as a fraction of the box (default: the run's "
                         "--refine-centring; 0: shifts around 0 only)")
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     from ..pipeline.rundir import write_gold_standard
     from ..reconstruct.refine import refine_particles
     from ..train import distributed
-    from ..train.config import check_centring_radius
+    from ..train.config import check_centring_radius, check_false_accept
     from ..train.predict import write_poses_star
     from ..train.teach import pose_agreement
     from .predict_poses import open_with_encoder
@@ -94,6 +98,8 @@ def main(args: argparse.Namespace) -> int:
         raise CryoaceInputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.centring is not None:
         check_centring_radius("--centring", args.centring)
+    if args.false_accept is not None:
+        check_false_accept("--false-accept", args.false_accept)
     out: Path = args.output
     if out.exists() and not out.is_dir():
         raise CryoaceInputError("the output exists and is not a directory", out)
@@ -126,6 +132,8 @@ def main(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(settings, local_first=not args.no_local_first)
     if args.centring is not None:
         settings = dataclasses.replace(settings, centring_radius=args.centring)
+    if args.false_accept is not None:
+        settings = dataclasses.replace(settings, max_false_accept=args.false_accept)
     halves = half_sets_of(table, n, run.config.seed)
     say(f"searching {n} particles against the run's half maps (each half set against its own)")
     started = time.monotonic()

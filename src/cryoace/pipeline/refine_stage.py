@@ -313,7 +313,8 @@ def stage_settings(config) -> RefineSettings:
     """The refinement's settings of a run's :class:`~cryoace.train.config.TrainConfig`."""
     cfg = config.refine
     return RefineSettings(rounds=cfg.rounds, max_time_s=cfg.max_time_s, global_step_deg=cfg.global_step_deg,
-                          centring_radius=cfg.centring_radius, batch_size=cfg.batch_size,
+                          centring_radius=cfg.centring_radius, max_false_accept=cfg.false_accept,
+                          batch_size=cfg.batch_size,
                           start_resolution_px=cfg.start_resolution_px, seed=config.seed)
 
 

@@ -252,7 +252,8 @@ class LocalFirst:
                       right from wrong);
     sample_accepted, sample_false_accept : the fraction of the sample whose local result the threshold
                       keeps, and the fraction of those whose pose explains its image worse than the
-                      reference pose (a pose score :data:`SCORE_MARGIN` lower);
+                      reference pose (a pose score :data:`SCORE_MARGIN` lower), at most
+                      ``max_false_accept`` (the setting);
     particles, fell_back : particles searched from their given pose, and those of them searched
                       globally after all (score below the threshold)."""
 
@@ -266,6 +267,7 @@ class LocalFirst:
     reachable: float = 1.0
     particles: int = 0
     fell_back: int = 0
+    max_false_accept: float = 0.05
 
     @property
     def enabled(self) -> bool:
@@ -854,7 +856,7 @@ def _calibrate_local_first(ctx: _PassContext, half_of: np.ndarray, known: np.nda
     plan = LocalFirst(sample=count, encoder_median_deg=float(error.median()), radius_deg=radius,
                       coarse_steps_deg=coarse_steps(settings, min(radius, settings.max_carry_radius_deg)),
                       threshold=math.inf, sample_accepted=0.0, sample_false_accept=0.0,
-                      reachable=float(reachable.double().mean()))
+                      reachable=float(reachable.double().mean()), max_false_accept=settings.max_false_accept)
     if plan.reachable < MIN_REACHABLE:
         return plan, [(h, where, best.pose, confidence) for h, where, best, confidence in searched]
     carried_grids = _plan_grids(grids, plan)

@@ -45,7 +45,7 @@ from ..options import option
 
 __all__ = ["EncoderConfig", "DecoderConfig", "OptimConfig", "DataConfig", "PIPConfig", "RefineConfig", "TrainConfig",
            "PRESETS", "preset_config", "parse_duration", "save_config", "load_config", "spawn_seeds",
-           "provenance", "check_centring_radius"]
+           "provenance", "check_centring_radius", "check_false_accept"]
 
 ENCODER_NAMES = ("vgg", "resnet18")
 OPTIMIZER_NAMES = ("adam", "adamw")
@@ -278,6 +278,11 @@ class RefineConfig:
                                     "around the centre (a coarse search) and searches its shift grid around what "
                                     "it finds as well as around 0 (0: around 0 only, which misses particles "
                                     "more than ~3 px off-centre)")
+    false_accept: float = option(0.05, flag="--refine-false-accept", group="refine", metavar="F", on_resume="free",
+                                 help="the amortized final pass keeps a particle's local search result where its "
+                                 "pose score reaches a threshold, calibrated so that at most F of a sample's kept "
+                                 "local results fit their image worse than the global search's pose; the others "
+                                 "fall back to the global search (lower F: fewer wrong poses, more global searches)")
     batch_size: int = 128
     start_resolution_px: float = option(12.0, flag="--refine-start-resolution", group="refine", metavar="PX",
                                         on_resume="free",
@@ -307,6 +312,12 @@ def check_centring_radius(flag: str, value: float) -> None:
     """CryoaceInputError (one line naming ``flag``) unless the centring radius is a fraction of the box in [0, 0.5]."""
     if not 0.0 <= value <= 0.5:
         raise CryoaceInputError(f"{flag} must be between 0 and 0.5 (a fraction of the box), got {value:g}")
+
+
+def check_false_accept(flag: str, value: float) -> None:
+    """CryoaceInputError (one line naming ``flag``) unless the false-accept rate is a fraction in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise CryoaceInputError(f"{flag} must be a fraction in [0, 1), got {value:g}")
 
 
 @dataclasses.dataclass
@@ -464,6 +475,7 @@ class TrainConfig:
         positive("--refine-subset", self.refine.subset, allow_none=True)
         positive("--refine-step", self.refine.global_step_deg)
         check_centring_radius("--refine-centring", self.refine.centring_radius)
+        check_false_accept("--refine-false-accept", self.refine.false_accept)
         positive("--ab-initio-iterations", self.refine.ab_initio_iterations)
         positive("--ab-initio-starts", self.refine.ab_initio_starts)
         positive("refine batch size", self.refine.batch_size)
