@@ -12,12 +12,14 @@ the truth:
   against the true map beside the run's own map's (target: within 0.5 px), and the claimed
   gold-standard resolution — side by side with local search first (the default: the global search
   only where the pose score falls short) and ``--no-local-first`` (every particle searched globally
-  as well, the search before), on the same particles and encoder.
+  as well, the search before), on the same particles and encoder; with ``--false-accept F1,F2,...`` the
+  local-first search once per tolerated false-accept rate (``refine --false-accept``: the tail of wrong
+  poses against the time of more global searches).
 
 Writes bench/results/<--name>_<device>.json with the CPU load seen.
 
     python bench/refine_new_particles.py RUN_DIR --new-data DIR [--n 1000] [--seed 11] [--snr-db -10]
-        [--teach 10] [--work DIR] [--name refine_new_particles]
+        [--teach 10] [--false-accept 0.05,0.02] [--no-global] [--work DIR] [--name refine_new_particles]
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--snr-db", type=float, default=-10.0)
     parser.add_argument("--teach", type=float, default=None, help="teach an encoder for this many minutes first")
+    parser.add_argument("--false-accept", default="", help="comma-separated rates for refine --false-accept "
+                        "(default: the run's alone)")
+    parser.add_argument("--no-global", action="store_true", help="skip the --no-local-first comparison")
     parser.add_argument("--work", type=Path, default=Path("bench_work/refine_new_particles"))
     parser.add_argument("--name", default="refine_new_particles")
     args = parser.parse_args()
@@ -125,12 +130,15 @@ def main() -> int:
 
     # side by side, same particles and encoder: local search first (the default), and every particle
     # searched globally as well (--no-local-first: the pipeline before)
+    rates = [float(f) for f in args.false_accept.split(",") if f]
+    by_rate = {f"{f:g}": refined(f"refined_new_fa{f:g}", "--false-accept", f"{f:g}") for f in rates}
     result = {
         "run": str(args.run_dir), "new_data": str(args.new_data), "particles": len(read_particles(star)),
         "teach": teach, "load_average_start": load0,
         "encoder": {**pose_errors(encoder_star, star), "wall_s": predict_s},
-        "refine": refined("refined_new"),
-        "refine_global": refined("refined_new_global", "--no-local-first"),
+        "refine": next(iter(by_rate.values())) if by_rate else refined("refined_new"),
+        "refine_by_false_accept": by_rate,
+        "refine_global": None if args.no_global else refined("refined_new_global", "--no-local-first"),
         "run_map_fsc05_vs_truth_px": run_map_px,
         "targets": {"encoder_median_deg": {"noise_free": 10.0, "-10dB": 15.0}, "map_within_px": 0.5},
         "load_average_end": os.getloadavg(),
@@ -139,11 +147,16 @@ def main() -> int:
     e = result["encoder"]
     print(f"encoder on {result['particles']} new particles: median {e['median_deg']:.1f}° "
           f"({100 * e['within_15deg']:.0f} % within 15°) in {predict_s:.0f} s")
-    for label, r in (("refine (local first)", result["refine"]), ("refine --no-local-first", result["refine_global"])):
+    shown = [(f"refine --false-accept {f}", r) for f, r in by_rate.items()] or [("refine (local first)",
+                                                                               result["refine"])]
+    if result["refine_global"] is not None:
+        shown.append(("refine --no-local-first", result["refine_global"]))
+    for label, r in shown:
         plan = r["local_first"]
         kept = "" if not plan or plan["threshold"] is None else (
             f", {plan['particles'] - plan['fell_back']} of {plan['particles']} kept from the local search")
-        print(f"{label}: median {r['median_deg']:.2f}°, {100 * (1 - r['within_15deg']):.1f} % beyond 15°, map FSC-0.5 "
+        print(f"{label}: median {r['median_deg']:.2f}°, {100 * (1 - r['within_15deg']):.1f} % beyond 15°, "
+              f"mean sq. Frobenius {r['mean_sq_frobenius']:.3f}, map FSC-0.5 "
               f"{r['fsc05_vs_truth_px']:.2f} px vs the run's {run_map_px:.2f} px, claimed {r['claimed_px']:.2f} px, "
               f"search {r['search_s']:.0f} s{kept}")
     print(f"wrote {path}")
