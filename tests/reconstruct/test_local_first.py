@@ -201,3 +201,20 @@ def test_two_processes_calibrate_and_search_as_one(aspire, tmp_path):
     assert torch.allclose(two["score"], one.score, atol=1e-4)
     assert torch.equal(torch.isnan(two["confidence"]), torch.isnan(one.confidence))
     assert torch.allclose(two["maps"], one.half_volumes, rtol=1e-4, atol=1e-5 * float(one.half_volumes.abs().max()))
+
+
+def test_the_finest_search_halves_the_shift_step(aspire):
+    """Shifts end on a grid of half ``local_shift_step_px``: on noise-free particles (ASPIRE's shifts are
+    not on any grid) the found shifts are within a quarter step of the truth, not half a step."""
+    dataset, batch, spike = aspire
+    n = len(dataset)
+    settings = RefineSettings(check_particles=0, local_shift_step_px=0.5)
+    result = refine_particles(dataset, torch.stack([spike, spike]), alternate_half_sets(n), settings,
+                              progress=False)
+    right = _angles_deg(result.pose.rotmat, batch.pose.rotmat) < 2.0  # (not the pseudo-symmetry mates)
+    pixel_size = batch.pixel_size[:, None].double()
+    error_px = (result.pose.shift_angst / pixel_size - batch.pose.shift_angst.double() / pixel_size)[right].abs()
+    true_px = batch.pose.shift_angst.double() / pixel_size
+    assert float((true_px - torch.round(true_px * 2) / 2).abs().mean()) > 0.08  # the truth is off the 0.5 px grid
+    # uniform rounding to a 0.25 px grid leaves 0.0625 px on average, to 0.5 px 0.125 px
+    assert float(right.double().mean()) > 0.8 and float(error_px.mean()) < 0.09, error_px.mean()
