@@ -121,6 +121,7 @@ def main() -> int:
     name += {True: "_pip", False: "_nopip", None: ""}[args.pip]
     name += "_norefine" if args.refine is False else ""
     name += "" if pipelines == ["preset"] else "_" + "_".join(pipelines)
+    name += "" if args.snr == parser.get_default("snr") else "_" + args.snr.replace(",", "_")
     path = write_result(name, device, {"max_time": args.max_time, "preset": args.preset,
                                        "pipelines": pipelines, "subset": args.subset, "teach": args.teach,
                                        "runs": results})
