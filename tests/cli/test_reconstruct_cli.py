@@ -339,7 +339,7 @@ def test_refinement_stage_writes_refined_map_and_poses(particles, tmp_path, caps
     assert cli(["refine", str(run), str(particles), "-o", str(tmp_path / "strict"), "--first", "120", "--quiet",
                 "--device", "cpu", "--false-accept", "0"]) in FINISHED
     strict = json.loads((tmp_path / "strict" / "search.json").read_text())["local_first"]
-    assert strict["max_false_accept"] == 0 and plan["max_false_accept"] == config.refine.false_accept == 0.05
+    assert strict["max_false_accept"] == 0 and plan["max_false_accept"] == config.refine.false_accept == 0.01
     assert strict["sample_false_accept"] == 0 and strict["sample_accepted"] <= plan["sample_accepted"]
     assert open_mrc(new / "volume_half1.mrc", mmap=False).data.shape == (32, 32, 32)
     gold = json.loads((new / "gold_standard.json").read_text())

@@ -278,7 +278,7 @@ class RefineConfig:
                                     "around the centre (a coarse search) and searches its shift grid around what "
                                     "it finds as well as around 0 (0: around 0 only, which misses particles "
                                     "more than ~3 px off-centre)")
-    false_accept: float = option(0.05, flag="--refine-false-accept", group="refine", metavar="F", on_resume="free",
+    false_accept: float = option(0.01, flag="--refine-false-accept", group="refine", metavar="F", on_resume="free",
                                  help="the amortized final pass keeps a particle's local search result where its "
                                  "pose score reaches a threshold, calibrated so that at most F of a sample's kept "
                                  "local results fit their image worse than the global search's pose; the others "
