@@ -7,14 +7,15 @@
   a batch is one index operation on the device (no disk, no host-to-device copy).
 * ``ram``  — the same tensor in host memory (pinned when training on CUDA, for fast asynchronous
   copies).
-* ``none`` — read each batch from the memory-mapped stacks (constant memory in the number of
+* ``none`` — read each batch from the stacks (positional reads: constant memory in the number of
   particles); batches are read ahead by a background thread (:func:`prefetch`), pinned for CUDA.
 * ``auto`` — on a CUDA device, ``gpu`` if the whole prepared set fits in ``fraction`` (½) of the free
   GPU memory (the rest is for activations), else ``ram`` if it fits in that fraction of the available
   RAM (divided among the processes of this node: every rank holds its own copy), else ``none``. On a
   CPU device always ``none``: there a batch read from the page cache costs ~0.1 % of a training step
-  (32 images of 64 px in ~0.3 ms against ~0.3 s; bench/results/scaling_cpu.json), while a copy in RAM
-  would make the run's memory grow with the number of particles (1 GB at 64k of 64 px).
+  (32 random images of 64 px in ~0.3 ms, measured by hand, against ~0.27 s per step of the cpu preset
+  in bench/results/scaling_flat_cpu.json's runs), while a copy in RAM would make the run's memory grow
+  with the number of particles (1 GB at 64k particles of 64 px).
 
 Preloaded batches equal the lazily read ones (same preparation code, see tests/io/test_preload.py).
 """
