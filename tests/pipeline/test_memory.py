@@ -1,14 +1,15 @@
 """The per-particle stages' memory does not grow with the number of particles beyond the compact
 particle table (issue "amortization that pays"): opening and normalizing the particles, the encoder's
 pass and the final search pass over every particle read the images batch by batch from the
-memory-mapped stack and keep only per-particle numbers (poses, confidences, scores).
+stack and keep only per-particle numbers (poses, confidences, scores).
 
 Measured in a fresh process per dataset size — the first 1500 and all 4000 particles of a 64-px set
 (16 KB per image; both above the fixed samples: 1000 images for the normalization, 256 for the
 calibration): the most images any stage reads at once (at most the normalization's fixed sample,
-and a search batch in the passes), and the anonymous resident memory (RssAnon; memory-mapped image
-pages are file-backed and do not count) the process holds after the stages above what it held
-before, each measured after returning freed heap memory to the system (glibc's ``malloc_trim``;
+and a search batch in the passes), and the anonymous resident memory (RssAnon: the process's own;
+the stack's pages, read by positional reads, stay in the kernel's page cache, as
+tests/io/test_particles.py checks) the process holds after the stages above what it held before,
+each measured after returning freed heap memory to the system (glibc's ``malloc_trim``;
 otherwise the allocator's cache of freed temporaries, ~330 MB, varies by ±40 MB between runs):
 holding every image would cost ~40 MB more for the larger set; the test allows 2 KB per particle
 (the table) and 10 MB of slack; measured: 54–60 MB held for either size. (The transient peak is
