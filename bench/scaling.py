@@ -42,10 +42,11 @@ from cryoace.io.particles import read_particles  # noqa: E402
 from cryoace.runtime import resolve_device  # noqa: E402
 
 #: runs `cryoace reconstruct` in this process and prints two peaks (kB) of its own memory: the resident
-#: set's high-water mark (``VmHWM``, which counts the memory-mapped particle stack's pages once read: page
-#: cache the kernel may drop at any time) and the anonymous part's (``RssAnon``, sampled every 0.2 s: the
-#: memory the run itself holds). Not ``ru_maxrss``: Linux carries the parent's high-water mark over
-#: fork/vfork + exec into the child's (see bench/memory.py), and this script simulates the data itself.
+#: set's high-water mark (``VmHWM``; it would count a memory-mapped stack's pages once read, but the
+#: dataset reads stacks by positional reads since 7676ee2) and the anonymous part's (``RssAnon``,
+#: sampled every 0.2 s: the memory the run itself holds). Not ``ru_maxrss``: Linux carries the parent's
+#: high-water mark over fork/vfork + exec into the child's (see bench/memory.py), and this script
+#: simulates the data itself.
 RECONSTRUCT = ("import sys, threading, time\n"
                "from cryoace.cli.main import main\n"
                "def status(key):\n"
