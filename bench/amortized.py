@@ -22,7 +22,7 @@ Targets on the 2-core CPU (issue 14, not timed tests): noise-free median ≤ 10�
 within 60 minutes; −10 dB median ≤ 15° within 90 minutes.
 
     python bench/amortized.py [--max-time 60m] [--snr clean,-10] [--downsample 32] [--variants ablation]
-        [--name amortized] [--work DIR]
+        [--seed N] [--name amortized] [--work DIR]
 """
 
 from __future__ import annotations
@@ -61,9 +61,13 @@ def remove_fix(cfg: TrainConfig, fix: str) -> None:
         setattr(target, last, value)
 
 
-def variant_config(name: str, preset: str, max_time_s: float, downsample: int | None, device: str) -> TrainConfig:
-    """The networks-alone configuration of variant ``name`` (``all``, ``none`` or ``no-FIX``)."""
+def variant_config(name: str, preset: str, max_time_s: float, downsample: int | None, device: str,
+                   seed: int | None = None) -> TrainConfig:
+    """The networks-alone configuration of variant ``name`` (``all``, ``none`` or ``no-FIX``); ``seed``:
+    the run's (the networks' initialization, batches, PIP draws; default the preset's)."""
     cfg = preset_config(preset)
+    if seed is not None:
+        cfg.seed = seed
     cfg.max_time_s, cfg.steps, cfg.epochs = max_time_s, None, None
     cfg.refine.enabled = cfg.refine.ab_initio = False  # --no-ab-initio --no-refine: the networks alone
     cfg.data.downsample = downsample
@@ -116,6 +120,8 @@ def main() -> int:
     parser.add_argument("--steps-per-s", type=float, default=2.0, help="guess of training steps/s (snapshot spacing)")
     parser.add_argument("--name", default="amortized", help="results file bench/results/NAME_<device>.json")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the runs' seed (default the preset's); the simulated data stay the same")
     parser.add_argument("--work", type=Path, default=Path("bench_work/amortized"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -131,7 +137,7 @@ def main() -> int:
         star = demo_dataset(args.work / f"data_{snr}", noise_free=snr == "clean")
         truth_map = star.parent / "volume.mrc"
         for name in variants:
-            cfg = variant_config(name, args.preset, max_time_s, downsample, str(device))
+            cfg = variant_config(name, args.preset, max_time_s, downsample, str(device), args.seed)
             run_dir = args.work / f"run_{snr}_{name}"
             out = train_and_score(star, truth_map, run_dir, cfg, snapshots=args.snapshots,
                                   steps_per_s_guess=args.steps_per_s)
@@ -153,6 +159,7 @@ def main() -> int:
                       f"coverage {_num(c['coverage'], 2)}")
     path = write_result(args.name, device, {
         "max_time": args.max_time, "preset": args.preset, "downsample": downsample, "variants": variants,
+        "seed": args.seed if args.seed is not None else preset_config(args.preset).seed,
         "fixes": list(FIXES), "total_wall_s": time.monotonic() - wall0,
         "targets": {"clean": {"rot_median_deg": 10.0, "coverage": 0.8, "within_min": 60},
                     "-10": {"rot_median_deg": 15.0, "within_min": 90},
