@@ -52,7 +52,11 @@ def test_cpu_and_paper_presets_use_pip_with_acem_weight_and_warmup(name):
     assert cfg.pip.enabled and cfg.pip.weight is None  # λ from the data's SNR
     assert cfg.pip.warmup_steps > 0 and 0 < cfg.pip.warmup_amplitude <= 1
     assert cfg.pip.band_limited and cfg.pip.joint_batchnorm
-    assert cfg.decoder.match_amplitude and cfg.optim.clip_per_group
+    assert cfg.optim.clip_per_group
+    # the cpu preset's PIP starts after 100 steps: a decoder started at the data's amplitude is then a
+    # random map at full strength, which slowed the poses' take-off (README, issue 14's ablation seeds);
+    # the paper preset's PIP waits 2000 steps
+    assert cfg.decoder.match_amplitude == (name == "paper")
 
 
 def test_auto_pip_weight_follows_acem():
