@@ -578,10 +578,11 @@ def _tiny() -> TrainConfig:
 
 def _cpu() -> TrainConfig:
     """Small networks for a 2-core CPU, then the refinement stage. The networks alone (bench/amortized.py,
-    demo at 32 px, noise-free) predict poses at a 9.8° median error after 20 minutes. The decoder is not
-    started at the data's amplitude here: PIP starts after 100 steps, and a decoder at full amplitude then
-    is a random map the encoder learns to pose (measured: 7.4° / 11.7° instead of 37.9° / 18.3° after
-    10 minutes noise-free, two seeds; 35° instead of 52° after 30 minutes at −10 dB)."""
+    demo at 32 px, noise-free) predicted poses at a 9.8° median error after 20 minutes (with the amplitude
+    match below, since turned off). The decoder is not started at the data's amplitude here: PIP starts
+    after 100 steps, and a decoder at full amplitude then is a random map the encoder learns to pose
+    (measured: 11.7° / 7.4° instead of 18.3° / 37.9° after 10 minutes noise-free, seeds 0 / 1; 34° instead
+    of 51° after 30 minutes at −10 dB)."""
     return TrainConfig(
         preset="cpu", batch_size=32, max_time_s=20 * 60, log_every=25, checkpoint_every=200,
         volume_every=1000, refine=RefineConfig(enabled=True, rounds=10),
