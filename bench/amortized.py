@@ -16,13 +16,16 @@ within 2× of its FSC-0.5).
 ``--variants`` picks the runs: ``all`` (every fix of issue 14 on: the preset), ``none`` (every fix
 off), ``no-FIX`` for each fix in :data:`FIXES` (that fix alone removed), and ``headsK`` (every fix, and
 a K-head encoder, cryoSPIN's winner-takes-all, ``--pose-heads K``); ``ablation`` = all, each no-FIX,
-none. Writes ``bench/results/<--name>_<device>.json`` (default ``amortized``).
+none. ``--set KEY=VALUE`` (repeatable) changes one setting of every run (a dotted :class:`TrainConfig`
+path, e.g. ``--set pip.weight=0.3``; the value read as YAML), for trying a candidate setting beside a
+run without it; the settings are recorded in the JSON. Writes ``bench/results/<--name>_<device>.json``
+(default ``amortized``).
 
 Targets on the 2-core CPU (issue 14, not timed tests): noise-free median ≤ 10° and coverage ≥ 0.8
 within 60 minutes; −10 dB median ≤ 15° within 90 minutes.
 
     python bench/amortized.py [--max-time 60m] [--snr clean,-10] [--downsample 32] [--variants ablation]
-        [--seed N] [--name amortized] [--work DIR]
+        [--seed N] [--set KEY=VALUE ...] [--name amortized] [--work DIR]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -53,20 +58,39 @@ FIXES: dict[str, tuple[tuple[str, object], ...]] = {
 # ``all`` and ``no-amplitude`` runs are the same configuration)
 
 
+def set_setting(cfg: TrainConfig, dotted: str, value: object) -> None:
+    """Set the :class:`TrainConfig` setting at the dotted path ``dotted`` (e.g. ``pip.weight``)."""
+    *parents, last = dotted.split(".")
+    target = cfg
+    for part in parents:
+        target = getattr(target, part, None)
+    if target is None or not hasattr(target, last):
+        raise SystemExit(f"unknown setting {dotted!r}")
+    setattr(target, last, value)
+
+
+def parse_settings(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings to {dotted path: value}, each value read as YAML (``0.3``, ``null``, ``true``)."""
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        settings[key] = yaml.safe_load(text)
+    return settings
+
+
 def remove_fix(cfg: TrainConfig, fix: str) -> None:
     """Undo one fix of :data:`FIXES` in ``cfg``."""
     for dotted, value in FIXES[fix]:
-        *parents, last = dotted.split(".")
-        target = cfg
-        for part in parents:
-            target = getattr(target, part)
-        setattr(target, last, value)
+        set_setting(cfg, dotted, value)
 
 
 def variant_config(name: str, preset: str, max_time_s: float, downsample: int | None, device: str,
-                   seed: int | None = None) -> TrainConfig:
+                   seed: int | None = None, settings: dict[str, object] | None = None) -> TrainConfig:
     """The networks-alone configuration of variant ``name`` (``all``, ``none`` or ``no-FIX``); ``seed``:
-    the run's (the networks' initialization, batches, PIP draws; default the preset's)."""
+    the run's (the networks' initialization, batches, PIP draws; default the preset's); ``settings``:
+    {dotted path: value} applied last (``--set``)."""
     cfg = preset_config(preset)
     if seed is not None:
         cfg.seed = seed
@@ -84,6 +108,9 @@ def variant_config(name: str, preset: str, max_time_s: float, downsample: int | 
         cfg.encoder.n_heads = int(name[5:])
     elif name != "all":
         raise SystemExit(f"unknown variant {name!r}: all, none, headsK or no-FIX with FIX in {', '.join(FIXES)}")
+    for dotted, value in (settings or {}).items():
+        set_setting(cfg, dotted, value)
+    cfg.validate()
     return cfg
 
 
@@ -124,6 +151,8 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=None,
                         help="the runs' seed (default the preset's); the simulated data stay the same")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="change a setting of every run (dotted TrainConfig path; value as YAML), repeatable")
     parser.add_argument("--work", type=Path, default=Path("bench_work/amortized"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -131,6 +160,7 @@ def main() -> int:
                 else args.variants.split(","))
     downsample = args.downsample or None
     max_time_s = parse_duration(args.max_time)
+    settings = parse_settings(args.settings)
     wall0 = time.monotonic()
     runs: dict[str, dict] = {}
     for snr in args.snr.split(","):
@@ -139,7 +169,7 @@ def main() -> int:
         star = demo_dataset(args.work / f"data_{snr}", noise_free=snr == "clean")
         truth_map = star.parent / "volume.mrc"
         for name in variants:
-            cfg = variant_config(name, args.preset, max_time_s, downsample, str(device), args.seed)
+            cfg = variant_config(name, args.preset, max_time_s, downsample, str(device), args.seed, settings)
             run_dir = args.work / f"run_{snr}_{name}"
             out = train_and_score(star, truth_map, run_dir, cfg, snapshots=args.snapshots,
                                   steps_per_s_guess=args.steps_per_s)
@@ -161,7 +191,7 @@ def main() -> int:
                       f"coverage {_num(c['coverage'], 2)}")
     path = write_result(args.name, device, {
         "max_time": args.max_time, "preset": args.preset, "downsample": downsample, "variants": variants,
-        "seed": args.seed if args.seed is not None else preset_config(args.preset).seed,
+        "seed": args.seed if args.seed is not None else preset_config(args.preset).seed, "settings": settings,
         "fixes": list(FIXES), "total_wall_s": time.monotonic() - wall0,
         "targets": {"clean": {"rot_median_deg": 10.0, "coverage": 0.8, "within_min": 60},
                     "-10": {"rot_median_deg": 15.0, "within_min": 90},
